@@ -1,0 +1,49 @@
+#include "test_support.h"
+
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+#include <sys/wait.h>
+
+namespace sdtrain::testing {
+
+std::filesystem::path source_dir() { return SDTRAIN_SOURCE_DIR; }
+
+std::filesystem::path fixture(const std::string& relative) {
+  return source_dir() / "tests" / "fixtures" / relative;
+}
+
+std::filesystem::path scratch_dir() {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  std::string name = info ? std::string(info->test_suite_name()) + "." + info->name() : "scratch";
+  auto dir = std::filesystem::path(SDTRAIN_BINARY_DIR) / "test-scratch" / name;
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+std::string reference_python() {
+  if (const char* env = std::getenv("SDTRAIN_PYTHON")) return env;
+  return SDTRAIN_PYTHON;
+}
+
+int run_command(const std::string& command, std::string* output) {
+  std::string full = command + " 2>&1";
+  FILE* pipe = ::popen(full.c_str(), "r");
+  if (!pipe) return -1;
+  std::array<char, 4096> buffer{};
+  std::string captured;
+  while (std::size_t n = std::fread(buffer.data(), 1, buffer.size(), pipe)) captured.append(buffer.data(), n);
+  int status = ::pclose(pipe);
+  if (output) *output = captured;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+std::string sdtrain_exe() {
+  if (const char* env = std::getenv("SDTRAIN_EXE")) return env;
+  return std::string(SDTRAIN_BINARY_DIR) + "/sdtrain";
+}
+
+}  // namespace sdtrain::testing
