@@ -1,0 +1,41 @@
+#pragma once
+// Loading and saving a module's weights as diffusers/transformers safetensors. Module members
+// mirror the reference module trees, so named_parameters() yields the checkpoint keys
+// directly; a KeyMapper covers only legacy spellings (e.g. the VAE's query/key/value).
+
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <string>
+
+#include "sdtrain/io/model_folder.h"
+
+namespace sdtrain::models {
+
+// Maps a checkpoint key to the module key; std::nullopt skips the tensor (e.g. the legacy
+// text_model.embeddings.position_ids buffer).
+using KeyMapper = std::function<std::optional<std::string>(const std::string&)>;
+
+struct LoadOptions {
+  c10::ScalarType dtype = torch::kFloat;
+  torch::Device device = torch::kCPU;
+};
+
+// Strict load: every parameter and buffer of `module` must be in `weights` with its exact
+// shape and a floating dtype where the module is floating, and nothing else may be there.
+// All problems are collected first and reported in one ModelError listing the tensors (and
+// the file); nothing is modified unless the check passes. The module is moved to
+// options.device/dtype first and each tensor is copied straight from the memory-mapped file,
+// so the weights are never held twice in host memory.
+void load_state_dict(torch::nn::Module& module, const io::WeightFiles& weights,
+                     const LoadOptions& options, const KeyMapper& map_key = {});
+
+// The module's parameters and buffers, by key, optionally cast to `dtype`.
+std::vector<std::pair<std::string, torch::Tensor>> state_dict(
+    const torch::nn::Module& module, std::optional<c10::ScalarType> dtype = std::nullopt);
+
+int64_t parameter_count(const torch::nn::Module& module);
+
+}  // namespace sdtrain::models

@@ -1,0 +1,110 @@
+#include "sdtrain/models/state_dict.h"
+
+#include <map>
+#include <sstream>
+
+#include "sdtrain/io/safetensors.h"
+#include "sdtrain/util/error.h"
+
+namespace sdtrain::models {
+namespace {
+
+struct Source {
+  std::size_t file = 0;  // index into the opened files
+  std::string checkpoint_key;
+};
+
+std::string describe_shape(c10::IntArrayRef shape) {
+  std::ostringstream out;
+  out << shape;
+  return out.str();
+}
+
+std::string list_block(const std::string& title, const std::vector<std::string>& items) {
+  if (items.empty()) return "";
+  constexpr std::size_t kShown = 25;
+  std::string text = "\n  " + title + " (" + std::to_string(items.size()) + "):";
+  for (std::size_t i = 0; i < items.size() && i < kShown; ++i) text += "\n    " + items[i];
+  if (items.size() > kShown) text += "\n    ... and " + std::to_string(items.size() - kShown) + " more";
+  return text;
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, torch::Tensor>> state_dict(
+    const torch::nn::Module& module, std::optional<c10::ScalarType> dtype) {
+  std::vector<std::pair<std::string, torch::Tensor>> entries;
+  auto add = [&](const std::string& key, const torch::Tensor& value) {
+    entries.emplace_back(key, dtype && value.is_floating_point() ? value.detach().to(*dtype) : value.detach());
+  };
+  for (const auto& item : module.named_parameters(true)) add(item.key(), item.value());
+  for (const auto& item : module.named_buffers(true)) add(item.key(), item.value());
+  return entries;
+}
+
+int64_t parameter_count(const torch::nn::Module& module) {
+  int64_t total = 0;
+  for (const auto& p : module.parameters(true)) total += p.numel();
+  return total;
+}
+
+void load_state_dict(torch::nn::Module& module, const io::WeightFiles& weights,
+                     const LoadOptions& options, const KeyMapper& map_key) {
+  std::vector<io::SafetensorsFile> files;
+  files.reserve(weights.files.size());
+  for (const auto& path : weights.files) files.emplace_back(path);
+
+  std::map<std::string, Source> sources;  // module key -> where it lives
+  std::vector<std::string> unexpected, duplicated, wrong;
+  for (std::size_t f = 0; f < files.size(); ++f) {
+    for (const auto& entry : files[f].tensors()) {
+      std::optional<std::string> key = map_key ? map_key(entry.name) : std::optional(entry.name);
+      if (!key) continue;
+      if (!sources.emplace(*key, Source{f, entry.name}).second) duplicated.push_back(entry.name);
+    }
+  }
+
+  std::map<std::string, torch::Tensor> targets;
+  for (const auto& item : module.named_parameters(true)) targets.emplace(item.key(), item.value());
+  for (const auto& item : module.named_buffers(true)) targets.emplace(item.key(), item.value());
+
+  std::vector<std::string> missing;
+  for (const auto& [key, target] : targets) {
+    auto it = sources.find(key);
+    if (it == sources.end()) {
+      missing.push_back(key + " " + describe_shape(target.sizes()));
+      continue;
+    }
+    const io::TensorEntry& entry = *files[it->second.file].find(it->second.checkpoint_key);
+    if (c10::IntArrayRef(entry.shape) != target.sizes()) {
+      wrong.push_back(key + ": expected " + describe_shape(target.sizes()) + ", found " +
+                      describe_shape(entry.shape) + " in " + files[it->second.file].path().filename().string());
+    } else if (target.is_floating_point() != c10::isFloatingType(io::to_scalar_type(entry.dtype))) {
+      wrong.push_back(key + ": expected a " + std::string(target.is_floating_point() ? "floating" : "integer") +
+                      " tensor, found " + std::string(io::dtype_name(entry.dtype)));
+    }
+  }
+  for (const auto& [key, source] : sources) {
+    if (!targets.count(key)) unexpected.push_back(source.checkpoint_key);
+  }
+
+  if (!missing.empty() || !unexpected.empty() || !wrong.empty() || !duplicated.empty()) {
+    std::string where = weights.index ? weights.index->string() : weights.files.front().string();
+    throw ModelError(where + ": weights do not match the model built from its config.json" +
+                     list_block("missing tensors", missing) + list_block("unexpected tensors", unexpected) +
+                     list_block("wrong shape or dtype", wrong) +
+                     list_block("tensors given twice", duplicated) +
+                     "\n  (is config.json from the same model as the weights?)");
+  }
+
+  // Module::to would also cast integer buffers; only floating tensors take options.dtype.
+  torch::NoGradGuard no_grad;
+  for (auto& [key, target] : targets) {
+    auto destination = target.is_floating_point() ? torch::TensorOptions().device(options.device).dtype(options.dtype)
+                                                  : torch::TensorOptions().device(options.device).dtype(target.scalar_type());
+    const Source& source = sources.at(key);
+    target.set_data(files[source.file].tensor(source.checkpoint_key).to(destination, /*non_blocking=*/false, /*copy=*/true));
+  }
+}
+
+}  // namespace sdtrain::models
