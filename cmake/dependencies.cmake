@@ -28,3 +28,9 @@ find_library(STB_LIBRARY stb REQUIRED)
 add_library(stb::stb UNKNOWN IMPORTED)
 set_target_properties(stb::stb PROPERTIES IMPORTED_LOCATION ${STB_LIBRARY}
                       INTERFACE_INCLUDE_DIRECTORIES ${STB_INCLUDE_DIR})
+
+# PyPI's LibTorch exports its own copies of some libstdc++ symbols (std::filesystem among
+# them), and executables list libtorch before libstdc++, so our std::filesystem calls bound to
+# torch's copies and crashed. Putting libstdc++ first in every link reproduces the order that
+# works inside Python, where libstdc++ is always loaded before torch.
+add_link_options(-Wl,--push-state,--no-as-needed,-lstdc++,--pop-state)
