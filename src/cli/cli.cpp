@@ -1,22 +1,119 @@
 #include "sdtrain/cli/cli.h"
 
+#include <c10/util/Exception.h>
+
 #include <CLI/CLI.hpp>
-
 #include <iostream>
+#include <set>
 
+#include "sdtrain/cli/inspect.h"
+#include "sdtrain/train/plan.h"
+#include "sdtrain/train/train_config.h"
 #include "sdtrain/util/error.h"
+#include "sdtrain/util/log.h"
 
 namespace sdtrain::cli {
+namespace {
+
+constexpr const char* kExamples = R"(Examples:
+  sdtrain --config configs/cat.json                 train (same as `sdtrain train --config ...`)
+  sdtrain --config cat.json --set max_steps=800     override a key of the file
+  sdtrain --config cat.json --dry-run               check config, model and data; print the plan
+  sdtrain inspect path/to/stable-diffusion-2-1-base components, tensors, parameter totals
+
+Exit codes: 0 success, 1 usage/config, 2 input data, 3 model, 4 out of GPU memory,
+5 output not writable, 130/143 interrupted (after saving a resumable checkpoint).
+Every configuration key: docs/configuration.md)";
+
+struct TrainArguments {
+  std::string config_file;
+  std::vector<std::string> overrides;
+  bool dry_run = false;
+  bool overwrite = false;
+};
+
+struct InspectArguments {
+  std::string path;
+  bool json = false;
+};
+
+int run_train(const TrainArguments& args) {
+  auto config = train::load_train_config(args.config_file, args.overrides);
+  auto plan = train::plan_training(config);
+  std::cout << "Resolved configuration\n" << plan.config.to_json().dump(2) << "\n\n" << train::format_plan(plan);
+  for (const auto& warning : plan.warnings) log::warn(warning);
+  if (args.dry_run) {
+    log::info("dry run: configuration, model folder and data are valid; nothing was written");
+    return 0;
+  }
+  throw ConfigError("this build of sdtrain validates and plans runs but has no training loop yet; "
+                    "use --dry-run");
+}
+
+int run_inspect(const InspectArguments& args) {
+  auto inspection = inspect(args.path);
+  std::cout << (args.json ? inspection.dump(2) + "\n" : format_inspection(inspection));
+  return 0;
+}
+
+// `sdtrain --config X` means `sdtrain train --config X`.
+std::vector<std::string> with_default_command(int argc, char** argv) {
+  static const std::set<std::string> commands = {"train", "inspect"};
+  static const std::set<std::string> top_level = {"-h", "--help", "--version"};
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (!args.empty() && !commands.count(args[0]) && !top_level.count(args[0])) args.insert(args.begin(), "train");
+  std::reverse(args.begin(), args.end());  // CLI11 takes the vector in reverse order
+  return args;
+}
+
+}  // namespace
 
 int run(int argc, char** argv) {
-  CLI::App app{"sdtrain: DreamBooth fine-tuning for Stable Diffusion", "sdtrain"};
+  CLI::App app{"sdtrain: DreamBooth fine-tuning for Stable Diffusion (diffusers model folders in, diffusers folder out)",
+               "sdtrain"};
   app.set_version_flag("--version", std::string("sdtrain ") + SDTRAIN_VERSION);
+  app.footer(kExamples);
+  app.require_subcommand(1);
+  bool verbose = false, quiet = false;
+  app.add_flag("-v,--verbose", verbose, "Debug log lines");
+  app.add_flag("-q,--quiet", quiet, "Warnings and errors only");
+
+  TrainArguments train_args;
+  auto* train = app.add_subcommand("train", "Fine-tune a Stable Diffusion model on a few photos (DreamBooth)");
+  train->add_option("-c,--config", train_args.config_file, "JSON configuration file")->required()->check(CLI::ExistingFile);
+  train->add_option("--set", train_args.overrides, "Override a configuration key: --set key=value (repeatable)");
+  train->add_flag("--dry-run", train_args.dry_run, "Validate configuration, model folder and data, print the plan, write nothing");
+  train->add_flag("--overwrite", train_args.overwrite, "Allow an output_dir that holds another run");
+
+  InspectArguments inspect_args;
+  auto* inspect_command = app.add_subcommand("inspect", "Show the components, tensors and parameter totals of a model folder or .safetensors file");
+  inspect_command->add_option("path", inspect_args.path, "Model folder, component folder or .safetensors file")->required();
+  inspect_command->add_flag("--json", inspect_args.json, "Machine-readable output");
+
   try {
-    app.parse(argc, argv);
+    auto args = with_default_command(argc, argv);
+    app.parse(args);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    int code = app.exit(e);
+    return code == 0 ? 0 : static_cast<int>(ExitCode::usage);
   }
-  return 0;
+  log::set_level(verbose ? log::Level::debug : quiet ? log::Level::warn : log::Level::info);
+
+  try {
+    if (*train) return run_train(train_args);
+    return run_inspect(inspect_args);
+  } catch (const Error& e) {
+    log::error(e.what());
+    return static_cast<int>(e.code());
+  } catch (const c10::OutOfMemoryError& e) {
+    log::error(std::string("out of GPU memory: ") + e.what_without_backtrace() +
+               "\n  lower train_batch_size or resolution, or set gradient_checkpointing: true, "
+               "optimizer: \"adamw8bit\", mixed_precision: \"fp16\"");
+    return static_cast<int>(ExitCode::out_of_memory);
+  } catch (const std::exception& e) {
+    log::error(std::string("internal error: ") + e.what());
+    return static_cast<int>(ExitCode::usage);
+  }
 }
 
 }  // namespace sdtrain::cli

@@ -1,0 +1,56 @@
+#pragma once
+// What a training run will do, worked out from the configuration, the model folder's headers
+// and the data before any weight is loaded: `--dry-run` prints it, training starts from it.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "sdtrain/train/instance_data.h"
+#include "sdtrain/train/train_config.h"
+
+namespace sdtrain::train {
+
+struct ComponentSize {
+  std::string name;
+  int64_t parameters = 0;
+  std::vector<int64_t> tensor_sizes;  // element count of each tensor
+};
+
+struct MemoryEstimate {
+  // Bytes on the training device, by item; activations are not included.
+  int64_t trained_weights = 0;
+  int64_t gradients = 0;
+  int64_t optimizer_state = 0;
+  int64_t frozen_weights = 0;
+  int64_t total() const { return trained_weights + gradients + optimizer_state + frozen_weights; }
+};
+
+struct TrainingPlan {
+  TrainConfig config;  // prompts and class_data_dir filled in
+  std::string device;  // "cpu", "cuda", "cuda:1"
+  std::vector<ImageSummary> instance_images;
+  int64_t class_images_present = 0;
+  int64_t class_images_to_generate = 0;
+  int64_t dataset_length = 0;   // samples per epoch, as diffusers counts them
+  int64_t steps_per_epoch = 0;  // optimizer steps
+  int64_t total_steps = 0;
+  int64_t epochs = 0;
+  std::vector<ComponentSize> components;  // unet, text_encoder, vae
+  MemoryEstimate memory;
+  std::vector<std::string> warnings;
+};
+
+// Checks the model folder (configs and weight headers), the instance data (every image
+// decoded), prompts, class images and device, and derives the schedule. Throws the
+// documented errors (ConfigError, InputDataError, ModelError).
+TrainingPlan plan_training(const TrainConfig& config);
+
+std::string format_plan(const TrainingPlan& plan);
+
+// Optimizer-state bytes for tensors of the given element counts: 8 per element for AdamW
+// (fp32 m and v); for 8-bit AdamW 2 per element plus one fp32 absmax per 256-element block
+// and state, except tensors under 4096 elements, which keep fp32 states.
+int64_t optimizer_state_bytes(const std::string& optimizer, const std::vector<int64_t>& tensor_sizes);
+
+}  // namespace sdtrain::train

@@ -1,0 +1,107 @@
+#pragma once
+// The training configuration: every key of `sdtrain --config FILE`, named and defaulted as
+// diffusers' train_dreambooth.py and SageMaker JumpStart name them (JumpStart's SD 2.1-base
+// defaults where the two differ), parsed from JSON plus `--set key=value` overrides and
+// validated once. docs/configuration.md documents every key; a test keeps the two in step.
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace sdtrain::train {
+
+struct TrainConfig {
+  // Model and data
+  std::string pretrained_model_name_or_path;
+  std::string variant;
+  std::string instance_data_dir;
+  std::string class_data_dir;
+  std::string output_dir = "dreambooth-model";
+  std::string instance_prompt;
+  std::string class_prompt;
+  int resolution = 512;
+  bool center_crop = false;
+  bool random_flip = false;
+  // Prior preservation
+  bool with_prior_preservation = false;
+  double prior_loss_weight = 1.0;
+  int num_class_images = 100;
+  int sample_batch_size = 4;
+  std::string prior_generation_precision = "auto";
+  std::string prior_generation_scheduler;
+  int prior_generation_steps = 50;
+  double prior_generation_guidance_scale = 7.5;
+  // Length and batch
+  int train_batch_size = 1;
+  int epochs = 20;
+  std::optional<int> max_steps;
+  int gradient_accumulation_steps = 1;
+  // Optimizer and schedule
+  double learning_rate = 2e-6;
+  bool scale_lr = false;
+  std::string lr_scheduler = "constant";
+  int lr_warmup_steps = 0;
+  int lr_num_cycles = 1;
+  double lr_power = 1.0;
+  std::string optimizer = "adamw";
+  bool use_8bit_adam = false;
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.999;
+  double adam_weight_decay = 1e-2;
+  double adam_epsilon = 1e-8;
+  double max_grad_norm = 1.0;
+  // Precision and memory
+  std::string mixed_precision = "no";
+  bool gradient_checkpointing = false;
+  bool train_text_encoder = false;
+  bool cache_latents = false;
+  bool allow_tf32 = false;
+  bool use_ema = false;
+  double ema_decay = 0.9999;
+  // Loss
+  bool offset_noise = false;
+  std::optional<double> snr_gamma;
+  // Checkpoints, validation, output
+  int checkpointing_steps = 500;
+  std::optional<int> checkpoints_total_limit;
+  std::string resume_from_checkpoint;
+  std::vector<std::string> validation_prompts;
+  int validation_steps = 100;
+  int num_validation_images = 4;
+  std::string save_dtype = "fp32";
+  int64_t seed = 0;
+  std::string device = "auto";
+
+  // The optimizer actually used ("adamw" or "adamw8bit"), after use_8bit_adam.
+  std::string resolved_optimizer() const;
+  // Every key with its value, canonical names only (what train_config.json holds).
+  nlohmann::ordered_json to_json() const;
+};
+
+// One documented key of the configuration, for docs and error suggestions.
+struct ConfigKeyInfo {
+  std::string name;
+  std::vector<std::string> aliases;
+  std::string type;           // "bool", "int", "number", "string", "path", "list of strings", ...
+  std::string default_value;  // as JSON
+  std::string help;
+};
+const std::vector<ConfigKeyInfo>& config_keys();
+
+// Parses `config_file` (may be empty: defaults only), then applies `overrides` ("key=value";
+// value as JSON when it parses, else as a string), then validates. Paths in the file are
+// relative to the file's folder; paths in overrides are relative to the working directory.
+// Throws ConfigError (exit 1) naming the file and key.
+TrainConfig load_train_config(const std::filesystem::path& config_file,
+                              const std::vector<std::string>& overrides);
+
+// Cross-key checks that do not need the model or the data. Throws ConfigError.
+void validate(const TrainConfig& config);
+
+// The valid key nearest to `unknown` (edit distance), or "" when none is close.
+std::string suggest_key(const std::string& unknown);
+
+}  // namespace sdtrain::train

@@ -1,0 +1,191 @@
+#include "sdtrain/train/plan.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <sstream>
+
+#include "sdtrain/io/model_folder.h"
+#include "sdtrain/util/error.h"
+
+namespace sdtrain::train {
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string resolve_device(const std::string& requested) {
+  if (requested == "cpu") return "cpu";
+  bool cuda = torch::cuda::is_available();
+  if (requested == "auto") return cuda ? "cuda" : "cpu";
+  if (!cuda) {
+    throw ConfigError("\"device\": \"" + requested + "\" but no CUDA GPU is available to this build "
+                      "(use \"auto\" or \"cpu\", or build with CUDA on a GPU machine: docs/gpu.md)");
+  }
+  if (requested.starts_with("cuda:")) {
+    int index = std::stoi(requested.substr(5));
+    if (index < 0 || index >= static_cast<int>(torch::cuda::device_count())) {
+      throw ConfigError("\"device\": \"" + requested + "\" but there are " +
+                        std::to_string(torch::cuda::device_count()) + " CUDA devices");
+    }
+  }
+  return requested;
+}
+
+ComponentSize measure_component(const io::ModelFolder& folder, const std::string& name, const std::string& variant) {
+  folder.config(name);  // must exist and parse
+  ComponentSize size{name, 0, {}};
+  for (const auto& header : io::read_weight_headers(folder.weights(name, variant))) {
+    for (const auto& tensor : header.tensors) {
+      size.parameters += tensor.numel();
+      size.tensor_sizes.push_back(tensor.numel());
+    }
+  }
+  return size;
+}
+
+void check_tokenizer(const io::ModelFolder& folder) {
+  const auto& tokenizer = folder.require("tokenizer");
+  for (const char* file : {"vocab.json", "merges.txt"}) {
+    if (!fs::exists(tokenizer.dir / file)) {
+      throw ModelError((tokenizer.dir / file).string() + ": file not found (the CLIP tokenizer needs vocab.json and merges.txt)");
+    }
+  }
+}
+
+std::vector<ComponentSize> check_model(const TrainConfig& config) {
+  io::ModelFolder folder(config.pretrained_model_name_or_path);
+  for (const auto& name : io::stable_diffusion_components()) folder.require(name);
+  folder.config("scheduler");
+  check_tokenizer(folder);
+  std::vector<ComponentSize> sizes;
+  for (const char* name : {"unet", "text_encoder", "vae"}) sizes.push_back(measure_component(folder, name, config.variant));
+  return sizes;
+}
+
+void resolve_prompts(TrainConfig& config, const DatasetInfo& info, std::vector<std::string>& warnings) {
+  auto pick = [&](std::string& configured, const std::string& from_file, const char* key) {
+    if (configured.empty()) {
+      configured = from_file;
+    } else if (!from_file.empty() && from_file != configured) {
+      warnings.push_back(std::string(key) + " from the configuration (\"" + configured +
+                         "\") overrides dataset_info.json (\"" + from_file + "\")");
+    }
+  };
+  pick(config.instance_prompt, info.instance_prompt, "instance_prompt");
+  pick(config.class_prompt, info.class_prompt, "class_prompt");
+  fs::path info_path = fs::path(config.instance_data_dir) / "dataset_info.json";
+  if (config.instance_prompt.empty()) {
+    throw InputDataError(info_path.string() + ": no \"instance_prompt\"; add one such as "
+                         "\"a photo of sks cat\" (or set instance_prompt in the configuration)");
+  }
+  if (config.with_prior_preservation && config.class_prompt.empty()) {
+    throw InputDataError(info_path.string() + ": with_prior_preservation needs a \"class_prompt\" such as "
+                         "\"a photo of a cat\" (or set class_prompt in the configuration)");
+  }
+}
+
+std::string mib(int64_t bytes) {
+  std::ostringstream out;
+  out.setf(std::ios::fixed);
+  out.precision(1);
+  out << static_cast<double>(bytes) / (1 << 20) << " MiB";
+  return out.str();
+}
+
+}  // namespace
+
+int64_t optimizer_state_bytes(const std::string& optimizer, const std::vector<int64_t>& tensor_sizes) {
+  int64_t bytes = 0;
+  for (int64_t n : tensor_sizes) {
+    if (optimizer == "adamw8bit" && n >= 4096) {
+      bytes += 2 * n + 2 * 4 * ((n + 255) / 256);
+    } else {
+      bytes += 8 * n;
+    }
+  }
+  return bytes;
+}
+
+TrainingPlan plan_training(const TrainConfig& config) {
+  TrainingPlan plan;
+  plan.config = config;
+  TrainConfig& c = plan.config;
+  plan.device = resolve_device(c.device);
+  if (plan.device == "cpu" && c.mixed_precision == "fp16") {
+    throw ConfigError("\"mixed_precision\": \"fp16\" needs a CUDA GPU; on CPU use \"no\" or \"bf16\"");
+  }
+
+  plan.components = check_model(c);
+
+  DatasetInfo info = read_dataset_info(c.instance_data_dir);
+  resolve_prompts(c, info, plan.warnings);
+  plan.instance_images = check_images(c.instance_data_dir);
+  for (const auto& image : plan.instance_images) {
+    if (std::min(image.width, image.height) < c.resolution) {
+      plan.warnings.push_back(image.path.filename().string() + " is " + std::to_string(image.width) + "x" +
+                              std::to_string(image.height) + ", smaller than resolution " +
+                              std::to_string(c.resolution) + "; it will be upscaled");
+    }
+  }
+
+  int64_t instances = static_cast<int64_t>(plan.instance_images.size());
+  plan.dataset_length = instances;
+  if (c.with_prior_preservation) {
+    if (c.class_data_dir.empty()) c.class_data_dir = (fs::path(c.output_dir) / "class_images").string();
+    if (fs::is_directory(c.class_data_dir)) plan.class_images_present = static_cast<int64_t>(list_images(c.class_data_dir).size());
+    plan.class_images_to_generate = std::max<int64_t>(0, c.num_class_images - plan.class_images_present);
+    // diffusers' DreamBoothDataset: one epoch is max(class images, instance images) samples.
+    plan.dataset_length = std::max<int64_t>(instances, c.num_class_images);
+  }
+  int64_t batches = (plan.dataset_length + c.train_batch_size - 1) / c.train_batch_size;
+  plan.steps_per_epoch = (batches + c.gradient_accumulation_steps - 1) / c.gradient_accumulation_steps;
+  plan.total_steps = c.max_steps ? *c.max_steps : c.epochs * plan.steps_per_epoch;
+  plan.epochs = (plan.total_steps + plan.steps_per_epoch - 1) / plan.steps_per_epoch;
+
+  bool gpu = plan.device != "cpu";
+  int64_t frozen_bytes_per_parameter = gpu || c.mixed_precision != "no" ? 2 : 4;
+  for (const auto& component : plan.components) {
+    bool trained = component.name == "unet" || (component.name == "text_encoder" && c.train_text_encoder);
+    if (trained) {
+      plan.memory.trained_weights += 4 * component.parameters;
+      plan.memory.gradients += 4 * component.parameters;
+      plan.memory.optimizer_state += optimizer_state_bytes(c.resolved_optimizer(), component.tensor_sizes);
+    } else {
+      plan.memory.frozen_weights += frozen_bytes_per_parameter * component.parameters;
+    }
+  }
+  return plan;
+}
+
+std::string format_plan(const TrainingPlan& plan) {
+  const TrainConfig& c = plan.config;
+  std::ostringstream out;
+  out << "Plan\n";
+  out << "  model:            " << c.pretrained_model_name_or_path << "\n";
+  for (const auto& component : plan.components) {
+    out << "    " << component.name << ": " << component.parameters << " parameters\n";
+  }
+  out << "  device:           " << plan.device << " (mixed_precision " << c.mixed_precision << ")\n";
+  out << "  instance images:  " << plan.instance_images.size() << " in " << c.instance_data_dir << "\n";
+  out << "  instance prompt:  \"" << c.instance_prompt << "\"\n";
+  if (c.with_prior_preservation) {
+    out << "  class prompt:     \"" << c.class_prompt << "\"\n";
+    out << "  class images:     " << plan.class_images_present << " present in " << c.class_data_dir << ", "
+        << plan.class_images_to_generate << " to generate (" << c.prior_generation_steps << " steps, guidance "
+        << c.prior_generation_guidance_scale << ")\n";
+  }
+  out << "  schedule:         " << plan.total_steps << " optimizer steps = " << plan.epochs << " epochs x "
+      << plan.steps_per_epoch << " steps (" << plan.dataset_length << " samples/epoch, batch "
+      << c.train_batch_size << ", accumulation " << c.gradient_accumulation_steps << ")\n";
+  out << "  optimizer:        " << c.resolved_optimizer() << ", lr " << c.learning_rate << " (" << c.lr_scheduler
+      << ", warmup " << c.lr_warmup_steps << ")\n";
+  out << "  memory estimate (" << plan.device << ", excluding activations): " << mib(plan.memory.total()) << "\n"
+      << "    trained weights " << mib(plan.memory.trained_weights) << ", gradients " << mib(plan.memory.gradients)
+      << ", optimizer state " << mib(plan.memory.optimizer_state) << ", frozen weights "
+      << mib(plan.memory.frozen_weights) << "\n";
+  out << "  output:           " << c.output_dir << "\n";
+  return out.str();
+}
+
+}  // namespace sdtrain::train

@@ -1,0 +1,389 @@
+#include "sdtrain/train/train_config.h"
+
+#include <algorithm>
+#include <charconv>
+#include <functional>
+#include <map>
+#include <set>
+
+#include "sdtrain/util/error.h"
+#include "sdtrain/util/json.h"
+
+namespace sdtrain::train {
+namespace {
+
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+// Where a value came from, for error messages and relative paths.
+struct Origin {
+  std::string source;  // "cat.json" or "--set"
+  fs::path base_dir;   // relative paths are resolved against this
+};
+
+[[noreturn]] void fail(const Origin& origin, const std::string& key, const std::string& what) {
+  throw ConfigError(origin.source + ": key \"" + key + "\": " + what);
+}
+
+// SageMaker passes every hyperparameter as a string ("400", "True"), so a string that spells a
+// value of the right type exactly is accepted; anything else of the wrong type is an error.
+bool parse_bool(const json& value, const Origin& origin, const std::string& key) {
+  if (value.is_boolean()) return value.get<bool>();
+  if (value.is_string()) {
+    const auto& s = value.get_ref<const std::string&>();
+    if (s == "true" || s == "True") return true;
+    if (s == "false" || s == "False") return false;
+  }
+  fail(origin, key, "expected true or false, got " + value.dump());
+}
+
+int64_t parse_integer(const json& value, const Origin& origin, const std::string& key) {
+  if (value.is_number_integer()) return value.get<int64_t>();
+  if (value.is_string()) {
+    const auto& s = value.get_ref<const std::string&>();
+    int64_t parsed = 0;
+    auto [end, error] = std::from_chars(s.data(), s.data() + s.size(), parsed);
+    if (error == std::errc() && end == s.data() + s.size() && !s.empty()) return parsed;
+  }
+  fail(origin, key, "expected an integer, got " + value.dump());
+}
+
+double parse_number(const json& value, const Origin& origin, const std::string& key) {
+  if (value.is_number()) return value.get<double>();
+  if (value.is_string()) {
+    const auto& s = value.get_ref<const std::string&>();
+    try {
+      std::size_t used = 0;
+      double parsed = std::stod(s, &used);
+      if (used == s.size()) return parsed;
+    } catch (const std::exception&) {
+    }
+  }
+  fail(origin, key, "expected a number, got " + value.dump());
+}
+
+std::string parse_string(const json& value, const Origin& origin, const std::string& key) {
+  if (value.is_string()) return value.get<std::string>();
+  fail(origin, key, "expected a string, got " + value.dump());
+}
+
+template <typename T>
+using Check = std::function<std::optional<std::string>(const T&)>;
+
+template <typename T>
+Check<T> at_least(T minimum) {
+  return [minimum](const T& v) -> std::optional<std::string> {
+    if (v >= minimum) return std::nullopt;
+    return "must be at least " + json(minimum).dump() + ", got " + json(v).dump();
+  };
+}
+
+Check<double> positive() {
+  return [](const double& v) -> std::optional<std::string> {
+    if (v > 0) return std::nullopt;
+    return "must be greater than 0, got " + json(v).dump();
+  };
+}
+
+Check<double> in_unit_interval() {  // [0, 1)
+  return [](const double& v) -> std::optional<std::string> {
+    if (v >= 0 && v < 1) return std::nullopt;
+    return "must be in [0, 1), got " + json(v).dump();
+  };
+}
+
+Check<std::string> one_of(std::vector<std::string> allowed) {
+  return [allowed](const std::string& v) -> std::optional<std::string> {
+    if (std::find(allowed.begin(), allowed.end(), v) != allowed.end()) return std::nullopt;
+    std::string list;
+    for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + ("\"" + a + "\"");
+    return "must be one of " + list + ", got \"" + v + "\"";
+  };
+}
+
+struct Field {
+  ConfigKeyInfo info;
+  bool is_path = false;
+  std::function<void(TrainConfig&, const json&, const Origin&)> set;
+  std::function<json(const TrainConfig&)> get;
+};
+
+template <typename T>
+T parse_as(const json& value, const Origin& origin, const std::string& key) {
+  if constexpr (std::is_same_v<T, bool>) {
+    return parse_bool(value, origin, key);
+  } else if constexpr (std::is_integral_v<T>) {
+    int64_t v = parse_integer(value, origin, key);
+    if (v < std::numeric_limits<T>::min() || v > std::numeric_limits<T>::max()) fail(origin, key, "value out of range");
+    return static_cast<T>(v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    return parse_number(value, origin, key);
+  } else if constexpr (std::is_same_v<T, std::string>) {
+    return parse_string(value, origin, key);
+  } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+    if (value.is_string()) return {value.get<std::string>()};
+    if (!value.is_array()) fail(origin, key, "expected a list of strings, got " + value.dump());
+    std::vector<std::string> items;
+    for (const auto& item : value) items.push_back(parse_string(item, origin, key));
+    return items;
+  }
+}
+
+template <typename T>
+std::string type_name(bool is_path) {
+  if constexpr (std::is_same_v<T, bool>) return "bool";
+  else if constexpr (std::is_integral_v<T>) return "integer";
+  else if constexpr (std::is_same_v<T, double>) return "number";
+  else if constexpr (std::is_same_v<T, std::string>) return is_path ? "path" : "string";
+  else return "list of strings";
+}
+
+template <typename T>
+Field field(std::string name, T TrainConfig::*member, std::string help, Check<T> check = {},
+            std::vector<std::string> aliases = {}, bool is_path = false) {
+  Field f;
+  f.info = {name, aliases, type_name<T>(is_path), "", std::move(help)};
+  f.is_path = is_path;
+  f.set = [name, member, check, is_path](TrainConfig& config, const json& value, const Origin& origin) {
+    T parsed = parse_as<T>(value, origin, name);
+    if constexpr (std::is_same_v<T, std::string>) {
+      if (is_path && !parsed.empty() && fs::path(parsed).is_relative()) {
+        parsed = (origin.base_dir / parsed).lexically_normal().string();
+      }
+    }
+    if (check) {
+      if (auto problem = check(parsed)) fail(origin, name, *problem);
+    }
+    config.*member = std::move(parsed);
+  };
+  f.get = [member](const TrainConfig& config) { return json(config.*member); };
+  return f;
+}
+
+template <typename T>
+Field optional_field(std::string name, std::optional<T> TrainConfig::*member, std::string help,
+                     Check<T> check, std::vector<std::string> aliases = {}) {
+  Field f;
+  f.info = {name, aliases, type_name<T>(false) + " or null", "", std::move(help)};
+  f.set = [name, member, check](TrainConfig& config, const json& value, const Origin& origin) {
+    if (value.is_null() || (value.is_string() && (value == "None" || value == "null"))) {
+      config.*member = std::nullopt;
+      return;
+    }
+    T parsed = parse_as<T>(value, origin, name);
+    if (auto problem = check(parsed)) fail(origin, name, *problem);
+    config.*member = parsed;
+  };
+  f.get = [member](const TrainConfig& config) {
+    return (config.*member) ? json(*(config.*member)) : json(nullptr);
+  };
+  return f;
+}
+
+const std::vector<Field>& fields() {
+  static const std::vector<Field> all = [] {
+    using C = TrainConfig;
+    std::vector<Field> f = {
+        field("pretrained_model_name_or_path", &C::pretrained_model_name_or_path,
+              "Base model: a local diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).",
+              {}, {}, true),
+        field("variant", &C::variant, "Weight-file variant to load, e.g. \"fp16\" for *.fp16.safetensors; empty for the main files."),
+        field("instance_data_dir", &C::instance_data_dir,
+              "Folder of subject photos (png/jpg/jpeg) with dataset_info.json.", {}, {}, true),
+        field("class_data_dir", &C::class_data_dir,
+              "Folder of prior-preservation class images; missing ones are generated there. Empty: <output_dir>/class_images.",
+              {}, {}, true),
+        field("output_dir", &C::output_dir, "Where checkpoints, samples, logs and the final diffusers folder go.", {}, {}, true),
+        field("instance_prompt", &C::instance_prompt, "Prompt with the identifier, e.g. \"a photo of sks cat\". Empty: from dataset_info.json."),
+        field("class_prompt", &C::class_prompt, "Prompt of the class, e.g. \"a photo of a cat\". Empty: from dataset_info.json."),
+        field("resolution", &C::resolution, "Training image size in pixels (shorter side resized, then cropped square); multiple of 8.", at_least(8)),
+        field("center_crop", &C::center_crop, "Center crop instead of a random crop."),
+        field("random_flip", &C::random_flip, "Flip images horizontally at random."),
+        field("with_prior_preservation", &C::with_prior_preservation, "Add the class-image (prior-preservation) loss."),
+        field("prior_loss_weight", &C::prior_loss_weight, "Weight of the prior-preservation loss.", at_least(0.0)),
+        field("num_class_images", &C::num_class_images, "Class images wanted in class_data_dir; the missing ones are generated.", at_least(1)),
+        field("sample_batch_size", &C::sample_batch_size, "Batch size when generating class images.", at_least(1)),
+        field("prior_generation_precision", &C::prior_generation_precision,
+              "Precision of class-image generation: auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16.",
+              one_of({"auto", "fp32", "fp16", "bf16"})),
+        field("prior_generation_scheduler", &C::prior_generation_scheduler,
+              "Sampler for class images; empty: the model's own scheduler.",
+              one_of({"", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++", "dpmsolver++_karras"})),
+        field("prior_generation_steps", &C::prior_generation_steps, "Sampling steps per class image.", at_least(1)),
+        field("prior_generation_guidance_scale", &C::prior_generation_guidance_scale, "Classifier-free guidance scale for class images.", at_least(0.0)),
+        field("train_batch_size", &C::train_batch_size, "Instance images per step (doubled with prior preservation).", at_least(1), {"batch_size"}),
+        field("epochs", &C::epochs, "Passes over the dataset; ignored when max_steps is set.", at_least(1), {"num_train_epochs"}),
+        optional_field("max_steps", &C::max_steps, "Total optimizer steps; overrides epochs.", at_least(1), {"max_train_steps"}),
+        field("gradient_accumulation_steps", &C::gradient_accumulation_steps, "Micro-batches per optimizer step.", at_least(1)),
+        field("learning_rate", &C::learning_rate, "Peak learning rate.", positive()),
+        field("scale_lr", &C::scale_lr, "Multiply learning_rate by train_batch_size x gradient_accumulation_steps."),
+        field("lr_scheduler", &C::lr_scheduler, "Learning-rate schedule.",
+              one_of({"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"})),
+        field("lr_warmup_steps", &C::lr_warmup_steps, "Linear warm-up steps (not used by \"constant\").", at_least(0)),
+        field("lr_num_cycles", &C::lr_num_cycles, "Hard restarts of cosine_with_restarts.", at_least(1)),
+        field("lr_power", &C::lr_power, "Power of the polynomial schedule.", positive()),
+        field("optimizer", &C::optimizer, "adamw (fp32 states) or adamw8bit (8-bit blockwise states).", one_of({"adamw", "adamw8bit"})),
+        field("use_8bit_adam", &C::use_8bit_adam, "Same as optimizer: \"adamw8bit\" (diffusers' flag)."),
+        field("adam_beta1", &C::adam_beta1, "AdamW beta1.", in_unit_interval()),
+        field("adam_beta2", &C::adam_beta2, "AdamW beta2.", in_unit_interval()),
+        field("adam_weight_decay", &C::adam_weight_decay, "AdamW decoupled weight decay.", at_least(0.0)),
+        field("adam_epsilon", &C::adam_epsilon, "AdamW epsilon.", positive()),
+        field("max_grad_norm", &C::max_grad_norm, "Clip the gradient norm to this value; 0 disables clipping.", at_least(0.0)),
+        field("mixed_precision", &C::mixed_precision, "no (fp32), fp16 (with dynamic loss scaling) or bf16.", one_of({"no", "fp16", "bf16"})),
+        field("gradient_checkpointing", &C::gradient_checkpointing, "Recompute activations in the backward pass to save memory."),
+        field("train_text_encoder", &C::train_text_encoder, "Fine-tune the text encoder too."),
+        field("cache_latents", &C::cache_latents, "Encode each training image with the VAE once instead of every step."),
+        field("allow_tf32", &C::allow_tf32, "Allow TF32 matrix multiplication on Ampere and newer GPUs."),
+        field("use_ema", &C::use_ema, "Keep an exponential moving average of the UNet weights."),
+        field("ema_decay", &C::ema_decay, "EMA decay.", in_unit_interval()),
+        field("offset_noise", &C::offset_noise, "Add 0.1 x N(0,1) per sample and channel to the noise (diffusers' --offset_noise)."),
+        optional_field("snr_gamma", &C::snr_gamma, "Min-SNR loss weighting gamma (5.0 is the usual value); null disables it.", positive()),
+        field("checkpointing_steps", &C::checkpointing_steps, "Save a resumable checkpoint every N optimizer steps.", at_least(1)),
+        optional_field("checkpoints_total_limit", &C::checkpoints_total_limit, "Keep at most this many checkpoints; null keeps all.", at_least(1)),
+        field("resume_from_checkpoint", &C::resume_from_checkpoint,
+              "\"latest\", a checkpoint folder (checkpoint-N, looked up in output_dir too), or empty to start fresh."),
+        field("validation_prompts", &C::validation_prompts, "Prompts sampled every validation_steps into output_dir/samples/."),
+        field("validation_steps", &C::validation_steps, "Sample validation images every N optimizer steps.", at_least(1)),
+        field("num_validation_images", &C::num_validation_images, "Images per validation prompt.", at_least(1)),
+        field("save_dtype", &C::save_dtype, "Precision of the final diffusers folder: fp32 or fp16.", one_of({"fp32", "fp16"})),
+        field("seed", &C::seed, "Seed of every random choice (data order, noise, timesteps, sampling).", at_least<int64_t>(0)),
+        field("device", &C::device, "auto (CUDA when available), cpu, cuda or cuda:N."),
+    };
+    TrainConfig defaults;
+    for (auto& entry : f) entry.info.default_value = entry.get(defaults).dump();
+    return f;
+  }();
+  return all;
+}
+
+const Field* find_field(const std::string& key) {
+  for (const auto& f : fields()) {
+    if (f.info.name == key) return &f;
+    for (const auto& alias : f.info.aliases) {
+      if (alias == key) return &f;
+    }
+  }
+  return nullptr;
+}
+
+std::size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diagonal = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      std::size_t above = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
+void apply(TrainConfig& config, const std::string& key, const json& value, const Origin& origin,
+           std::map<std::string, std::string>& seen) {
+  const Field* f = find_field(key);
+  if (!f) {
+    std::string suggestion = suggest_key(key);
+    throw ConfigError(origin.source + ": unknown key \"" + key + "\"" +
+                      (suggestion.empty() ? "" : "; did you mean \"" + suggestion + "\"?") +
+                      " (every key is listed in docs/configuration.md)");
+  }
+  auto [it, inserted] = seen.emplace(f->info.name, key);
+  if (!inserted && it->second != key) {
+    throw ConfigError(origin.source + ": \"" + key + "\" and \"" + it->second +
+                      "\" are the same setting; give only one");
+  }
+  f->set(config, value, origin);
+}
+
+}  // namespace
+
+std::string TrainConfig::resolved_optimizer() const { return use_8bit_adam ? "adamw8bit" : optimizer; }
+
+nlohmann::ordered_json TrainConfig::to_json() const {
+  nlohmann::ordered_json out;
+  for (const auto& f : fields()) out[f.info.name] = f.get(*this);
+  return out;
+}
+
+const std::vector<ConfigKeyInfo>& config_keys() {
+  static const std::vector<ConfigKeyInfo> keys = [] {
+    std::vector<ConfigKeyInfo> k;
+    for (const auto& f : fields()) k.push_back(f.info);
+    return k;
+  }();
+  return keys;
+}
+
+std::string suggest_key(const std::string& unknown) {
+  std::string best;
+  std::size_t best_distance = std::max<std::size_t>(3, unknown.size() / 3) + 1;
+  for (const auto& f : fields()) {
+    std::vector<std::string> names = f.info.aliases;
+    names.push_back(f.info.name);
+    for (const auto& name : names) {
+      std::size_t d = edit_distance(unknown, name);
+      if (d < best_distance) {
+        best_distance = d;
+        best = f.info.name;
+      }
+    }
+  }
+  return best;
+}
+
+TrainConfig load_train_config(const fs::path& config_file, const std::vector<std::string>& overrides) {
+  TrainConfig config;
+  std::map<std::string, std::string> seen;
+  if (!config_file.empty()) {
+    json file = read_json_file(config_file, ExitCode::usage);
+    if (!file.is_object()) throw ConfigError(config_file.string() + ": the configuration must be a JSON object");
+    Origin origin{config_file.string(), fs::absolute(config_file).parent_path()};
+    for (const auto& [key, value] : file.items()) apply(config, key, value, origin, seen);
+  }
+  Origin command_line{"--set", fs::current_path()};
+  std::map<std::string, std::string> seen_overrides;
+  for (const auto& assignment : overrides) {
+    auto equals = assignment.find('=');
+    if (equals == std::string::npos || equals == 0) {
+      throw ConfigError("--set " + assignment + ": expected key=value, e.g. --set max_steps=400");
+    }
+    std::string key = assignment.substr(0, equals);
+    std::string text = assignment.substr(equals + 1);
+    json value = json::parse(text, nullptr, /*allow_exceptions=*/false);
+    if (value.is_discarded()) value = text;  // plain words are strings: --set instance_prompt=a photo
+    apply(config, key, value, command_line, seen_overrides);
+  }
+  validate(config);
+  return config;
+}
+
+void validate(const TrainConfig& c) {
+  auto require = [](bool ok, const std::string& message) {
+    if (!ok) throw ConfigError(message);
+  };
+  require(!c.pretrained_model_name_or_path.empty(),
+          "\"pretrained_model_name_or_path\" is required: the local diffusers folder of the base model");
+  require(!c.instance_data_dir.empty(), "\"instance_data_dir\" is required: the folder of subject photos");
+  require(!c.output_dir.empty(), "\"output_dir\" must not be empty");
+  require(c.resolution % 8 == 0, "\"resolution\" must be a multiple of 8 (the VAE downsamples by 8), got " +
+                                     std::to_string(c.resolution));
+  require(!(c.use_8bit_adam && c.optimizer == "adamw"),
+          "\"use_8bit_adam\": true contradicts \"optimizer\": \"adamw\"; use one of them (optimizer: \"adamw8bit\")");
+  require(!(c.cache_latents && c.random_flip),
+          "\"cache_latents\" encodes each image once, so \"random_flip\" would never apply; set one of them to false");
+  require(!(c.cache_latents && !c.center_crop),
+          "\"cache_latents\" encodes each image once, so a random crop would be chosen once and kept; "
+          "set \"center_crop\": true or \"cache_latents\": false");
+  require(!(c.resume_from_checkpoint == "latest" && c.output_dir.empty()),
+          "\"resume_from_checkpoint\": \"latest\" needs \"output_dir\"");
+  bool valid_device = c.device == "auto" || c.device == "cpu" || c.device == "cuda" || c.device.starts_with("cuda:");
+  require(valid_device, "\"device\" must be auto, cpu, cuda or cuda:N, got \"" + c.device + "\"");
+  for (const auto& prompt : c.validation_prompts) {
+    require(!prompt.empty(), "\"validation_prompts\" contains an empty prompt");
+  }
+}
+
+}  // namespace sdtrain::train
