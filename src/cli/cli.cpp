@@ -50,6 +50,17 @@ int run_train(const TrainArguments& args) {
                     "use --dry-run");
 }
 
+// The key table of docs/configuration.md, printed from the same table the parser uses.
+int print_config_reference() {
+  std::cout << "| key | type | default | meaning |\n|---|---|---|---|\n";
+  for (const auto& key : train::config_keys()) {
+    std::string name = "`" + key.name + "`";
+    for (const auto& alias : key.aliases) name += " (alias `" + alias + "`)";
+    std::cout << "| " << name << " | " << key.type << " | `" << key.default_value << "` | " << key.help << " |\n";
+  }
+  return 0;
+}
+
 int run_inspect(const InspectArguments& args) {
   auto inspection = inspect(args.path);
   std::cout << (args.json ? inspection.dump(2) + "\n" : format_inspection(inspection));
@@ -58,7 +69,7 @@ int run_inspect(const InspectArguments& args) {
 
 // `sdtrain --config X` means `sdtrain train --config X`.
 std::vector<std::string> with_default_command(int argc, char** argv) {
-  static const std::set<std::string> commands = {"train", "inspect"};
+  static const std::set<std::string> commands = {"train", "inspect", "config-reference"};
   static const std::set<std::string> top_level = {"-h", "--help", "--version"};
   std::vector<std::string> args(argv + 1, argv + argc);
   if (!args.empty() && !commands.count(args[0]) && !top_level.count(args[0])) args.insert(args.begin(), "train");
@@ -90,6 +101,9 @@ int run(int argc, char** argv) {
   inspect_command->add_option("path", inspect_args.path, "Model folder, component folder or .safetensors file")->required();
   inspect_command->add_flag("--json", inspect_args.json, "Machine-readable output");
 
+  auto* reference = app.add_subcommand("config-reference", "Print the configuration keys as a Markdown table");
+  reference->group("");  // hidden: it writes docs/configuration.md
+
   try {
     auto args = with_default_command(argc, argv);
     app.parse(args);
@@ -101,6 +115,7 @@ int run(int argc, char** argv) {
 
   try {
     if (*train) return run_train(train_args);
+    if (*reference) return print_config_reference();
     return run_inspect(inspect_args);
   } catch (const Error& e) {
     log::error(e.what());

@@ -355,6 +355,19 @@ TrainConfig load_train_config(const fs::path& config_file, const std::vector<std
     json value = json::parse(text, nullptr, /*allow_exceptions=*/false);
     if (value.is_discarded()) value = text;  // plain words are strings: --set instance_prompt=a photo
     apply(config, key, value, command_line, seen_overrides);
+    seen.emplace(find_field(key)->info.name, key);
+  }
+  // diffusers' flag picks the optimizer unless "optimizer" itself was given (validate() then
+  // rejects the contradiction of use_8bit_adam with "adamw").
+  if (config.use_8bit_adam && !seen.count("optimizer")) config.optimizer = "adamw8bit";
+  // Paths left at their defaults (output_dir) are relative to the working directory; the
+  // resolved configuration holds only absolute paths, so it means the same from anywhere.
+  for (const auto& f : fields()) {
+    if (!f.is_path) continue;
+    std::string value = f.get(config).get<std::string>();
+    if (!value.empty() && fs::path(value).is_relative()) {
+      f.set(config, (fs::current_path() / value).lexically_normal().string(), command_line);
+    }
   }
   validate(config);
   return config;
