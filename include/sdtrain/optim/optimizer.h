@@ -1,0 +1,96 @@
+#pragma once
+// The optimizer interface the trainer uses: one set of hyperparameters for all parameters, a
+// learning rate that LR schedules set before each step, whole-model and per-parameter steps
+// (the latter so a later issue can step a parameter as soon as its gradient is ready), and
+// optimizer state that goes into checkpoints as named tensors plus string metadata.
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "sdtrain/io/safetensors.h"
+
+namespace sdtrain::optim {
+
+struct OptimizerOptions {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 1e-2;
+  // adamw8bit only: tensors with fewer elements keep fp32 states (bitsandbytes' default).
+  int64_t min_8bit_size = 4096;
+};
+
+// (name, tensor) pairs; names key the state in checkpoints and name tensors in error messages.
+using NamedParameters = std::vector<std::pair<std::string, torch::Tensor>>;
+
+class Optimizer {
+ public:
+  Optimizer(NamedParameters parameters, const OptimizerOptions& options);
+  virtual ~Optimizer() = default;
+  Optimizer(const Optimizer&) = delete;
+  Optimizer& operator=(const Optimizer&) = delete;
+
+  virtual std::string name() const = 0;
+
+  // Steps every parameter whose .grad() is defined. Parameters without a gradient keep their
+  // state and step count, as in torch.optim.
+  virtual void step();
+  // Steps parameter `index` with `grad` (same shape, dtype and device as the parameter), so a
+  // backward hook can step and free each gradient as soon as it is ready.
+  virtual void step_parameter(size_t index, const torch::Tensor& grad) = 0;
+  // Steps parameter `index` with its .grad(); does nothing when that is undefined.
+  void step_parameter(size_t index);
+
+  void zero_grad(bool set_to_none = true);
+
+  void set_lr(double lr) { options_.lr = lr; }
+  double lr() const { return options_.lr; }
+  const OptimizerOptions& options() const { return options_; }
+
+  size_t num_parameters() const { return parameters_.size(); }
+  const NamedParameters& parameters() const { return parameters_; }
+  // Steps taken by parameter `index` (bias correction uses this count, as torch does).
+  virtual int64_t step_count(size_t index) const = 0;
+
+  // Bytes held by optimizer state tensors (moments, absmax, tables), on every device.
+  virtual int64_t state_bytes() const = 0;
+
+  // Appends the state as tensors named `prefix` + ... and metadata entries `prefix` + ....
+  virtual void save_state(io::NamedTensors& tensors, std::map<std::string, std::string>& metadata,
+                          const std::string& prefix = "optimizer.") const = 0;
+  // Restores state written by save_state of the same optimizer kind over the same parameters.
+  // Throws ModelError naming the tensor or setting that does not match.
+  virtual void load_state(const io::SafetensorsFile& file,
+                          const std::string& prefix = "optimizer.") = 0;
+
+ protected:
+  void check_gradient(size_t index, const torch::Tensor& grad) const;
+  // Throws ModelError unless metadata `key` exists and equals `expected`.
+  static void expect_metadata(const io::SafetensorsFile& file, const std::string& key,
+                              const std::string& expected);
+  // Copies checkpoint tensor `key` into `destination` after checking dtype and element count.
+  static void load_tensor_into(const io::SafetensorsFile& file, const std::string& key,
+                               torch::Tensor& destination);
+
+  NamedParameters parameters_;
+  OptimizerOptions options_;
+};
+
+// "adamw" (fp32 states, torch.optim.AdamW semantics) or "adamw8bit" (blockwise 8-bit states).
+// Throws ConfigError for any other name, listing the valid ones.
+std::unique_ptr<Optimizer> make_optimizer(const std::string& name, NamedParameters parameters,
+                                          const OptimizerOptions& options);
+
+// Optimizer-state bytes for parameters with these element counts, for memory estimates
+// (--dry-run) without allocating anything; they equal state_bytes() of a constructed optimizer.
+int64_t adamw_state_bytes(const std::vector<int64_t>& numels);
+int64_t adamw8bit_state_bytes(const std::vector<int64_t>& numels, int64_t min_8bit_size = 4096);
+
+}  // namespace sdtrain::optim

@@ -1,0 +1,76 @@
+#include "sdtrain/optim/adamw.h"
+
+#include <cmath>
+
+namespace sdtrain::optim {
+
+AdamW::AdamW(NamedParameters parameters, const OptimizerOptions& options)
+    : Optimizer(std::move(parameters), options) {
+  states_.reserve(parameters_.size());
+  for (const auto& [name, param] : parameters_) {
+    auto fp32 = torch::TensorOptions().dtype(torch::kFloat32).device(param.device());
+    states_.push_back({0, torch::zeros(param.sizes(), fp32), torch::zeros(param.sizes(), fp32)});
+  }
+}
+
+void AdamW::step_parameter(size_t index, const torch::Tensor& grad) {
+  check_gradient(index, grad);
+  torch::NoGradGuard no_grad;
+  torch::Tensor param = parameters_[index].second;
+  State& state = states_[index];
+  state.step += 1;
+
+  // fp16/bf16 parameters are updated in fp32 and rounded once; fp32 ones in place.
+  const bool is_fp32 = param.scalar_type() == torch::kFloat32;
+  torch::Tensor p = is_fp32 ? param : param.to(torch::kFloat32);
+  const torch::Tensor g = grad.to(torch::kFloat32);
+
+  const double lr = options_.lr;
+  const double beta1 = options_.beta1;
+  const double beta2 = options_.beta2;
+  const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(state.step));
+  const double bias_correction2 = 1.0 - std::pow(beta2, static_cast<double>(state.step));
+
+  // Same sequence of tensor operations as torch.optim.AdamW's single-tensor path.
+  p.mul_(1.0 - lr * options_.weight_decay);
+  state.exp_avg.lerp_(g, 1.0 - beta1);
+  state.exp_avg_sq.mul_(beta2).addcmul_(g, g, 1.0 - beta2);
+  const torch::Tensor denominator =
+      (state.exp_avg_sq.sqrt() / std::sqrt(bias_correction2)).add_(options_.eps);
+  p.addcdiv_(state.exp_avg, denominator, -lr / bias_correction1);
+  if (!is_fp32) param.copy_(p);
+}
+
+int64_t AdamW::state_bytes() const {
+  int64_t bytes = 0;
+  for (const State& s : states_) bytes += s.exp_avg.nbytes() + s.exp_avg_sq.nbytes();
+  return bytes;
+}
+
+void AdamW::save_state(io::NamedTensors& tensors, std::map<std::string, std::string>& metadata,
+                       const std::string& prefix) const {
+  metadata[prefix + "type"] = name();
+  metadata[prefix + "format_version"] = "1";
+  for (size_t i = 0; i < states_.size(); ++i) {
+    const std::string key = prefix + parameters_[i].first;
+    tensors.emplace_back(key + ".step", torch::tensor({states_[i].step}, torch::kInt64));
+    tensors.emplace_back(key + ".exp_avg", states_[i].exp_avg);
+    tensors.emplace_back(key + ".exp_avg_sq", states_[i].exp_avg_sq);
+  }
+}
+
+void AdamW::load_state(const io::SafetensorsFile& file, const std::string& prefix) {
+  expect_metadata(file, prefix + "type", name());
+  expect_metadata(file, prefix + "format_version", "1");
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < states_.size(); ++i) {
+    const std::string key = prefix + parameters_[i].first;
+    torch::Tensor step = torch::zeros({1}, torch::kInt64);
+    load_tensor_into(file, key + ".step", step);
+    load_tensor_into(file, key + ".exp_avg", states_[i].exp_avg);
+    load_tensor_into(file, key + ".exp_avg_sq", states_[i].exp_avg_sq);
+    states_[i].step = step.item<int64_t>();
+  }
+}
+
+}  // namespace sdtrain::optim

@@ -1,0 +1,157 @@
+// Host side of the 8-bit AdamW CUDA kernels: checks, grouping by (device, dtype), the
+// multi-tensor argument table, and the launches on the current stream.
+#include "adamw8bit_cuda.h"
+
+#if SDTRAIN_WITH_CUDA
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstring>
+#include <tuple>
+
+#include "sdtrain/optim/adamw8bit_kernels.h"
+#include "sdtrain/optim/blockwise_quantization.h"
+
+namespace sdtrain::optim::detail {
+namespace {
+
+cuda::ElementType element_type(c10::ScalarType type) {
+  switch (type) {
+    case torch::kFloat32:
+      return cuda::ElementType::float32;
+    case torch::kFloat16:
+      return cuda::ElementType::float16;
+    case torch::kBFloat16:
+      return cuda::ElementType::bfloat16;
+    default:
+      TORCH_CHECK(false, "adamw8bit (CUDA): unsupported parameter dtype ", type,
+                  " (float32, float16 or bfloat16)");
+  }
+}
+
+bool aligned(const void* pointer, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
+}
+
+void check_update(const CudaParameterUpdate& u) {
+  TORCH_CHECK(u.param.is_cuda() && u.grad.is_cuda() && u.param.device() == u.grad.device(),
+              "adamw8bit (CUDA): parameter and gradient must be on the same CUDA device, got ",
+              u.param.device(), " and ", u.grad.device());
+  TORCH_CHECK(u.param.scalar_type() == u.grad.scalar_type(), "adamw8bit (CUDA): gradient is ",
+              u.grad.scalar_type(), ", parameter is ", u.param.scalar_type());
+  TORCH_CHECK(u.param.is_contiguous() && u.grad.is_contiguous(),
+              "adamw8bit (CUDA): parameter and gradient must be contiguous");
+  TORCH_CHECK(u.param.numel() == u.grad.numel(), "adamw8bit (CUDA): gradient has ",
+              u.grad.numel(), " elements, parameter ", u.param.numel());
+  const int64_t n = u.param.numel();
+  const auto state_type = u.quantized ? torch::kUInt8 : torch::kFloat32;
+  for (const torch::Tensor* s : {&u.state1, &u.state2}) {
+    TORCH_CHECK(s->device() == u.param.device() && s->scalar_type() == state_type &&
+                    s->numel() == n && s->is_contiguous(),
+                "adamw8bit (CUDA): state must be contiguous ", state_type, " [", n, "] on ",
+                u.param.device(), ", got ", s->scalar_type(), " ", s->sizes(), " on ",
+                s->device());
+  }
+  if (u.quantized) {
+    for (const torch::Tensor* s : {&u.absmax1, &u.absmax2}) {
+      TORCH_CHECK(s->device() == u.param.device() && s->scalar_type() == torch::kFloat32 &&
+                      s->numel() == num_quantization_blocks(n) && s->is_contiguous(),
+                  "adamw8bit (CUDA): absmax must be contiguous float32 [",
+                  num_quantization_blocks(n), "] on ", u.param.device());
+    }
+  }
+}
+
+// Copies a host array of trivially copyable structs to `device` through pinned memory,
+// asynchronously on the current stream; the caching host allocator keeps the pinned block
+// until the copy has run, and the device block is reused only in stream order.
+template <typename Args>
+torch::Tensor to_device_table(const std::vector<Args>& host, const torch::Device& device) {
+  const int64_t bytes = static_cast<int64_t>(host.size() * sizeof(Args));
+  torch::Tensor pinned = torch::empty({bytes}, torch::TensorOptions().dtype(torch::kUInt8)
+                                                   .pinned_memory(true));
+  std::memcpy(pinned.data_ptr(), host.data(), bytes);
+  return pinned.to(device, /*non_blocking=*/true);
+}
+
+void check_launch(cudaError_t error, const char* kernel) {
+  TORCH_CHECK(error == cudaSuccess, "adamw8bit (CUDA): launch of ", kernel, " failed: ",
+              cudaGetErrorString(error));
+}
+
+}  // namespace
+
+void adamw8bit_update_cuda(const std::vector<CudaParameterUpdate>& updates,
+                           const std::map<int, std::array<torch::Tensor, 2>>& qmaps) {
+  // (device index, dtype) -> argument tables, kept in parameter order.
+  struct Group {
+    std::vector<cuda::QuantizedTensorArgs> quantized;
+    std::vector<cuda::Fp32StateTensorArgs> fp32_states;
+    int64_t quantized_units = 0;
+    int64_t fp32_units = 0;
+  };
+  std::map<std::pair<int, int>, Group> groups;
+  for (const CudaParameterUpdate& u : updates) {
+    check_update(u);
+    const int64_t n = u.param.numel();
+    if (n == 0) continue;  // nothing to update, and an empty launch is invalid
+    Group& group = groups[{u.param.device().index(), static_cast<int>(u.param.scalar_type())}];
+    if (u.quantized) {
+      cuda::QuantizedTensorArgs a{};
+      a.param = u.param.data_ptr();
+      a.grad = u.grad.data_ptr();
+      a.state1 = u.state1.data_ptr<std::uint8_t>();
+      a.state2 = u.state2.data_ptr<std::uint8_t>();
+      a.absmax1 = u.absmax1.data_ptr<float>();
+      a.absmax2 = u.absmax2.data_ptr<float>();
+      a.numel = n;
+      a.first_unit = group.quantized_units;
+      a.constants = u.constants;
+      a.vector_aligned = aligned(a.param, 16) && aligned(a.grad, 16) && aligned(a.state1, 8) &&
+                         aligned(a.state2, 8);
+      group.quantized.push_back(a);
+      group.quantized_units += num_quantization_blocks(n);
+    } else {
+      cuda::Fp32StateTensorArgs a{};
+      a.param = u.param.data_ptr();
+      a.grad = u.grad.data_ptr();
+      a.exp_avg = u.state1.data_ptr<float>();
+      a.exp_avg_sq = u.state2.data_ptr<float>();
+      a.numel = n;
+      a.first_unit = group.fp32_units;
+      a.constants = u.constants;
+      group.fp32_states.push_back(a);
+      group.fp32_units += (n + cuda::kFp32StateChunk - 1) / cuda::kFp32StateChunk;
+    }
+  }
+
+  for (const auto& [key, group] : groups) {
+    const torch::Device device(torch::kCUDA, static_cast<c10::DeviceIndex>(key.first));
+    const c10::cuda::CUDAGuard guard(device);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+    const cuda::ElementType type = element_type(static_cast<c10::ScalarType>(key.second));
+    if (!group.quantized.empty()) {
+      const auto found = qmaps.find(key.first);
+      TORCH_CHECK(found != qmaps.end(), "adamw8bit (CUDA): no tables on device ", device);
+      const torch::Tensor table = to_device_table(group.quantized, device);
+      check_launch(cuda::launch_adamw8bit_blockwise(
+                       type, reinterpret_cast<const cuda::QuantizedTensorArgs*>(table.data_ptr()),
+                       static_cast<int>(group.quantized.size()), group.quantized_units,
+                       found->second[0].data_ptr<float>(), found->second[1].data_ptr<float>(),
+                       stream),
+                   "adamw8bit_blockwise_kernel");
+    }
+    if (!group.fp32_states.empty()) {
+      const torch::Tensor table = to_device_table(group.fp32_states, device);
+      check_launch(cuda::launch_adamw_fp32_states(
+                       type, reinterpret_cast<const cuda::Fp32StateTensorArgs*>(table.data_ptr()),
+                       static_cast<int>(group.fp32_states.size()), group.fp32_units, stream),
+                   "adamw_fp32_states_kernel");
+    }
+  }
+}
+
+}  // namespace sdtrain::optim::detail
+
+#endif  // SDTRAIN_WITH_CUDA
