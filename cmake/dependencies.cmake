@@ -20,6 +20,8 @@ set(CMAKE_CXX_FLAGS "${CMAKE_CXX_FLAGS} ${TORCH_CXX_FLAGS}")
 find_package(nlohmann_json 3.10 REQUIRED)
 find_package(spdlog REQUIRED)
 find_package(CLI11 REQUIRED)
+# ICU (libicu-dev): Unicode categories, NFC and case mapping for the CLIP tokenizer.
+find_package(ICU REQUIRED COMPONENTS uc)
 
 # Debian's libstb-dev ships the headers under include/stb and a compiled libstb
 # (stb_image, stb_image_write, stb_image_resize).
@@ -28,3 +30,9 @@ find_library(STB_LIBRARY stb REQUIRED)
 add_library(stb::stb UNKNOWN IMPORTED)
 set_target_properties(stb::stb PROPERTIES IMPORTED_LOCATION ${STB_LIBRARY}
                       INTERFACE_INCLUDE_DIRECTORIES ${STB_INCLUDE_DIR})
+
+# PyPI's LibTorch exports its own copies of some libstdc++ symbols (std::filesystem among
+# them), and executables list libtorch before libstdc++, so our std::filesystem calls bound to
+# torch's copies and crashed. Putting libstdc++ first in every link reproduces the order that
+# works inside Python, where libstdc++ is always loaded before torch.
+add_link_options(-Wl,--push-state,--no-as-needed,-lstdc++,--pop-state)
