@@ -360,8 +360,13 @@ CLIPTokenizerConfig CLIPTokenizerConfig::from_folder(const fs::path& tokenizer_d
       if (!it->is_array()) {
         throw ModelError(file.string() + ": \"" + key + "\" must be a list; " + kRecopyFix);
       }
-      extra.clear();
-      for (const auto& value : *it) extra.push_back(parse_token_value(value, special_default, file, key));
+      // Lists from both files are merged, keeping the first of each content.
+      for (const auto& value : *it) {
+        AddedToken token = parse_token_value(value, special_default, file, key);
+        bool known = std::any_of(extra.begin(), extra.end(),
+                                 [&](const AddedToken& t) { return t.content == token.content; });
+        if (!known) extra.push_back(token);
+      }
     }
   };
   read_extra(tokenizer_config, config_path, false);
