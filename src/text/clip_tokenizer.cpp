@@ -81,8 +81,9 @@ AddedToken parse_token_value(const json& value, bool special_by_default, const f
   token.lstrip = flag("lstrip", false);
   token.rstrip = flag("rstrip", false);
   if (flag("single_word", false)) {
-    throw bad("sets single_word=true, which sdtrain does not implement (no Stable Diffusion "
-              "tokenizer uses it)");
+    throw bad(
+        "sets single_word=true, which sdtrain does not implement (no Stable Diffusion "
+        "tokenizer uses it)");
   }
   if (token.content.empty()) throw bad("has an empty \"content\"");
   return token;
@@ -338,7 +339,8 @@ CLIPTokenizerConfig CLIPTokenizerConfig::from_folder(const fs::path& tokenizer_d
       max_length->get<int64_t>() < 2 || max_length->get<int64_t>() > 1000000) {
     throw ModelError(config_path.string() +
                      ": needs an integer \"model_max_length\" (77 for Stable Diffusion); add "
-                     "\"model_max_length\": 77 or " + kRecopyFix);
+                     "\"model_max_length\": 77 or " +
+                     kRecopyFix);
   }
   config.model_max_length = max_length->get<int64_t>();
 
@@ -390,7 +392,8 @@ CLIPTokenizerConfig CLIPTokenizerConfig::from_folder(const fs::path& tokenizer_d
         throw ModelError(config_path.string() + ": added_tokens_decoder key \"" + index +
                          "\" is not a token id; " + kRecopyFix);
       }
-      AddedToken token = parse_token_value(value, false, config_path, "added_tokens_decoder." + index);
+      AddedToken token =
+          parse_token_value(value, false, config_path, "added_tokens_decoder." + index);
       token.id = id;
       by_id.emplace_back(id, token);
     }
@@ -405,7 +408,8 @@ CLIPTokenizerConfig CLIPTokenizerConfig::from_folder(const fs::path& tokenizer_d
     }
   } else if (fs::exists(map_path)) {
     json map = read_json_file(map_path, kRecopyFix);
-    if (!map.is_object()) throw ModelError(map_path.string() + " must hold a JSON object; " + kRecopyFix);
+    if (!map.is_object())
+      throw ModelError(map_path.string() + " must hold a JSON object; " + kRecopyFix);
     for (const char* key : kSpecialTokenKeys) {
       if (auto it = map.find(key); it != map.end() && !it->is_null()) {
         named[key] = parse_token_value(*it, true, map_path, key);
@@ -486,7 +490,8 @@ std::unordered_map<std::string, int64_t> read_vocab(const fs::path& path) {
   for (const auto& [token, id] : vocab_json.items()) {
     if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
         id.get<int64_t>() > std::numeric_limits<int32_t>::max()) {
-      throw ModelError(path.string() + ": the id of \"" + token + "\" is not a non-negative integer; " + fix);
+      throw ModelError(path.string() + ": the id of \"" + token +
+                       "\" is not a non-negative integer; " + fix);
     }
     vocab.emplace(token, id.get<int64_t>());
   }
@@ -509,7 +514,8 @@ CLIPTokenizer CLIPTokenizer::from_folder(const fs::path& tokenizer_dir) {
   if (!fs::exists(vocab_path) && fs::exists(tokenizer_dir / "tokenizer.json")) {
     throw ModelError(vocab_path.string() +
                      " is missing (the folder has only tokenizer.json, as transformers 5 saves "
-                     "it): sdtrain reads vocab.json + merges.txt; " + kRecopyFix);
+                     "it): sdtrain reads vocab.json + merges.txt; " +
+                     kRecopyFix);
   }
   state->vocab = read_vocab(vocab_path);
   int64_t max_id = -1;
@@ -552,8 +558,10 @@ CLIPTokenizer CLIPTokenizer::from_folder(const fs::path& tokenizer_dir) {
       auto it = state->vocab.find(token);
       if (it == state->vocab.end()) {
         throw ModelError(merges_path.string() + " line " + std::to_string(line_number) + ": \"" +
-                         token + "\" is not in vocab.json (merges.txt and vocab.json do not "
-                         "belong together); " + kRecopyFix);
+                         token +
+                         "\" is not in vocab.json (merges.txt and vocab.json do not "
+                         "belong together); " +
+                         kRecopyFix);
       }
       return it->second;
     };
@@ -581,8 +589,8 @@ CLIPTokenizer CLIPTokenizer::from_folder(const fs::path& tokenizer_dir) {
       id = state->added[seen_it->second].id;
     } else {
       id = token.id >= 0 ? token.id : next_id;
-      if (id < state->model_vocab_size ||
-          (id < static_cast<int64_t>(state->id_to_token.size()) && !state->id_to_token[id].empty())) {
+      if (id < state->model_vocab_size || (id < static_cast<int64_t>(state->id_to_token.size()) &&
+                                           !state->id_to_token[id].empty())) {
         throw ModelError((tokenizer_dir / "tokenizer_config.json").string() + ": added token \"" +
                          token.content + "\" has id " + std::to_string(id) +
                          ", which vocab.json already uses; " + kRecopyFix);
@@ -591,8 +599,12 @@ CLIPTokenizer CLIPTokenizer::from_folder(const fs::path& tokenizer_dir) {
       state->id_to_token[id] = token.content;
       next_id = std::max(next_id, id + 1);
     }
-    State::Added added{utf8_to_utf32(token.content), id, token.special, token.normalized,
-                       token.lstrip, token.rstrip};
+    State::Added added{utf8_to_utf32(token.content),
+                       id,
+                       token.special,
+                       token.normalized,
+                       token.lstrip,
+                       token.rstrip};
     if (auto it = index_of.find(token.content); it != index_of.end()) {
       state->added[it->second] = added;
     } else {
@@ -612,8 +624,10 @@ CLIPTokenizer CLIPTokenizer::from_folder(const fs::path& tokenizer_dir) {
     if (it == state->vocab.end()) {
       throw ModelError((tokenizer_dir / "tokenizer_config.json").string() + " / " +
                        (tokenizer_dir / "special_tokens_map.json").string() + ": " + key + " \"" +
-                       content + "\" is not in vocab.json; the text encoder has no embedding for "
-                       "it. " + kRecopyFix);
+                       content +
+                       "\" is not in vocab.json; the text encoder has no embedding for "
+                       "it. " +
+                       kRecopyFix);
     }
     return it->second;
   };
@@ -665,7 +679,8 @@ std::vector<int64_t> CLIPTokenizer::State::bpe(const std::string& piece) const {
     int right = symbols[left].next;
     if (right < 0) return;
     auto it = merges.find(pair_key(symbols[left].id, symbols[right].id));
-    if (it != merges.end()) queue.push({it->second.rank, left, symbols[left].id, symbols[right].id});
+    if (it != merges.end())
+      queue.push({it->second.rank, left, symbols[left].id, symbols[right].id});
   };
   for (int i = 0; i + 1 < static_cast<int>(symbols.size()); ++i) push(i);
   while (!queue.empty()) {
@@ -701,7 +716,8 @@ void CLIPTokenizer::State::split_added(const std::u32string& text, bool normaliz
     const Added* best = nullptr;
     for (const auto& a : added) {
       if (a.normalized != normalized_pass || a.pattern.empty()) continue;
-      if (starts_with_at(text, i, a.pattern) && (!best || a.pattern.size() > best->pattern.size())) {
+      if (starts_with_at(text, i, a.pattern) &&
+          (!best || a.pattern.size() > best->pattern.size())) {
         best = &a;
       }
     }
@@ -831,7 +847,9 @@ int64_t CLIPTokenizer::eos_id() const { return state_->eos; }
 int64_t CLIPTokenizer::pad_id() const { return state_->pad; }
 int64_t CLIPTokenizer::unk_id() const { return state_->unk; }
 int64_t CLIPTokenizer::model_max_length() const { return state_->config.model_max_length; }
-int64_t CLIPTokenizer::vocab_size() const { return static_cast<int64_t>(state_->id_to_token.size()); }
+int64_t CLIPTokenizer::vocab_size() const {
+  return static_cast<int64_t>(state_->id_to_token.size());
+}
 const CLIPTokenizerConfig& CLIPTokenizer::config() const { return state_->config; }
 
 }  // namespace sdtrain::text

@@ -45,7 +45,8 @@ std::vector<std::string> byte_alphabet() {
   codes = printable;
   int extra = 0;
   for (int b = 0; b < 256; ++b) {
-    if (std::find(printable.begin(), printable.end(), b) == printable.end()) codes.push_back(256 + extra++);
+    if (std::find(printable.begin(), printable.end(), b) == printable.end())
+      codes.push_back(256 + extra++);
   }
   std::vector<std::string> symbols;
   for (int c : codes) {
@@ -72,7 +73,8 @@ void write_full_bpe(const fs::path& dir) {
   std::getline(lines, line);  // "bpe_simple_vocab_16e6.txt#version: 0.2"
   const int kMerges = 49152 - 256 - 2;
   std::vector<std::string> merges;
-  while (static_cast<int>(merges.size()) < kMerges && std::getline(lines, line)) merges.push_back(line);
+  while (static_cast<int>(merges.size()) < kMerges && std::getline(lines, line))
+    merges.push_back(line);
   ASSERT_EQ(static_cast<int>(merges.size()), kMerges);
 
   auto symbols = byte_alphabet();
@@ -107,7 +109,8 @@ fs::path tokenizer_folder(const std::string& name) {
 }
 
 const json& reference() {
-  static const json data = json::parse(read_file(sdtrain::testing::fixture("tokenizer/reference_ids.json")));
+  static const json data =
+      json::parse(read_file(sdtrain::testing::fixture("tokenizer/reference_ids.json")));
   return data;
 }
 
@@ -115,9 +118,7 @@ std::string escaped(const std::string& text) {
   return json(text).dump();  // shows control characters and keeps the rest readable
 }
 
-std::string ids_text(const std::vector<int64_t>& ids) {
-  return json(ids).dump();
-}
+std::string ids_text(const std::vector<int64_t>& ids) { return json(ids).dump(); }
 
 // A ModelError whose message names `needle`.
 template <typename F>
@@ -162,8 +163,8 @@ TEST_P(CLIPTokenizerParity, IdsAndDecodedTextMatchReference) {
     auto got = tokenizer.encode(text);
     if (got != expected) {
       if (++id_mismatches <= 10) {
-        report << "  [" << category << "] " << escaped(text) << "\n    reference " << ids_text(expected)
-               << "\n    sdtrain   " << ids_text(got) << "\n";
+        report << "  [" << category << "] " << escaped(text) << "\n    reference "
+               << ids_text(expected) << "\n    sdtrain   " << ids_text(got) << "\n";
       }
       continue;
     }
@@ -181,7 +182,8 @@ TEST_P(CLIPTokenizerParity, IdsAndDecodedTextMatchReference) {
     }
   }
   EXPECT_EQ(id_mismatches, 0) << id_mismatches << " of " << prompts.size() << " prompts differ ("
-                              << name << ", first 10 shown):\n" << report.str() << kRegenerate;
+                              << name << ", first 10 shown):\n"
+                              << report.str() << kRegenerate;
   EXPECT_EQ(decode_mismatches, 0) << report.str() << kRegenerate;
 }
 
@@ -194,7 +196,8 @@ INSTANTIATE_TEST_SUITE_P(Folders, CLIPTokenizerParity,
 TEST(CLIPTokenizer, EncodesTheReferencePromptOfSharedReference) {
   auto tokenizer = CLIPTokenizer::from_folder(tokenizer_folder("sd15"));
   // sd-models.md §5; the same ids open_clip produces.
-  std::vector<int64_t> expected = {49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 49407};
+  std::vector<int64_t> expected = {49406, 320, 1125, 539, 550,  18376,
+                                   6765,  320, 4558, 525, 7496, 49407};
   EXPECT_EQ(tokenizer.encode("a photo of an astronaut riding a horse on mars"), expected);
   EXPECT_EQ(tokenizer.encode("  A Photo\tOF an ASTRONAUT riding a horse on mars\n"), expected);
   EXPECT_EQ(tokenizer.decode(expected), "a photo of an astronaut riding a horse on mars");
@@ -372,7 +375,8 @@ TEST_F(CLIPTokenizerErrors, OtherTokenizerClass) {
 
 TEST_F(CLIPTokenizerErrors, PadTokenOutsideVocab) {
   write_file(dir_ / "special_tokens_map.json", "{\"pad_token\": \"<pad>\"}");
-  expect_model_error([&] { CLIPTokenizer::from_folder(dir_); }, "pad_token \"<pad>\" is not in vocab.json");
+  expect_model_error([&] { CLIPTokenizer::from_folder(dir_); },
+                     "pad_token \"<pad>\" is not in vocab.json");
 }
 
 TEST_F(CLIPTokenizerErrors, SpecialTokensMapNotJson) {
