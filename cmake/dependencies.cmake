@@ -20,6 +20,8 @@ set(CMAKE_CXX_FLAGS "${CMAKE_CXX_FLAGS} ${TORCH_CXX_FLAGS}")
 find_package(nlohmann_json 3.10 REQUIRED)
 find_package(spdlog REQUIRED)
 find_package(CLI11 REQUIRED)
+# ICU (libicu-dev): Unicode categories, NFC and case mapping for the CLIP tokenizer.
+find_package(ICU REQUIRED COMPONENTS uc)
 
 # Debian's libstb-dev ships the headers under include/stb and a compiled libstb
 # (stb_image, stb_image_write, stb_image_resize).

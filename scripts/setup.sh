@@ -10,7 +10,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh"
 
 debian_packages=(cmake ninja-build ccache g++ clang libclang-rt-14-dev pkg-config
-                 nlohmann-json3-dev libstb-dev libcli11-dev libspdlog-dev libgtest-dev)
+                 nlohmann-json3-dev libstb-dev libcli11-dev libspdlog-dev libgtest-dev
+                 libicu-dev)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
