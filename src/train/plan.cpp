@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "sdtrain/io/model_folder.h"
+#include "sdtrain/optim/optimizer.h"
 #include "sdtrain/util/error.h"
 
 namespace sdtrain::train {
@@ -95,18 +96,6 @@ std::string mib(int64_t bytes) {
 
 }  // namespace
 
-int64_t optimizer_state_bytes(const std::string& optimizer, const std::vector<int64_t>& tensor_sizes) {
-  int64_t bytes = 0;
-  for (int64_t n : tensor_sizes) {
-    if (optimizer == "adamw8bit" && n >= 4096) {
-      bytes += 2 * n + 2 * 4 * ((n + 255) / 256);
-    } else {
-      bytes += 8 * n;
-    }
-  }
-  return bytes;
-}
-
 TrainingPlan plan_training(const TrainConfig& config) {
   TrainingPlan plan;
   plan.config = config;
@@ -150,7 +139,8 @@ TrainingPlan plan_training(const TrainConfig& config) {
     if (trained) {
       plan.memory.trained_weights += 4 * component.parameters;
       plan.memory.gradients += 4 * component.parameters;
-      plan.memory.optimizer_state += optimizer_state_bytes(c.resolved_optimizer(), component.tensor_sizes);
+      plan.memory.optimizer_state += (c.resolved_optimizer() == "adamw8bit" ? optim::adamw8bit_state_bytes(component.tensor_sizes)
+                                                                                : optim::adamw_state_bytes(component.tensor_sizes));
     } else {
       plan.memory.frozen_weights += frozen_bytes_per_parameter * component.parameters;
     }

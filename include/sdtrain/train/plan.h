@@ -48,9 +48,4 @@ TrainingPlan plan_training(const TrainConfig& config);
 
 std::string format_plan(const TrainingPlan& plan);
 
-// Optimizer-state bytes for tensors of the given element counts: 8 per element for AdamW
-// (fp32 m and v); for 8-bit AdamW 2 per element plus one fp32 absmax per 256-element block
-// and state, except tensors under 4096 elements, which keep fp32 states.
-int64_t optimizer_state_bytes(const std::string& optimizer, const std::vector<int64_t>& tensor_sizes);
-
 }  // namespace sdtrain::train
