@@ -170,6 +170,8 @@ CLIPEncoderImpl::CLIPEncoderImpl(const CLIPTextConfig& config) {
 
 torch::Tensor CLIPEncoderImpl::forward(const torch::Tensor& hidden_states, std::optional<int64_t> num_layers) {
   const int64_t count = num_layers.value_or(static_cast<int64_t>(layers.size()));
+  TORCH_CHECK(count >= 0 && count <= static_cast<int64_t>(layers.size()), "CLIPEncoder: cannot run ", count,
+              " of ", layers.size(), " layers");
   auto h = hidden_states;  // [B, L, D]
   for (int64_t i = 0; i < count; ++i) h = layers[i]->forward(h);
   return h;

@@ -237,6 +237,19 @@ TEST(CLIPTextModelLoading, AcceptsBothKeyLayouts) {
   EXPECT_TRUE(torch::equal(sd2->text_model->final_layer_norm->weight, unprefixed.tensor("final_layer_norm.weight")));
 }
 
+TEST(CLIPTextModelLoading, LoadsTheBundledDemoModel) {
+  // configs/demo/model is what `sdtrain` trains in the demo; its text encoder was written by
+  // transformers' own save_pretrained (tools/make_tiny_model.py).
+  auto model = load_text_encoder(io::ModelFolder(sdtrain::testing::source_dir() / "configs/demo/model"));
+  EXPECT_EQ(model->config().hidden_act, CLIPActivation::gelu);
+  EXPECT_EQ(model->config().hidden_size, 32);
+  torch::NoGradGuard no_grad;
+  auto out = model(torch::zeros({2, 77}, torch::kLong));
+  EXPECT_EQ(out.sizes(), (std::vector<int64_t>{2, 77, 32}));
+  // Not degenerate: the final layer norm (weight 1, bias 0 in this model) leaves unit spread.
+  EXPECT_GT(out.std().item<double>(), 0.1);
+}
+
 TEST(CLIPTextModelLoading, MissingTensorIsNamed) {
   auto dir = edited_copy("clip_text_sd15_tiny", [](io::NamedTensors& tensors) {
     std::erase_if(tensors, [](const auto& t) { return t.first == "text_model.encoder.layers.1.mlp.fc2.bias"; });
