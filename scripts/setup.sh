@@ -9,7 +9,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh"
 
-debian_packages=(cmake ninja-build ccache g++ clang libclang-rt-14-dev pkg-config
+debian_packages=(cmake ninja-build ccache g++ clang libclang-rt-14-dev pkg-config python3 python3-venv
                  nlohmann-json3-dev libstb-dev libcli11-dev libspdlog-dev libgtest-dev
                  libicu-dev)
 missing=()

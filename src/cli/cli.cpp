@@ -29,7 +29,6 @@ struct TrainArguments {
   std::string config_file;
   std::vector<std::string> overrides;
   bool dry_run = false;
-  bool overwrite = false;
 };
 
 struct InspectArguments {
@@ -94,7 +93,6 @@ int run(int argc, char** argv) {
   train->add_option("-c,--config", train_args.config_file, "JSON configuration file")->required()->check(CLI::ExistingFile);
   train->add_option("--set", train_args.overrides, "Override a configuration key: --set key=value (repeatable)");
   train->add_flag("--dry-run", train_args.dry_run, "Validate configuration, model folder and data, print the plan, write nothing");
-  train->add_flag("--overwrite", train_args.overwrite, "Allow an output_dir that holds another run");
 
   InspectArguments inspect_args;
   auto* inspect_command = app.add_subcommand("inspect", "Show the components, tensors and parameter totals of a model folder or .safetensors file");
