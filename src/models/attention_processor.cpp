@@ -1,31 +1,19 @@
 #include "sdtrain/models/attention_processor.h"
 
-#include <algorithm>
-#include <cmath>
-
 namespace sdtrain::models {
 
 torch::Tensor dot_product_attention(const torch::Tensor& q, const torch::Tensor& k,
                                     const torch::Tensor& v, bool upcast) {
   const bool reduced = q.scalar_type() == torch::kHalf || q.scalar_type() == torch::kBFloat16;
   if (!(upcast && reduced)) return at::scaled_dot_product_attention(q, k, v);
-
-  // fp32 scores: SD 2.1-768 overflows fp16 in QK^T without this (why upcast_attention exists).
-  // Chunked over batch*heads so the [L, S] fp32 score matrices stay within ~256 MiB.
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), S = k.size(2), dh = q.size(3);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(dh));
-  torch::Tensor q3 = q.reshape({B * H, L, dh}), k3 = k.reshape({B * H, S, dh}), v3 = v.reshape({B * H, S, dh});
-  const int64_t bytes_per_slice = L * S * 4;
-  const int64_t chunk = std::max<int64_t>(1, (int64_t{256} << 20) / std::max<int64_t>(1, bytes_per_slice));
-  std::vector<torch::Tensor> outputs;
-  for (int64_t start = 0; start < B * H; start += chunk) {
-    const int64_t end = std::min(B * H, start + chunk);
-    torch::Tensor scores = torch::bmm(q3.slice(0, start, end).to(torch::kFloat),
-                                      k3.slice(0, start, end).to(torch::kFloat).transpose(1, 2)) * scale;  // [c, L, S]
-    torch::Tensor probs = scores.softmax(-1).to(v.scalar_type());
-    outputs.push_back(torch::bmm(probs, v3.slice(0, start, end)));  // [c, L, dh]
-  }
-  return torch::cat(outputs, 0).view({B, H, L, dh});
+  // fp32 scores and softmax: SD 2.1-768 overflows fp16 in QK^T without this (why
+  // upcast_attention exists). SDPA on fp32 copies of q, k, v gives that without materialising
+  // the [L, S] score matrix (memory-efficient kernels on CUDA); unlike diffusers' classic
+  // path it also keeps probs @ V in fp32, which only removes a rounding step.
+  // Autocast would cast the fp32 copies straight back to half: step below it for this call.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return at::scaled_dot_product_attention(q.to(torch::kFloat), k.to(torch::kFloat), v.to(torch::kFloat))
+      .to(q.scalar_type());
 }
 
 AttentionImpl::AttentionImpl(const AttentionOptions& options_) : options(options_) {

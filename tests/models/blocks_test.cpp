@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <ATen/autocast_mode.h>
+
 #include <cmath>
 
 #include "sdtrain/models/attention_processor.h"
@@ -96,6 +98,14 @@ TEST(Attention, UpcastPathAvoidsHalfOverflow) {
   EXPECT_LT((upcast.to(torch::kFloat) - reference).abs().max().item<double>(), 2e-2);
   torch::Tensor scores_half = torch::matmul(q.to(torch::kHalf), k.to(torch::kHalf).transpose(-1, -2));
   EXPECT_FALSE(torch::isfinite(scores_half).all().item<bool>()) << "test inputs do not overflow fp16";
+  // Under CPU autocast (bf16) the fp32 computation is kept, not cast back down.
+  {
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+    torch::Tensor under_autocast = dot_product_attention(q.to(torch::kBFloat16), k.to(torch::kBFloat16), v.to(torch::kBFloat16), true);
+    at::autocast::set_autocast_enabled(at::kCPU, false);
+    torch::Tensor expected = dot_product_attention(q.to(torch::kBFloat16), k.to(torch::kBFloat16), v.to(torch::kBFloat16), true);
+    EXPECT_TRUE(torch::equal(under_autocast, expected));
+  }
   // fp32 inputs ignore the flag (diffusers' SDPA processor does too).
   EXPECT_TRUE(torch::equal(dot_product_attention(q, k, v, true), reference));
 }

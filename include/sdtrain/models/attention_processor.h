@@ -31,11 +31,11 @@ struct AttentionOptions {
 };
 
 // softmax(Q K^T / sqrt(dim_head)) V over heads, no mask.
-// q: [B, heads, L, dh], k/v: [B, heads, S, dh] -> [B, heads, L, dh].
-// Reduced-precision inputs with `upcast` take a chunked fp32 path (scores and softmax in fp32,
-// cast back before the product with V), like diffusers' classic AttnProcessor with
-// upcast_attention/upcast_softmax; everything else uses at::scaled_dot_product_attention, as
-// diffusers' default AttnProcessor2_0 does (fp32 results match it to rounding).
+// q: [B, heads, L, dh], k/v: [B, heads, S, dh] -> [B, heads, L, dh], in q's dtype.
+// Uses at::scaled_dot_product_attention as diffusers' default AttnProcessor2_0 does (fp32
+// results match it bit for bit). With `upcast` and fp16/bf16 inputs the attention is computed
+// in fp32 (QK^T and softmax in fp32, as diffusers' classic AttnProcessor does with
+// upcast_attention/upcast_softmax) and the result cast back.
 torch::Tensor dot_product_attention(const torch::Tensor& q, const torch::Tensor& k,
                                     const torch::Tensor& v, bool upcast);
 
