@@ -1,5 +1,7 @@
 #include "sdtrain/models/clip_text_model.h"
 
+#include "sdtrain/models/gradient_checkpointing.h"
+
 #include <algorithm>
 
 #include "sdtrain/util/error.h"
@@ -173,7 +175,15 @@ torch::Tensor CLIPEncoderImpl::forward(const torch::Tensor& hidden_states, std::
   TORCH_CHECK(count >= 0 && count <= static_cast<int64_t>(layers.size()), "CLIPEncoder: cannot run ", count,
               " of ", layers.size(), " layers");
   auto h = hidden_states;  // [B, L, D]
-  for (int64_t i = 0; i < count; ++i) h = layers[i]->forward(h);
+  const bool recompute = gradient_checkpointing && torch::GradMode::is_enabled();
+  for (int64_t i = 0; i < count; ++i) {
+    if (recompute) {
+      std::shared_ptr<CLIPEncoderLayerImpl> layer = layers[i].ptr();
+      h = checkpoint([layer](const std::vector<torch::Tensor>& in) { return layer->forward(in[0]); }, {h}, *layer);
+    } else {
+      h = layers[i]->forward(h);
+    }
+  }
   return h;
 }
 
@@ -206,6 +216,10 @@ CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& config) : config_(con
 
 torch::Tensor CLIPTextModelImpl::forward(const torch::Tensor& input_ids, int64_t clip_skip) {
   return text_model(input_ids, clip_skip);
+}
+
+void CLIPTextModelImpl::set_gradient_checkpointing(bool enabled) {
+  text_model->encoder->gradient_checkpointing = enabled;
 }
 
 std::optional<std::string> map_text_encoder_key(const std::string& checkpoint_key) {

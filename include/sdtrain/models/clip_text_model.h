@@ -115,6 +115,9 @@ class CLIPEncoderImpl : public torch::nn::Module {
 
   // Registered as the ModuleList "layers" (keys encoder.layers.N.*); typed handles kept here.
   std::vector<CLIPEncoderLayer> layers;
+  // Recompute each layer in backward instead of keeping its activations (transformers'
+  // gradient_checkpointing_enable() does this per encoder layer too); only while grad is on.
+  bool gradient_checkpointing = false;
 };
 TORCH_MODULE(CLIPEncoder);
 
@@ -144,6 +147,9 @@ class CLIPTextModelImpl : public torch::nn::Module {
   // `clip_skip=k`: final_layer_norm(hidden_states[-(k+1)]), i.e. the output of the first
   // num_hidden_layers - k layers, normalised (k = num_hidden_layers: the embeddings).
   torch::Tensor forward(const torch::Tensor& input_ids, int64_t clip_skip = 0);
+
+  // For train_text_encoder with gradient_checkpointing (see CLIPEncoderImpl).
+  void set_gradient_checkpointing(bool enabled);
 
   const CLIPTextConfig& config() const { return config_; }
 
