@@ -41,6 +41,21 @@ int run_command(const std::string& command, std::string* output) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
+std::filesystem::path edited_copy(const std::filesystem::path& source, const std::string& weights,
+                                  const std::function<void(io::NamedTensors&)>& edit) {
+  auto dir = scratch_dir() / source.filename();
+  std::filesystem::copy(source, dir, std::filesystem::copy_options::recursive);
+  auto file = dir / weights;
+  io::NamedTensors tensors;
+  {
+    io::SafetensorsFile original(file);
+    for (const auto& entry : original.tensors()) tensors.emplace_back(entry.name, original.tensor(entry.name).clone());
+  }
+  edit(tensors);
+  io::save_safetensors(file, tensors);
+  return dir;
+}
+
 std::string sdtrain_exe() {
   if (const char* env = std::getenv("SDTRAIN_EXE")) return env;
   return std::string(SDTRAIN_BINARY_DIR) + "/sdtrain";

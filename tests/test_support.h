@@ -3,7 +3,10 @@
 // reference Python environment (tests that need it skip, visibly, when it is absent).
 
 #include <filesystem>
+#include <functional>
 #include <string>
+
+#include "sdtrain/io/safetensors.h"
 
 namespace sdtrain::testing {
 
@@ -17,5 +20,9 @@ std::string reference_python();
 int run_command(const std::string& command, std::string* output = nullptr);
 // The sdtrain executable under test.
 std::string sdtrain_exe();
+// A copy of the folder `source` in this test's scratch directory whose safetensors file
+// `weights` (relative to the folder) holds the tensors after `edit` changed them.
+std::filesystem::path edited_copy(const std::filesystem::path& source, const std::string& weights,
+                                  const std::function<void(io::NamedTensors&)>& edit);
 
 }  // namespace sdtrain::testing

@@ -115,9 +115,14 @@ ojson inspect_folder(const fs::path& path) {
 }
 
 std::string with_thousands(int64_t value) {
-  std::string digits = std::to_string(value);
-  for (int i = static_cast<int>(digits.size()) - 3; i > 0; i -= 3) digits.insert(static_cast<std::size_t>(i), ",");
-  return digits;
+  const std::string digits = std::to_string(value);
+  std::string grouped;
+  for (std::size_t i = 0; i < digits.size(); ++i) {
+    std::size_t remaining = digits.size() - i;
+    if (i > 0 && digits[i - 1] != '-' && remaining % 3 == 0) grouped += ',';
+    grouped += digits[i];
+  }
+  return grouped;
 }
 
 void format_tensors(std::ostringstream& out, const ojson& item, const std::string& indent) {

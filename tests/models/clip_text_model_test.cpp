@@ -114,18 +114,7 @@ void expect_model_error(const std::function<void()>& action, const std::vector<s
 
 // A writable copy of a fixture folder whose text encoder weights are edited by `edit`.
 fs::path edited_copy(const std::string& name, const std::function<void(io::NamedTensors&)>& edit) {
-  auto dir = sdtrain::testing::scratch_dir() / name;
-  fs::copy(model_fixture(name), dir, fs::copy_options::recursive);
-  auto file = dir / "text_encoder" / "model.safetensors";
-  io::NamedTensors tensors;
-  {
-    io::SafetensorsFile original(file);
-    for (const auto& entry : original.tensors()) tensors.emplace_back(entry.name, original.tensor(entry.name).clone());
-  }
-  edit(tensors);
-  fs::remove(file);
-  io::save_safetensors(file, tensors);
-  return dir;
+  return sdtrain::testing::edited_copy(model_fixture(name), "text_encoder/model.safetensors", edit);
 }
 
 nlohmann::json sd21_config() {

@@ -100,16 +100,8 @@ TEST(UNetConfig, UnsupportedValuesNameTheKey) {
 
 // A UNet fixture folder copied to scratch with its weights modified by `edit`.
 fs::path edited_copy(const std::string& fixture_name, const std::function<void(io::NamedTensors&)>& edit) {
-  fs::path source = sdtrain::testing::model_fixture(fixture_name);
-  fs::path dir = sdtrain::testing::scratch_dir() / fixture_name;
-  fs::create_directories(dir);
-  fs::copy_file(source / "config.json", dir / "config.json");
-  io::SafetensorsFile file(source / "diffusion_pytorch_model.safetensors");
-  io::NamedTensors tensors;
-  for (const auto& entry : file.tensors()) tensors.emplace_back(entry.name, file.tensor(entry.name));
-  edit(tensors);
-  io::save_safetensors(dir / "diffusion_pytorch_model.safetensors", tensors);
-  return dir;
+  return sdtrain::testing::edited_copy(sdtrain::testing::model_fixture(fixture_name),
+                                       "diffusion_pytorch_model.safetensors", edit);
 }
 
 TEST(UNetLoader, MissingTensorIsNamed) {
