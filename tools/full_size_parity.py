@@ -307,6 +307,7 @@ def main():
                 config_label = " / ".join(CONFIG_NAMES[c] for c in args.configs)
             print(f"{label}:", flush=True)
             rows += compare_component(args, config_name, component, config_label)
+            write_doc(args.doc, markdown(rows, skipped, args))  # so an interrupted run keeps its rows
             gc.collect()
     table = markdown(rows, skipped, args)
     print(table)
