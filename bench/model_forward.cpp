@@ -31,8 +31,10 @@
 
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/io/safetensors.h"
+#include "sdtrain/models/autoencoder_kl.h"
 #include "sdtrain/models/clip_text_model.h"
 #include "sdtrain/models/state_dict.h"
+#include "sdtrain/models/unet_2d_condition.h"
 #include "sdtrain/util/error.h"
 
 namespace {
@@ -65,9 +67,39 @@ Forward load_text_encoder(const io::ModelFolder& folder, const models::LoadOptio
   };
 }
 
+Forward load_unet(const io::ModelFolder& folder, const models::LoadOptions& options, const std::string& variant,
+                  int64_t* parameters) {
+  auto model = models::load_unet(folder, options, variant);
+  model->eval();
+  *parameters = models::parameter_count(*model);
+  return [model](const Inputs& inputs) mutable {
+    torch::NoGradGuard no_grad;
+    return io::NamedTensors{{"sample", model(require_input(inputs, "sample"), require_input(inputs, "timestep"),
+                                             require_input(inputs, "encoder_hidden_states"))}};
+  };
+}
+
+// One call runs both halves on independent inputs (encode(x), decode(z)), as the reference
+// side does, so that a defect in either shows on its own output.
+Forward load_vae(const io::ModelFolder& folder, const models::LoadOptions& options, const std::string& variant,
+                 int64_t* parameters) {
+  auto model = models::load_vae(folder, options, variant);
+  model->eval();
+  *parameters = models::parameter_count(*model);
+  return [model](const Inputs& inputs) mutable {
+    torch::NoGradGuard no_grad;
+    auto posterior = model->encode(require_input(inputs, "x"));
+    return io::NamedTensors{{"latent_mean", posterior.mean},
+                            {"latent_logvar", posterior.logvar},
+                            {"decoded", model->decode(require_input(inputs, "z"))}};
+  };
+}
+
 const std::vector<ComponentEntry>& components() {
   static const std::vector<ComponentEntry> table = {
       {"text_encoder", "input_ids -> last_hidden_state", load_text_encoder},
+      {"unet", "sample, timestep, encoder_hidden_states -> sample", load_unet},
+      {"vae", "x, z -> latent_mean, latent_logvar, decoded", load_vae},
   };
   return table;
 }
