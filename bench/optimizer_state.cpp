@@ -12,27 +12,16 @@
 #include <string>
 #include <vector>
 
+#include "key_list.h"
 #include "sdtrain/optim/optimizer.h"
 
 namespace {
 
 std::vector<int64_t> read_numels(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error("cannot open " + path);
   std::vector<int64_t> numels;
-  std::string line;
-  while (std::getline(in, line)) {
-    const auto open = line.find('[');
-    const auto close = line.find(']');
-    if (open == std::string::npos || close == std::string::npos) continue;
-    std::string dims = line.substr(open + 1, close - open - 1);
-    for (char& ch : dims) {
-      if (ch == ',') ch = ' ';
-    }
-    std::istringstream parts(dims);
+  for (const auto& shape : read_key_list_shapes(path)) {
     int64_t numel = 1;
-    int64_t d = 0;
-    while (parts >> d) numel *= d;
+    for (int64_t d : shape) numel *= d;
     numels.push_back(numel);
   }
   return numels;

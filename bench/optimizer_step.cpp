@@ -17,31 +17,10 @@
 #include <string>
 #include <vector>
 
+#include "key_list.h"
 #include "sdtrain/optim/optimizer.h"
 
 namespace {
-
-std::vector<std::vector<int64_t>> read_shapes(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error("cannot open " + path);
-  std::vector<std::vector<int64_t>> shapes;
-  std::string line;
-  while (std::getline(in, line)) {
-    const auto open = line.find('[');
-    const auto close = line.find(']');
-    if (open == std::string::npos || close == std::string::npos) continue;
-    std::string dims = line.substr(open + 1, close - open - 1);
-    for (char& ch : dims) {
-      if (ch == ',') ch = ' ';
-    }
-    std::istringstream parts(dims);
-    std::vector<int64_t> shape;
-    int64_t d = 0;
-    while (parts >> d) shape.push_back(d);
-    shapes.push_back(shape);
-  }
-  return shapes;
-}
 
 void synchronize(const torch::Device& device) {
   if (device.is_cuda()) torch::cuda::synchronize();
@@ -78,7 +57,7 @@ int main(int argc, char** argv) {
     torch::manual_seed(0);
     sdtrain::optim::NamedParameters params;
     int64_t total = 0;
-    for (const auto& shape : read_shapes(argv[1])) {
+    for (const auto& shape : read_key_list_shapes(argv[1])) {
       int64_t n = 1;
       for (int64_t d : shape) n *= d;
       if (total + n > max_parameters) break;
