@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <sys/wait.h>
 
+#include "sdtrain/util/error.h"
+
 namespace sdtrain::testing {
 
 std::filesystem::path source_dir() { return SDTRAIN_SOURCE_DIR; }
@@ -54,6 +56,19 @@ std::filesystem::path edited_copy(const std::filesystem::path& source, const std
   edit(tensors);
   io::save_safetensors(file, tensors);
   return dir;
+}
+
+void expect_model_error(const std::function<void()>& action, const std::vector<std::string>& needles) {
+  try {
+    action();
+    ADD_FAILURE() << "expected a ModelError mentioning \"" << needles.front() << "\"";
+  } catch (const ModelError& error) {
+    EXPECT_EQ(error.code(), ExitCode::model);
+    for (const auto& needle : needles) {
+      EXPECT_NE(std::string(error.what()).find(needle), std::string::npos)
+          << "message lacks \"" << needle << "\":\n" << error.what();
+    }
+  }
 }
 
 std::string sdtrain_exe() {

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "sdtrain/io/safetensors.h"
 
@@ -20,6 +21,9 @@ std::string reference_python();
 int run_command(const std::string& command, std::string* output = nullptr);
 // The sdtrain executable under test.
 std::string sdtrain_exe();
+// Runs `action`, which must throw a ModelError (exit code 3) whose message contains every
+// string of `needles`: the check of "a bad model folder fails naming what is wrong".
+void expect_model_error(const std::function<void()>& action, const std::vector<std::string>& needles);
 // A copy of the folder `source` in this test's scratch directory whose safetensors file
 // `weights` (relative to the folder) holds the tensors after `edit` changed them.
 std::filesystem::path edited_copy(const std::filesystem::path& source, const std::string& weights,

@@ -100,17 +100,7 @@ void expect_gradients_match(const std::string& name) {
             << ")\n";
 }
 
-void expect_model_error(const std::function<void()>& action, const std::vector<std::string>& needles) {
-  try {
-    action();
-    ADD_FAILURE() << "expected a ModelError mentioning " << needles.front();
-  } catch (const ModelError& error) {
-    for (const auto& needle : needles) {
-      EXPECT_NE(std::string(error.what()).find(needle), std::string::npos)
-          << "message lacks \"" << needle << "\":\n" << error.what();
-    }
-  }
-}
+using sdtrain::testing::expect_model_error;
 
 // A writable copy of a fixture folder whose text encoder weights are edited by `edit`.
 fs::path edited_copy(const std::string& name, const std::function<void(io::NamedTensors&)>& edit) {

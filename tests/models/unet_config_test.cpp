@@ -23,17 +23,7 @@ nlohmann::json real_config(const std::string& name) {
   return read_json_file(sdtrain::testing::fixture("configs/" + name + "/config.json"), ExitCode::model);
 }
 
-// Expects a ModelError whose message contains every string in `parts`.
-template <typename F>
-void expect_model_error(F&& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    ADD_FAILURE() << "no ModelError";
-  } catch (const ModelError& e) {
-    EXPECT_EQ(e.code(), ExitCode::model);
-    for (const auto& part : parts) EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << "'" << part << "' not in: " << e.what();
-  }
-}
+using sdtrain::testing::expect_model_error;
 
 TEST(UNetConfig, ParsesTheRealConfigs) {
   auto sd21 = UNet2DConditionConfig::from_json(real_config("unet_sd21_base"));

@@ -79,15 +79,7 @@ TEST(VAEKeys, LegacyMapping) {
   EXPECT_EQ(vae_key_mapper("decoder.up_blocks.0.resnets.0.conv1.weight"), "decoder.up_blocks.0.resnets.0.conv1.weight");
 }
 
-template <typename F>
-void expect_model_error(F&& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    ADD_FAILURE() << "no ModelError";
-  } catch (const ModelError& e) {
-    for (const auto& part : parts) EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << "'" << part << "' not in: " << e.what();
-  }
-}
+using sdtrain::testing::expect_model_error;
 
 fs::path edited_vae(const std::string& fixture_name, const std::function<void(io::NamedTensors&)>& edit) {
   return sdtrain::testing::edited_copy(sdtrain::testing::model_fixture(fixture_name),

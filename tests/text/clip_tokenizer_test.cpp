@@ -121,15 +121,8 @@ std::string escaped(const std::string& text) {
 std::string ids_text(const std::vector<int64_t>& ids) { return json(ids).dump(); }
 
 // A ModelError whose message names `needle`.
-template <typename F>
-void expect_model_error(F&& load, const std::string& needle) {
-  try {
-    load();
-    ADD_FAILURE() << "expected a ModelError naming " << needle;
-  } catch (const ModelError& e) {
-    EXPECT_EQ(e.code(), ExitCode::model);
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
+void expect_model_error(const std::function<void()>& load, const std::string& needle) {
+  sdtrain::testing::expect_model_error(load, {needle});
 }
 
 }  // namespace
