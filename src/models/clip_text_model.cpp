@@ -1,5 +1,6 @@
 #include "sdtrain/models/clip_text_model.h"
 
+#include "config_reader.h"
 #include "sdtrain/models/gradient_checkpointing.h"
 
 #include <algorithm>
@@ -10,37 +11,11 @@
 namespace sdtrain::models {
 namespace {
 
-// Reads an integer key (absent: `fallback`); wrong type or a value below `minimum` is an error
-// naming the key and the value.
-int64_t read_int(const nlohmann::json& json, const char* key, int64_t fallback, int64_t minimum,
-                 const std::string& source) {
-  if (!json.contains(key)) return fallback;
-  const auto& value = json[key];
-  if (!value.is_number_integer()) {
-    throw ModelError(source + ": \"" + key + "\" must be an integer, found " + value.dump());
-  }
-  int64_t result = value.get<int64_t>();
-  if (result < minimum) {
-    throw ModelError(source + ": \"" + key + "\" = " + std::to_string(result) + " is out of range (minimum " +
-                     std::to_string(minimum) + ")");
-  }
-  return result;
-}
-
-double read_number(const nlohmann::json& json, const char* key, double fallback, const std::string& source) {
-  if (!json.contains(key)) return fallback;
-  const auto& value = json[key];
-  if (!value.is_number()) throw ModelError(source + ": \"" + key + "\" must be a number, found " + value.dump());
-  return value.get<double>();
-}
-
-CLIPActivation parse_activation(const nlohmann::json& json, const std::string& source) {
-  if (!json.contains("hidden_act")) return CLIPActivation::quick_gelu;  // transformers' default
-  const auto& value = json["hidden_act"];
-  if (value == "gelu") return CLIPActivation::gelu;
-  if (value == "quick_gelu") return CLIPActivation::quick_gelu;
-  throw ModelError(source + ": \"hidden_act\" = " + value.dump() +
-                   " is not supported (supported: \"gelu\" as in SD 2.x, \"quick_gelu\" as in SD 1.x)");
+CLIPActivation parse_activation(detail::ConfigReader& config) {
+  const std::string act = config.string("hidden_act", "quick_gelu");  // transformers' default
+  if (act == "gelu") return CLIPActivation::gelu;
+  if (act == "quick_gelu") return CLIPActivation::quick_gelu;
+  config.fail("hidden_act", act, "supported: \"gelu\" as in SD 2.x, \"quick_gelu\" as in SD 1.x");
 }
 
 }  // namespace
@@ -50,46 +25,40 @@ std::string to_string(CLIPActivation activation) {
 }
 
 CLIPTextConfig CLIPTextConfig::from_json(const nlohmann::json& json, const std::string& source) {
-  if (!json.is_object()) throw ModelError(source + ": not a JSON object");
+  detail::ConfigReader reader(json, source);
   // A full CLIPConfig ("clip", with text_config/vision_config) or a projection model would load
   // as something else; say so instead of failing later on tensor names.
-  if (json.contains("model_type") && json["model_type"] != "clip_text_model") {
-    throw ModelError(source + ": \"model_type\" = " + json["model_type"].dump() +
-                     " is not supported (expected \"clip_text_model\")");
+  if (const auto* type = reader.find("model_type"); type && *type != "clip_text_model") {
+    reader.fail("model_type", *type, "expected \"clip_text_model\"");
   }
-  if (json.contains("architectures")) {
-    const auto& architectures = json["architectures"];
-    bool text_model = architectures.is_array() && std::any_of(architectures.begin(), architectures.end(),
-                                                              [](const auto& a) { return a == "CLIPTextModel"; });
-    if (!text_model) {
-      throw ModelError(source + ": \"architectures\" = " + architectures.dump() +
-                       " is not supported (expected [\"CLIPTextModel\"])");
-    }
+  if (const auto* architectures = reader.find("architectures")) {
+    bool text_model = architectures->is_array() &&
+                      std::any_of(architectures->begin(), architectures->end(),
+                                  [](const auto& a) { return a == "CLIPTextModel"; });
+    if (!text_model) reader.fail("architectures", *architectures, "expected [\"CLIPTextModel\"]");
   }
 
   CLIPTextConfig config;
-  config.vocab_size = read_int(json, "vocab_size", config.vocab_size, 1, source);
-  config.hidden_size = read_int(json, "hidden_size", config.hidden_size, 1, source);
-  config.intermediate_size = read_int(json, "intermediate_size", config.intermediate_size, 1, source);
-  config.num_hidden_layers = read_int(json, "num_hidden_layers", config.num_hidden_layers, 1, source);
-  config.num_attention_heads = read_int(json, "num_attention_heads", config.num_attention_heads, 1, source);
-  config.max_position_embeddings =
-      read_int(json, "max_position_embeddings", config.max_position_embeddings, 1, source);
-  config.hidden_act = parse_activation(json, source);
-  config.layer_norm_eps = read_number(json, "layer_norm_eps", config.layer_norm_eps, source);
-  if (!(config.layer_norm_eps > 0.0)) {
-    throw ModelError(source + ": \"layer_norm_eps\" = " + json["layer_norm_eps"].dump() + " must be positive");
-  }
+  auto at_least_one = [&](const char* key, int64_t fallback) {
+    int64_t value = reader.integer(key, fallback);
+    if (value < 1) reader.fail(key, value, "must be at least 1");
+    return value;
+  };
+  config.vocab_size = at_least_one("vocab_size", config.vocab_size);
+  config.hidden_size = at_least_one("hidden_size", config.hidden_size);
+  config.intermediate_size = at_least_one("intermediate_size", config.intermediate_size);
+  config.num_hidden_layers = at_least_one("num_hidden_layers", config.num_hidden_layers);
+  config.num_attention_heads = at_least_one("num_attention_heads", config.num_attention_heads);
+  config.max_position_embeddings = at_least_one("max_position_embeddings", config.max_position_embeddings);
+  config.hidden_act = parse_activation(reader);
+  config.layer_norm_eps = reader.number("layer_norm_eps", config.layer_norm_eps);
+  if (!(config.layer_norm_eps > 0.0)) reader.fail("layer_norm_eps", config.layer_norm_eps, "must be positive");
   if (config.hidden_size % config.num_attention_heads != 0) {
-    throw ModelError(source + ": \"hidden_size\" = " + std::to_string(config.hidden_size) +
-                     " is not divisible by \"num_attention_heads\" = " + std::to_string(config.num_attention_heads));
+    reader.fail("num_attention_heads", config.num_attention_heads,
+                "\"hidden_size\" = " + std::to_string(config.hidden_size) + " is not divisible by it");
   }
   // Dropout is only active in training; SD text encoders ship 0.0 and train without it.
-  double attention_dropout = read_number(json, "attention_dropout", 0.0, source);
-  if (attention_dropout != 0.0) {
-    throw ModelError(source + ": \"attention_dropout\" = " + json["attention_dropout"].dump() +
-                     " is not supported (only 0.0, as in every SD text encoder)");
-  }
+  reader.require_value("attention_dropout", 0.0, "only 0.0, as in every SD text encoder");
   return config;
 }
 

@@ -16,7 +16,7 @@ const nlohmann::json* ConfigReader::find(const std::string& key) {
 }
 
 void ConfigReader::fail(const std::string& key, const nlohmann::json& value, const std::string& why) const {
-  throw ModelError(source_ + ": " + key + " = " + value.dump() + " is not supported: " + why);
+  throw ModelError(source_ + ": \"" + key + "\" = " + value.dump() + " is not supported: " + why);
 }
 
 bool ConfigReader::boolean(const std::string& key, bool fallback, bool null_is_false) {
