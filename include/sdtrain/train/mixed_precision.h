@@ -1,0 +1,75 @@
+#pragma once
+// Mixed precision as diffusers' train_dreambooth.py gets it from accelerate: fp32 master
+// weights, the forward under autocast in fp16 or bf16, and for fp16 a dynamic loss scale with
+// torch.amp.GradScaler's rules (scale the loss, unscale the gradients before clipping, skip the
+// step and halve the scale when a gradient is inf/NaN, double it after 2000 clean steps).
+
+#include <torch/torch.h>
+
+#include <string>
+
+namespace sdtrain::train {
+
+enum class Precision { fp32, fp16, bf16 };
+
+// "no" / "fp32" -> fp32, "fp16", "bf16" (TrainConfig.mixed_precision values).
+Precision parse_precision(const std::string& name);
+const char* to_string(Precision precision);
+// The dtype autocast computes in (fp32 for Precision::fp32).
+c10::ScalarType compute_dtype(Precision precision);
+
+// Enables autocast for `device_type` in `precision` for the guard's lifetime, as
+// `with torch.autocast(device_type, dtype)` does (nesting counted, cast cache cleared on the
+// outermost exit). Does nothing for fp32.
+class AutocastGuard {
+ public:
+  AutocastGuard(c10::DeviceType device_type, Precision precision);
+  ~AutocastGuard();
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  c10::DeviceType device_type_;
+  bool active_ = false;
+  bool previous_enabled_ = false;
+  c10::ScalarType previous_dtype_ = c10::ScalarType::Undefined;
+};
+
+struct LossScalerOptions {
+  double init_scale = 65536.0;  // 2^16
+  double growth_factor = 2.0;
+  double backoff_factor = 0.5;
+  int64_t growth_interval = 2000;
+};
+
+// Dynamic loss scaling. Disabled (scale 1, nothing to unscale) for fp32 and bf16, where the
+// found-inf check still runs so that a non-finite gradient is reported.
+class LossScaler {
+ public:
+  LossScaler(bool enabled, torch::Device device, const LossScalerOptions& options = {});
+
+  bool enabled() const { return enabled_; }
+  // loss * scale (the loss itself when disabled).
+  torch::Tensor scale(const torch::Tensor& loss) const;
+  // Divides every gradient by the scale in place (ATen's fused
+  // _amp_foreach_non_finite_check_and_unscale_) and returns true when all are finite.
+  // One host synchronisation, as GradScaler.step has.
+  bool unscale_and_check(const std::vector<torch::Tensor>& gradients);
+  // After each optimizer step attempt: backoff on inf/NaN, growth after growth_interval
+  // clean steps (ATen's _amp_update_scale_). No-op when disabled.
+  void update(bool found_non_finite);
+
+  double scale_value() const;
+  int64_t growth_tracker() const;
+  // For checkpoints: restores exactly what scale_value()/growth_tracker() returned.
+  void set_state(double scale, int64_t growth_tracker);
+
+ private:
+  bool enabled_;
+  LossScalerOptions options_;
+  torch::Tensor scale_;           // float32 [1] on the device
+  torch::Tensor growth_tracker_;  // int32 [1] on the device
+  torch::Tensor found_inf_;       // float32 [1] on the device
+};
+
+}  // namespace sdtrain::train

@@ -1,0 +1,98 @@
+#include "sdtrain/train/mixed_precision.h"
+
+#include <ATen/autocast_mode.h>
+
+#include <map>
+
+#include "sdtrain/util/error.h"
+
+namespace sdtrain::train {
+
+Precision parse_precision(const std::string& name) {
+  if (name == "no" || name == "fp32") return Precision::fp32;
+  if (name == "fp16") return Precision::fp16;
+  if (name == "bf16") return Precision::bf16;
+  throw ConfigError("mixed_precision: \"" + name + "\" is not one of no, fp16, bf16");
+}
+
+const char* to_string(Precision precision) {
+  switch (precision) {
+    case Precision::fp16: return "fp16";
+    case Precision::bf16: return "bf16";
+    default: return "no";
+  }
+}
+
+c10::ScalarType compute_dtype(Precision precision) {
+  switch (precision) {
+    case Precision::fp16: return torch::kHalf;
+    case Precision::bf16: return torch::kBFloat16;
+    default: return torch::kFloat;
+  }
+}
+
+AutocastGuard::AutocastGuard(c10::DeviceType device_type, Precision precision) : device_type_(device_type) {
+  if (precision == Precision::fp32) return;
+  active_ = true;
+  previous_enabled_ = at::autocast::is_autocast_enabled(device_type_);
+  previous_dtype_ = at::autocast::get_autocast_dtype(device_type_);
+  at::autocast::set_autocast_enabled(device_type_, true);
+  at::autocast::set_autocast_dtype(device_type_, compute_dtype(precision));
+  at::autocast::increment_nesting();
+}
+
+AutocastGuard::~AutocastGuard() {
+  if (!active_) return;
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(device_type_, previous_enabled_);
+  at::autocast::set_autocast_dtype(device_type_, previous_dtype_);
+}
+
+LossScaler::LossScaler(bool enabled, torch::Device device, const LossScalerOptions& options)
+    : enabled_(enabled), options_(options) {
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(device);
+  scale_ = torch::full({1}, enabled ? options.init_scale : 1.0, f32);
+  growth_tracker_ = torch::zeros({1}, f32.dtype(torch::kInt));
+  found_inf_ = torch::zeros({1}, f32);
+}
+
+torch::Tensor LossScaler::scale(const torch::Tensor& loss) const {
+  if (!enabled_) return loss;
+  return loss * scale_.to(loss.scalar_type());
+}
+
+bool LossScaler::unscale_and_check(const std::vector<torch::Tensor>& gradients) {
+  found_inf_.zero_();
+  // GradScaler computes the inverse in float64 and rounds it to float32 once.
+  const torch::Tensor inv_scale = scale_.to(torch::kDouble).reciprocal().to(torch::kFloat);
+  // The fused kernel wants one device and dtype per list, as GradScaler groups them.
+  std::map<std::pair<std::string, c10::ScalarType>, std::vector<torch::Tensor>> groups;
+  for (const auto& grad : gradients) {
+    if (grad.defined()) groups[{grad.device().str(), grad.scalar_type()}].push_back(grad);
+  }
+  for (auto& [key, grads] : groups) {
+    const torch::Device device(key.first);
+    torch::Tensor found = torch::zeros({1}, found_inf_.options().device(device));
+    at::_amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale.to(device));
+    found_inf_.add_(found.to(found_inf_.device()));
+  }
+  return found_inf_.item<float>() == 0.0f;
+}
+
+void LossScaler::update(bool found_non_finite) {
+  if (!enabled_) return;
+  found_inf_.fill_(found_non_finite ? 1.0 : 0.0);
+  at::_amp_update_scale_(scale_, growth_tracker_, found_inf_, options_.growth_factor, options_.backoff_factor,
+                         options_.growth_interval);
+}
+
+double LossScaler::scale_value() const { return scale_.item<double>(); }
+
+int64_t LossScaler::growth_tracker() const { return growth_tracker_.item<int64_t>(); }
+
+void LossScaler::set_state(double scale, int64_t growth_tracker) {
+  scale_.fill_(scale);
+  growth_tracker_.fill_(growth_tracker);
+}
+
+}  // namespace sdtrain::train

@@ -1,0 +1,100 @@
+// Loss scaling follows torch.amp.GradScaler's rules (scale, unscale, skip on inf/NaN with
+// backoff, growth after growth_interval clean steps) and autocast scopes nest like
+// `with torch.autocast(...)`.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <limits>
+
+#include "sdtrain/train/mixed_precision.h"
+
+namespace sdtrain::train {
+namespace {
+
+TEST(LossScaler, ScalesTheLossAndUnscalesFiniteGradients) {
+  LossScaler scaler(true, torch::kCPU);
+  EXPECT_EQ(scaler.scale_value(), 65536.0);
+  const torch::Tensor loss = torch::tensor(0.25f);
+  EXPECT_FLOAT_EQ(scaler.scale(loss).item<float>(), 0.25f * 65536.0f);
+  torch::Tensor grad = torch::full({3}, 65536.0f * 2.0f);
+  EXPECT_TRUE(scaler.unscale_and_check({grad}));
+  EXPECT_TRUE(torch::equal(grad, torch::full({3}, 2.0f)));
+}
+
+TEST(LossScaler, NonFiniteGradientBacksOffAndReportsTheSkip) {
+  LossScaler scaler(true, torch::kCPU);
+  torch::Tensor finite = torch::ones({4});
+  torch::Tensor bad = torch::tensor({1.0f, std::numeric_limits<float>::infinity()});
+  EXPECT_FALSE(scaler.unscale_and_check({finite, bad}));
+  scaler.update(true);
+  EXPECT_EQ(scaler.scale_value(), 32768.0);
+  torch::Tensor nan = torch::tensor({std::numeric_limits<float>::quiet_NaN()});
+  EXPECT_FALSE(scaler.unscale_and_check({nan}));
+  scaler.update(true);
+  EXPECT_EQ(scaler.scale_value(), 16384.0);
+}
+
+TEST(LossScaler, GrowsAfterGrowthIntervalCleanSteps) {
+  LossScalerOptions options;
+  options.growth_interval = 3;
+  LossScaler scaler(true, torch::kCPU, options);
+  for (int step = 0; step < 2; ++step) scaler.update(false);
+  EXPECT_EQ(scaler.scale_value(), 65536.0);
+  EXPECT_EQ(scaler.growth_tracker(), 2);
+  scaler.update(false);
+  EXPECT_EQ(scaler.scale_value(), 131072.0);
+  EXPECT_EQ(scaler.growth_tracker(), 0);
+  scaler.update(true);  // a skip resets the clean-step count
+  EXPECT_EQ(scaler.growth_tracker(), 0);
+  EXPECT_EQ(scaler.scale_value(), 65536.0);
+}
+
+TEST(LossScaler, DisabledScalerLeavesLossAndGradientsButStillDetectsNaN) {
+  LossScaler scaler(false, torch::kCPU);
+  const torch::Tensor loss = torch::tensor(0.5f);
+  EXPECT_TRUE(torch::equal(scaler.scale(loss), loss));
+  torch::Tensor grad = torch::tensor({0.1f, -3.0f});
+  const torch::Tensor before = grad.clone();
+  EXPECT_TRUE(scaler.unscale_and_check({grad}));
+  EXPECT_TRUE(torch::equal(grad, before));
+  torch::Tensor bad = torch::tensor({std::numeric_limits<float>::quiet_NaN()});
+  EXPECT_FALSE(scaler.unscale_and_check({bad}));
+  scaler.update(true);
+  EXPECT_EQ(scaler.scale_value(), 1.0);
+}
+
+TEST(LossScaler, StateRoundTripsForCheckpoints) {
+  LossScaler scaler(true, torch::kCPU);
+  scaler.set_state(1024.0, 17);
+  EXPECT_EQ(scaler.scale_value(), 1024.0);
+  EXPECT_EQ(scaler.growth_tracker(), 17);
+}
+
+TEST(Autocast, ComputesInTheLowPrecisionDtypeInsideTheScopeOnly) {
+  const torch::Tensor a = torch::randn({4, 4});
+  const torch::Tensor b = torch::randn({4, 4});
+  {
+    AutocastGuard outer(torch::kCPU, Precision::bf16);
+    EXPECT_EQ(torch::mm(a, b).scalar_type(), torch::kBFloat16);
+    {
+      AutocastGuard inner(torch::kCPU, Precision::bf16);
+      EXPECT_EQ(torch::mm(a, b).scalar_type(), torch::kBFloat16);
+    }
+    EXPECT_EQ(torch::mm(a, b).scalar_type(), torch::kBFloat16);
+  }
+  EXPECT_EQ(torch::mm(a, b).scalar_type(), torch::kFloat);
+  {
+    AutocastGuard none(torch::kCPU, Precision::fp32);
+    EXPECT_EQ(torch::mm(a, b).scalar_type(), torch::kFloat);
+  }
+}
+
+TEST(Precision, ParsesConfigNames) {
+  EXPECT_EQ(parse_precision("no"), Precision::fp32);
+  EXPECT_EQ(parse_precision("fp16"), Precision::fp16);
+  EXPECT_EQ(parse_precision("bf16"), Precision::bf16);
+  EXPECT_THROW(parse_precision("fp8"), std::exception);
+}
+
+}  // namespace
+}  // namespace sdtrain::train
