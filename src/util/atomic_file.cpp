@@ -9,21 +9,22 @@
 #include <sstream>
 
 #include "sdtrain/util/error.h"
+#include "sdtrain/util/staged_folder.h"
 
 namespace sdtrain {
 namespace {
 
 std::string errno_text() { return std::strerror(errno); }
 
-void fsync_directory(const std::filesystem::path& directory) {
+}  // namespace
+
+void sync_directory(const std::filesystem::path& directory) {
   int fd = ::open(directory.empty() ? "." : directory.c_str(), O_RDONLY | O_DIRECTORY);
   if (fd >= 0) {
     ::fsync(fd);
     ::close(fd);
   }
 }
-
-}  // namespace
 
 AtomicFile::AtomicFile(std::filesystem::path target) : target_(std::move(target)) {
   temporary_ = target_;
@@ -64,7 +65,7 @@ void AtomicFile::commit() {
                       errno_text());
   }
   committed_ = true;
-  fsync_directory(target_.parent_path());
+  sync_directory(target_.parent_path());
 }
 
 void write_file_atomically(const std::filesystem::path& target, std::string_view contents) {

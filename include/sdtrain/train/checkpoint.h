@@ -1,0 +1,57 @@
+#pragma once
+// Resumable checkpoints: output_dir/checkpoint-N/ holds everything a run needs to continue
+// exactly where it stopped, and its unet/ (and text_encoder/ when trained) are diffusers
+// component folders that from_pretrained loads, so a checkpoint is also a usable model.
+//
+//   checkpoint-N/unet/                  config.json + diffusion_pytorch_model.safetensors (fp32)
+//   checkpoint-N/text_encoder/          config.json + model.safetensors (when trained)
+//   checkpoint-N/unet_ema/              the EMA weights, same layout (when use_ema)
+//   checkpoint-N/optimizer.safetensors  optimizer state (AdamW moments or 8-bit states + absmax)
+//   checkpoint-N/trainer_state.json     step, epoch, position in the epoch, loss scale, config
+//   checkpoint-N/random_states.safetensors  the training generator's state
+//
+// A checkpoint is assembled as .checkpoint-N.partial and renamed when complete, so a crash or
+// a full disk while saving leaves the previous checkpoints as they were.
+
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace sdtrain::train {
+
+struct TrainerState {
+  int64_t global_step = 0;       // optimizer steps taken
+  int64_t epoch = 0;             // epoch in progress
+  int64_t batch_in_epoch = 0;    // micro-batches of that epoch already consumed
+  double loss_scale = 1.0;
+  int64_t loss_scale_growth_tracker = 0;
+  double last_loss = 0.0;
+  torch::Tensor rng_state;       // CPU generator state (uint8)
+  nlohmann::ordered_json config; // the run's resolved TrainConfig
+};
+
+// Writes checkpoint-<state.global_step> in output_dir: `write_models(dir)` fills in the model
+// folders and optimizer file, then the trainer state is added and the folder published.
+std::filesystem::path save_checkpoint(const std::filesystem::path& output_dir, const TrainerState& state,
+                                      const std::function<void(const std::filesystem::path&)>& write_models);
+
+TrainerState read_trainer_state(const std::filesystem::path& checkpoint_dir);
+
+// checkpoint-N folders in output_dir, oldest (lowest N) first. Partial ones are not listed.
+std::vector<std::filesystem::path> list_checkpoints(const std::filesystem::path& output_dir);
+
+// Removes the oldest checkpoints so that at most `keep` remain.
+void prune_checkpoints(const std::filesystem::path& output_dir, int keep);
+
+// resume_from_checkpoint: "latest" (the newest in output_dir, or nullopt when there is none),
+// "checkpoint-N" (inside output_dir) or a path to a checkpoint folder. Throws ConfigError when
+// a named checkpoint does not exist or is not a checkpoint.
+std::optional<std::filesystem::path> resolve_checkpoint(const std::filesystem::path& output_dir,
+                                                        const std::string& spec);
+
+}  // namespace sdtrain::train

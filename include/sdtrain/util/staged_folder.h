@@ -1,0 +1,33 @@
+#pragma once
+// Folders are never half-written either: a StagedFolder is filled under a hidden temporary
+// name beside its target (".NAME.partial") and renamed into place by publish(). A crash or a
+// full disk before publish() leaves the previous folder, if any, intact; the staging folder of
+// an earlier crash is cleared when the next one starts.
+
+#include <filesystem>
+
+namespace sdtrain {
+
+class StagedFolder {
+ public:
+  explicit StagedFolder(std::filesystem::path target);
+  ~StagedFolder();  // removes the staging folder unless publish() succeeded
+  StagedFolder(const StagedFolder&) = delete;
+  StagedFolder& operator=(const StagedFolder&) = delete;
+
+  // Where to write the contents.
+  const std::filesystem::path& path() const { return staging_; }
+  // Moves the previous target aside, renames the staging folder to the target, then removes
+  // the previous one. Throws OutputError.
+  void publish();
+
+ private:
+  std::filesystem::path target_;
+  std::filesystem::path staging_;
+  bool published_ = false;
+};
+
+// fsyncs a directory so that renames inside it survive a power loss.
+void sync_directory(const std::filesystem::path& dir);
+
+}  // namespace sdtrain
