@@ -158,7 +158,9 @@ nlohmann::json ModelFolder::config(const std::string& name) const {
 
 WeightFiles ModelFolder::weights(const std::string& name, const std::string& variant) const {
   const Component& component = require(name);
-  std::string base = component.library == "transformers" ? "model" : "diffusion_pytorch_model";
+  // transformers models and SD 1.x's safety checker (library "stable_diffusion") use
+  // transformers' file name.
+  std::string base = component.library == "diffusers" ? "diffusion_pytorch_model" : "model";
   return find_weight_files(component.dir, base, variant);
 }
 
