@@ -9,6 +9,7 @@
 #include "sdtrain/cli/inspect.h"
 #include "sdtrain/train/plan.h"
 #include "sdtrain/train/train_config.h"
+#include "sdtrain/train/trainer.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/log.h"
 
@@ -29,6 +30,8 @@ struct TrainArguments {
   std::string config_file;
   std::vector<std::string> overrides;
   bool dry_run = false;
+  bool overwrite = false;
+  std::string dump_steps;
 };
 
 struct InspectArguments {
@@ -45,8 +48,12 @@ int run_train(const TrainArguments& args) {
     log::info("dry run: configuration, model folder and data are valid; nothing was written");
     return 0;
   }
-  throw ConfigError("this build of sdtrain validates and plans runs but has no training loop yet; "
-                    "use --dry-run");
+  train::TrainOptions options;
+  options.overwrite = args.overwrite;
+  options.dump_dir = args.dump_steps;
+  const train::TrainSummary summary = train::run_training(plan, options);
+  log::info(train::format_summary(summary));
+  return 0;
 }
 
 // The key table of docs/configuration.md, printed from the same table the parser uses.
@@ -93,6 +100,10 @@ int run(int argc, char** argv) {
   train->add_option("-c,--config", train_args.config_file, "JSON configuration file")->required()->check(CLI::ExistingFile);
   train->add_option("--set", train_args.overrides, "Override a configuration key: --set key=value (repeatable)");
   train->add_flag("--dry-run", train_args.dry_run, "Validate configuration, model folder and data, print the plan, write nothing");
+  train->add_flag("--overwrite", train_args.overwrite,
+                  "Start afresh in an output_dir that already holds a run (removes its checkpoints)");
+  // Hidden: per-micro-batch inputs and losses for tools/dreambooth_reference.py (parity tests).
+  train->add_option("--dump-steps", train_args.dump_steps, "")->group("");
 
   InspectArguments inspect_args;
   auto* inspect_command = app.add_subcommand("inspect", "Show the components, tensors and parameter totals of a model folder or .safetensors file");

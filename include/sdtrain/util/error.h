@@ -14,6 +14,7 @@ enum class ExitCode : int {
   model = 3,           // model folder or weight files
   out_of_memory = 4,   // GPU memory exhausted
   output = 5,          // an output could not be written (disk full, permissions)
+  training_diverged = 6,  // inf/NaN loss or gradients without loss scaling
   interrupted_sigint = 130,
   interrupted_sigterm = 143,
 };
