@@ -6,6 +6,7 @@
 #include <iostream>
 #include <set>
 
+#include "sdtrain/cli/generate.h"
 #include "sdtrain/cli/inspect.h"
 #include "sdtrain/train/plan.h"
 #include "sdtrain/train/train_config.h"
@@ -21,6 +22,8 @@ constexpr const char* kExamples = R"(Examples:
   sdtrain --config cat.json --set max_steps=800     override a key of the file
   sdtrain --config cat.json --dry-run               check config, model and data; print the plan
   sdtrain inspect path/to/stable-diffusion-2-1-base components, tensors, parameter totals
+  sdtrain generate --model DIR --prompt "a photo of a cat" --scheduler euler --seed 1 --out out
+                                                    text to image (samplers: docs/sampling.md)
 
 Exit codes: 0 success, 1 usage/config, 2 input data, 3 model, 4 out of GPU memory,
 5 output not writable, 130/143 interrupted (after saving a resumable checkpoint).
@@ -75,7 +78,7 @@ int run_inspect(const InspectArguments& args) {
 
 // `sdtrain --config X` means `sdtrain train --config X`.
 std::vector<std::string> with_default_command(int argc, char** argv) {
-  static const std::set<std::string> commands = {"train", "inspect", "config-reference"};
+  static const std::set<std::string> commands = {"train", "inspect", "generate", "config-reference"};
   static const std::set<std::string> top_level = {"-h", "--help", "--version"};
   std::vector<std::string> args(argv + 1, argv + argc);
   if (!args.empty() && !commands.count(args[0]) && !top_level.count(args[0])) args.insert(args.begin(), "train");
@@ -110,6 +113,10 @@ int run(int argc, char** argv) {
   inspect_command->add_option("path", inspect_args.path, "Model folder, component folder or .safetensors file")->required();
   inspect_command->add_flag("--json", inspect_args.json, "Machine-readable output");
 
+  GenerateArguments generate_args;
+  auto* generate = app.add_subcommand("generate", "Generate images from a prompt with a diffusers model folder");
+  add_generate_options(*generate, generate_args);
+
   auto* reference = app.add_subcommand("config-reference", "Print the configuration keys as a Markdown table");
   reference->group("");  // hidden: it writes docs/configuration.md
 
@@ -125,6 +132,7 @@ int run(int argc, char** argv) {
   try {
     if (*train) return run_train(train_args);
     if (*reference) return print_config_reference();
+    if (*generate) return run_generate(generate_args);
     return run_inspect(inspect_args);
   } catch (const Error& e) {
     log::error(e.what());
@@ -132,7 +140,8 @@ int run(int argc, char** argv) {
   } catch (const c10::OutOfMemoryError& e) {
     log::error(std::string("out of GPU memory: ") + e.what_without_backtrace() +
                "\n  lower train_batch_size or resolution, or set gradient_checkpointing: true, "
-               "optimizer: \"adamw8bit\", mixed_precision: \"fp16\"");
+               "optimizer: \"adamw8bit\", mixed_precision: \"fp16\" (generate: lower --batch-size or the "
+               "image size, or use --dtype fp16)");
     return static_cast<int>(ExitCode::out_of_memory);
   } catch (const std::exception& e) {
     log::error(std::string("internal error: ") + e.what());

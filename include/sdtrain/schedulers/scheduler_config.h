@@ -21,15 +21,17 @@ struct SchedulerConfig {
   std::string beta_schedule = "linear";  // linear, scaled_linear, squaredcos_cap_v2
   std::vector<double> trained_betas;     // overrides beta_schedule when non-empty
   PredictionType prediction_type = PredictionType::epsilon;
-  // Sampling keys. timestep_spacing is empty when the file lacks it: each sampler class then
-  // applies its own default (leading for DDIM/PNDM/DDPM, linspace for Euler/DPM-Solver).
-  std::string timestep_spacing;
-  int64_t steps_offset = 0;
-  bool set_alpha_to_one = true;
-  bool clip_sample = true;
+  // Sampling keys, std::nullopt when the file lacks them. Each sampler class then applies its
+  // own default, as diffusers' from_config does when switching class: keys the file sets are
+  // carried over, absent ones take the new class's default (leading for DDIM/PNDM, linspace for
+  // Euler/DPM-Solver; set_alpha_to_one true for DDIM, false for PNDM; clip_sample true for DDIM).
+  std::optional<std::string> timestep_spacing;  // leading, linspace or trailing
+  int64_t steps_offset = 0;                     // 0 in every class
+  std::optional<bool> set_alpha_to_one;
+  std::optional<bool> clip_sample;
   double clip_sample_range = 1.0;
-  bool skip_prk_steps = false;
-  bool use_karras_sigmas = false;
+  std::optional<bool> skip_prk_steps;
+  std::optional<bool> use_karras_sigmas;
   // The whole file, for keys only one sampler class reads.
   nlohmann::json json = nlohmann::json::object();
 

@@ -1,0 +1,50 @@
+#pragma once
+// `sdtrain generate`: text-to-image with a diffusers model folder (docs/sampling.md). Image i of
+// a run is the i-th image diffusers' StableDiffusionPipeline returns for the same prompt,
+// sampler, steps, guidance and size with generator=torch.Generator("cpu").manual_seed(seed)
+// and num_images_per_prompt = num_images (for euler_a, whose steps draw noise, when
+// batch_size = num_images).
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "sdtrain/io/image.h"
+
+namespace CLI {
+class App;
+}
+
+namespace sdtrain::cli {
+
+struct GenerateArguments {
+  std::string model;
+  std::string prompt;
+  std::string negative_prompt;
+  int64_t steps = 50;
+  double guidance_scale = 7.5;
+  std::string scheduler = "default";
+  int64_t seed = 0;
+  int64_t num_images = 1;
+  int64_t batch_size = 1;
+  int64_t width = 0;   // 0: the model's default
+  int64_t height = 0;
+  std::string dtype = "auto";
+  std::string device = "auto";
+  std::string variant;
+  std::string out = "generated";
+  bool grid = false;
+};
+
+// Registers the subcommand's options on `command`.
+void add_generate_options(CLI::App& command, GenerateArguments& args);
+// Validates, loads the model, writes the images; throws sdtrain::Error.
+int run_generate(const GenerateArguments& args);
+
+// File names: <out>/s<seed>-<index, 4 digits>.png and <out>/grid-s<seed>.png.
+std::string image_file_name(int64_t seed, int64_t index);
+std::string grid_file_name(int64_t seed);
+// The images side by side, `columns` per row (diffusers' make_image_grid); all the same size.
+io::Image make_image_grid(const std::vector<io::Image>& images, int columns);
+
+}  // namespace sdtrain::cli

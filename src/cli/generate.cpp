@@ -1,0 +1,166 @@
+#include "sdtrain/cli/generate.h"
+
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+
+#include "sdtrain/pipeline/stable_diffusion_pipeline.h"
+#include "sdtrain/schedulers/sampler.h"
+#include "sdtrain/util/error.h"
+#include "sdtrain/util/log.h"
+
+namespace fs = std::filesystem;
+
+namespace sdtrain::cli {
+
+namespace {
+
+std::string scheduler_help() {
+  std::string names = "default (the model's own scheduler)";
+  for (const auto& name : schedulers::sampler_names()) names += ", " + name;
+  return "Sampler: " + names;
+}
+
+void validate(const GenerateArguments& args) {
+  if (args.steps < 1) throw ConfigError("--steps must be at least 1, got " + std::to_string(args.steps));
+  if (args.num_images < 1) throw ConfigError("--num-images must be at least 1");
+  if (args.batch_size < 1) throw ConfigError("--batch-size must be at least 1");
+  if (args.guidance_scale < 0) throw ConfigError("--guidance-scale must be 0 or more");
+  if (args.width < 0 || args.height < 0 || args.width % 8 || args.height % 8) {
+    throw ConfigError("--width and --height must be multiples of 8");
+  }
+  // An unknown sampler name is a usage error whatever the model: check it before loading.
+  if (args.scheduler != "default" && !args.scheduler.empty()) {
+    schedulers::make_sampler(args.scheduler, schedulers::SchedulerConfig{});
+  }
+}
+
+void prepare_output(const fs::path& out) {
+  std::error_code error;
+  fs::create_directories(out, error);
+  if (error || !fs::is_directory(out)) {
+    throw OutputError(out.string() + ": cannot create the output folder" + (error ? " (" + error.message() + ")" : "") +
+                      "; choose another --out");
+  }
+  if (::access(out.c_str(), W_OK) != 0) throw OutputError(out.string() + ": the output folder is not writable");
+}
+
+// Progress on stderr: a line redrawn in place on a terminal, a line per batch otherwise.
+void report(const pipeline::GenerationProgress& p) {
+  const bool tty = ::isatty(STDERR_FILENO) != 0;
+  if (tty) {
+    std::fprintf(stderr, "\rimages %lld/%lld  step %lld/%lld", static_cast<long long>(p.images_done),
+                 static_cast<long long>(p.images), static_cast<long long>(p.step), static_cast<long long>(p.steps));
+    if (p.step == p.steps) std::fprintf(stderr, "\n");
+    std::fflush(stderr);
+  } else if (p.step == p.steps) {
+    log::info(log::str("sampled images ", p.images_done + 1, "..", p.images, " (", p.steps, " steps)"));
+  }
+}
+
+}  // namespace
+
+std::string image_file_name(int64_t seed, int64_t index) {
+  char name[64];
+  std::snprintf(name, sizeof name, "s%lld-%04lld.png", static_cast<long long>(seed), static_cast<long long>(index));
+  return name;
+}
+
+std::string grid_file_name(int64_t seed) { return "grid-s" + std::to_string(seed) + ".png"; }
+
+io::Image make_image_grid(const std::vector<io::Image>& images, int columns) {
+  if (images.empty()) return {};
+  const int rows = static_cast<int>((images.size() + columns - 1) / columns);
+  const int w = images[0].width, h = images[0].height;
+  io::Image grid;
+  grid.width = w * columns;
+  grid.height = h * rows;
+  grid.rgb.assign(static_cast<std::size_t>(grid.width) * grid.height * 3, 0);
+  for (std::size_t i = 0; i < images.size(); ++i) {
+    const int x0 = static_cast<int>(i % columns) * w, y0 = static_cast<int>(i / columns) * h;
+    for (int y = 0; y < h; ++y) std::copy_n(images[i].pixel(0, y), w * 3, grid.pixel(x0, y0 + y));
+  }
+  return grid;
+}
+
+void add_generate_options(CLI::App& command, GenerateArguments& args) {
+  command.add_option("-m,--model", args.model, "Diffusers model folder (model_index.json, unet/, vae/, ...)")->required();
+  command.add_option("-p,--prompt", args.prompt, "Text prompt")->required();
+  command.add_option("-n,--negative-prompt", args.negative_prompt, "Negative prompt (the unconditional branch of guidance)");
+  command.add_option("--steps", args.steps, "Sampling steps")->capture_default_str();
+  command.add_option("-g,--guidance-scale", args.guidance_scale, "Classifier-free guidance scale (off at 1 or below)")
+      ->capture_default_str();
+  command.add_option("-s,--scheduler", args.scheduler, scheduler_help())->capture_default_str();
+  command.add_option("--seed", args.seed, "Seed of the CPU generator (as torch.Generator(\"cpu\").manual_seed)")
+      ->capture_default_str();
+  command.add_option("--num-images", args.num_images, "Images to generate")->capture_default_str();
+  command.add_option("--batch-size", args.batch_size, "Images per UNet batch")->capture_default_str();
+  command.add_option("--width", args.width, "Image width, a multiple of 8 (default: the model's size)");
+  command.add_option("--height", args.height, "Image height, a multiple of 8 (default: the model's size)");
+  command.add_option("--dtype", args.dtype, "auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")->capture_default_str();
+  command.add_option("--device", args.device, "auto, cpu, cuda or cuda:N")->capture_default_str();
+  command.add_option("--variant", args.variant, "Weight file variant, e.g. fp16");
+  command.add_option("-o,--out", args.out, "Output folder")->capture_default_str();
+  command.add_flag("--grid", args.grid, "Also write all images as one grid image");
+}
+
+int run_generate(const GenerateArguments& args) {
+  validate(args);
+  const torch::Device device = pipeline::resolve_device(args.device);
+  const c10::ScalarType dtype = pipeline::resolve_dtype(args.dtype, device);
+  const fs::path out = args.out;
+  prepare_output(out);
+
+  auto sd = pipeline::StableDiffusionPipeline::from_folder(args.model, {device, dtype, args.variant});
+  const std::string sampler = sd.sampler_name(args.scheduler);
+  pipeline::GenerationOptions options;
+  options.prompts = {args.prompt};
+  options.negative_prompt = args.negative_prompt;
+  options.steps = args.steps;
+  options.guidance_scale = args.guidance_scale;
+  options.scheduler = args.scheduler;
+  options.seed = args.seed;
+  options.width = args.width > 0 ? args.width : sd.default_width();
+  options.height = args.height > 0 ? args.height : sd.default_height();
+  options.num_images = args.num_images;
+  options.batch_size = args.batch_size;
+  options.progress = report;
+  const std::string dtype_name = dtype == torch::kFloat32 ? "fp32" : dtype == torch::kFloat16 ? "fp16" : "bf16";
+  log::info(log::str("generating ", args.num_images, " image(s) ", options.width, "x", options.height, " with ", sampler,
+                     ", ", args.steps, " steps, guidance ", args.guidance_scale, ", seed ", args.seed, " on ",
+                     device.str(), " (", dtype_name, ")"));
+  const auto images = sd.generate(options);
+
+  for (std::size_t i = 0; i < images.size(); ++i) {
+    const fs::path path = out / image_file_name(args.seed, static_cast<int64_t>(i));
+    io::write_png(path, images[i],
+                  {{"prompt", args.prompt},
+                   {"negative_prompt", args.negative_prompt},
+                   {"steps", std::to_string(args.steps)},
+                   {"guidance_scale", log::str(args.guidance_scale)},
+                   {"scheduler", sampler},
+                   {"seed", std::to_string(args.seed)},
+                   {"image_index", std::to_string(i)},
+                   {"width", std::to_string(options.width)},
+                   {"height", std::to_string(options.height)},
+                   {"dtype", dtype_name},
+                   {"model", fs::absolute(args.model).lexically_normal().string()},
+                   {"software", std::string("sdtrain ") + SDTRAIN_VERSION}});
+    std::cout << path.string() << "\n";
+  }
+  if (args.grid) {
+    const int columns = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(images.size()))));
+    const fs::path path = out / grid_file_name(args.seed);
+    io::write_png(path, make_image_grid(images, columns),
+                  {{"prompt", args.prompt}, {"seed", std::to_string(args.seed)}, {"scheduler", sampler},
+                   {"software", std::string("sdtrain ") + SDTRAIN_VERSION}});
+    std::cout << path.string() << "\n";
+  }
+  return 0;
+}
+
+}  // namespace sdtrain::cli
