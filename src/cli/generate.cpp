@@ -72,21 +72,6 @@ std::string image_file_name(int64_t seed, int64_t index) {
 
 std::string grid_file_name(int64_t seed) { return "grid-s" + std::to_string(seed) + ".png"; }
 
-io::Image make_image_grid(const std::vector<io::Image>& images, int columns) {
-  if (images.empty()) return {};
-  const int rows = static_cast<int>((images.size() + columns - 1) / columns);
-  const int w = images[0].width, h = images[0].height;
-  io::Image grid;
-  grid.width = w * columns;
-  grid.height = h * rows;
-  grid.rgb.assign(static_cast<std::size_t>(grid.width) * grid.height * 3, 0);
-  for (std::size_t i = 0; i < images.size(); ++i) {
-    const int x0 = static_cast<int>(i % columns) * w, y0 = static_cast<int>(i / columns) * h;
-    for (int y = 0; y < h; ++y) std::copy_n(images[i].pixel(0, y), w * 3, grid.pixel(x0, y0 + y));
-  }
-  return grid;
-}
-
 void add_generate_options(CLI::App& command, GenerateArguments& args) {
   command.add_option("-m,--model", args.model, "Diffusers model folder (model_index.json, unet/, vae/, ...)")->required();
   command.add_option("-p,--prompt", args.prompt, "Text prompt")->required();
@@ -155,7 +140,7 @@ int run_generate(const GenerateArguments& args) {
   if (args.grid) {
     const int columns = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(images.size()))));
     const fs::path path = out / grid_file_name(args.seed);
-    io::write_png(path, make_image_grid(images, columns),
+    io::write_png(path, io::make_image_grid(images, columns),
                   {{"prompt", args.prompt}, {"seed", std::to_string(args.seed)}, {"scheduler", sampler},
                    {"software", std::string("sdtrain ") + SDTRAIN_VERSION}});
     std::cout << path.string() << "\n";

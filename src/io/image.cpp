@@ -206,4 +206,22 @@ void write_png(const std::filesystem::path& path, const Image& image,
   file.commit();
 }
 
+Image make_image_grid(const std::vector<Image>& images, int columns) {
+  if (images.empty()) return {};
+  const int rows = static_cast<int>((images.size() + columns - 1) / columns);
+  const int w = images[0].width, h = images[0].height;
+  for (const auto& image : images) {
+    if (image.width != w || image.height != h) throw std::invalid_argument("make_image_grid: images differ in size");
+  }
+  Image grid;
+  grid.width = w * columns;
+  grid.height = h * rows;
+  grid.rgb.assign(static_cast<std::size_t>(grid.width) * grid.height * 3, 0);
+  for (std::size_t i = 0; i < images.size(); ++i) {
+    const int x0 = static_cast<int>(i % columns) * w, y0 = static_cast<int>(i / columns) * h;
+    for (int y = 0; y < h; ++y) std::copy_n(images[i].pixel(0, y), w * 3, grid.pixel(x0, y0 + y));
+  }
+  return grid;
+}
+
 }  // namespace sdtrain::io

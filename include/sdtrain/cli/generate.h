@@ -44,7 +44,5 @@ int run_generate(const GenerateArguments& args);
 // File names: <out>/s<seed>-<index, 4 digits>.png and <out>/grid-s<seed>.png.
 std::string image_file_name(int64_t seed, int64_t index);
 std::string grid_file_name(int64_t seed);
-// The images side by side, `columns` per row (diffusers' make_image_grid); all the same size.
-io::Image make_image_grid(const std::vector<io::Image>& images, int columns);
 
 }  // namespace sdtrain::cli

@@ -43,4 +43,8 @@ Image apply_exif_orientation(const Image& image, int orientation);
 void write_png(const std::filesystem::path& path, const Image& image,
                const std::vector<std::pair<std::string, std::string>>& text = {});
 
+// The images side by side, `columns` per row (diffusers' make_image_grid), for `generate
+// --grid` and the trainer's validation grids; all must have the first image's size.
+Image make_image_grid(const std::vector<Image>& images, int columns);
+
 }  // namespace sdtrain::io
