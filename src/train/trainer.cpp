@@ -15,6 +15,8 @@
 #include "sdtrain/models/state_dict.h"
 #include "sdtrain/models/unet_2d_condition.h"
 #include "sdtrain/optim/optimizer.h"
+#include "sdtrain/pipeline/class_images.h"
+#include "sdtrain/pipeline/stable_diffusion_pipeline.h"
 #include "sdtrain/schedulers/noise_schedule.h"
 #include "sdtrain/text/clip_tokenizer.h"
 #include "sdtrain/train/checkpoint.h"
@@ -91,6 +93,8 @@ class TrainingRun {
 
  private:
   void prepare_output_dir();
+  void generate_class_images();
+  void validate_now();
   void load_models();
   void prepare_data();
   void precompute_text_embeddings();
@@ -178,6 +182,82 @@ void TrainingRun::prepare_output_dir() {
     fs::remove(output_dir_ / "logs" / "metrics.jsonl", error);
   }
   write_file_atomically(output_dir_ / kConfigFile, config_.to_json().dump(2) + "\n");
+}
+
+void TrainingRun::generate_class_images() {
+  if (!config_.with_prior_preservation || plan_.class_images_to_generate <= 0) return;
+  // Before the training models load, as train_dreambooth.py: the sampler's memory is released
+  // when this returns.
+  pipeline::ClassImageOptions options;
+  options.class_data_dir = config_.class_data_dir;
+  options.class_prompt = config_.class_prompt;
+  options.num_class_images = config_.num_class_images;
+  options.sample_batch_size = config_.sample_batch_size;
+  options.scheduler = config_.prior_generation_scheduler;
+  options.steps = config_.prior_generation_steps;
+  options.guidance_scale = config_.prior_generation_guidance_scale;
+  options.seed = config_.seed;
+  // At the training resolution: the dataset resizes to it anyway (diffusers samples at the
+  // model's default size, 512 for SD 2.1-base, the same for the usual resolution).
+  options.width = options.height = config_.resolution;
+  pipeline::PipelineSettings settings;
+  settings.device = device_;
+  settings.dtype = pipeline::resolve_dtype(config_.prior_generation_precision, device_);
+  settings.variant = config_.variant;
+  log::info(log::str("prior preservation: generating ", plan_.class_images_to_generate, " class images of \"",
+                     config_.class_prompt, "\" in ", config_.class_data_dir));
+  Progress progress("class images", plan_.class_images_to_generate, 0, 30.0);
+  pipeline::generate_class_images(folder_.root(), settings, options, [&](const pipeline::ClassImageProgress& p) {
+    progress.update(p.written, "step " + std::to_string(p.step) + "/" + std::to_string(p.steps));
+    if (const int signal = InterruptWatch::pending()) {
+      // Every image written so far is complete; the next run generates only the rest.
+      progress.finish();
+      throw Error(signal == SIGTERM ? ExitCode::interrupted_sigterm : ExitCode::interrupted_sigint,
+                  log::str("interrupted while generating class images (", p.written,
+                           " written); run again to generate the rest and train"));
+    }
+  });
+  progress.finish();
+  release_cached_device_memory(device_);
+}
+
+void TrainingRun::validate_now() {
+  if (config_.validation_prompts.empty() || config_.validation_steps <= 0) return;
+  // diffusers' validation: DPM-Solver++ 2M, 25 steps, guidance 7.5, the run's seed, under
+  // autocast; the modules are the training ones (EMA weights swapped in with use_ema).
+  if (ema_) {
+    ema_->store(*unet_);
+    ema_->copy_to(*unet_);
+  }
+  pipeline::PipelineSettings settings;
+  settings.device = device_;
+  settings.dtype = torch::kFloat;
+  pipeline::StableDiffusionPipeline sampler(*tokenizer_, text_encoder_, unet_, vae_, schedule_->config(), settings);
+  pipeline::GenerationOptions options;
+  for (const auto& prompt : config_.validation_prompts) {
+    for (int i = 0; i < config_.num_validation_images; ++i) options.prompts.push_back(prompt);
+  }
+  options.num_images = static_cast<int64_t>(options.prompts.size());
+  options.batch_size = config_.num_validation_images;
+  options.steps = 25;
+  options.scheduler = "dpm++2m";
+  options.seed = config_.seed;
+  options.width = options.height = config_.resolution;
+  std::vector<io::Image> images;
+  {
+    AutocastGuard autocast(device_.type(), precision_);
+    images = sampler.generate(options);
+  }
+  if (ema_) ema_->restore(*unet_);
+  const fs::path path = output_dir_ / "samples" / ("step-" + std::to_string(state_.global_step) + ".png");
+  fs::create_directories(path.parent_path());
+  io::write_png(path, io::make_image_grid(images, config_.num_validation_images),
+                {{"prompts", nlohmann::json(config_.validation_prompts).dump()},
+                 {"step", std::to_string(state_.global_step)},
+                 {"sampler", "dpm++2m, 25 steps, guidance 7.5"},
+                 {"seed", std::to_string(config_.seed)}});
+  const std::string message = "validation images: " + path.string();
+  progress_ ? progress_->note(message) : log::info(message);
 }
 
 void TrainingRun::load_models() {
@@ -575,6 +655,7 @@ void TrainingRun::train_loop() {
           state_.global_step < plan_.total_steps) {
         save_checkpoint_now();
       }
+      if (config_.validation_steps > 0 && state_.global_step % config_.validation_steps == 0) validate_now();
       check_interrupt();
     }
   }
@@ -599,6 +680,7 @@ TrainSummary TrainingRun::run() {
   const auto started = std::chrono::steady_clock::now();
   InterruptWatch interrupts;
   prepare_output_dir();
+  generate_class_images();
   load_models();
   prepare_data();
   precompute_text_embeddings();
