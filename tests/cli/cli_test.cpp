@@ -134,13 +134,6 @@ TEST(Cli, ModelErrorsExitWithCode3) {
   EXPECT_EQ(r.code, 3);
 }
 
-TEST(Cli, TrainingWithoutDryRunIsRefusedClearly) {
-  auto dir = sdtrain::testing::scratch_dir();
-  auto r = sdtrain_run("--config " + copy_demo(dir).string());
-  EXPECT_EQ(r.code, 1);
-  expect_contains(r, "no training loop yet");
-}
-
 // The reference environment (diffusers, which wrote configs/demo/model) must agree with
 // `sdtrain inspect --json` on every component's tensor count and parameter total.
 TEST(Cli, InspectMatchesTheReferenceEnvironment) {

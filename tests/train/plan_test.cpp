@@ -18,8 +18,10 @@ TrainConfig demo_config(const std::vector<std::string>& overrides = {}) {
 TEST(TrainingPlan, CountsStepsAsDiffusersDreamBoothDataset) {
   // 4 photos, prior preservation with 10 class images: an epoch is max(10, 4) = 10 samples;
   // batch 3 gives 4 batches, accumulation 2 gives 2 optimizer steps per epoch.
-  auto plan = plan_training(demo_config({"num_class_images=10", "train_batch_size=3",
-                                         "gradient_accumulation_steps=2", "max_steps=null", "epochs=5"}));
+  // An empty class folder of its own: the demo's default one fills up when the demo runs.
+  const auto classes = sdtrain::testing::scratch_dir();
+  auto plan = plan_training(demo_config({"num_class_images=10", "train_batch_size=3", "gradient_accumulation_steps=2",
+                                         "max_steps=null", "epochs=5", "class_data_dir=" + classes.string()}));
   EXPECT_EQ(plan.instance_images.size(), 4u);
   EXPECT_EQ(plan.dataset_length, 10);
   EXPECT_EQ(plan.steps_per_epoch, 2);
