@@ -43,6 +43,12 @@ int run_command(const std::string& command, std::string* output) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
+CommandResult run_sdtrain(const std::string& args) {
+  CommandResult result;
+  result.code = run_command(sdtrain_exe() + " " + args, &result.output);
+  return result;
+}
+
 std::filesystem::path edited_copy(const std::filesystem::path& source, const std::string& weights,
                                   const std::function<void(io::NamedTensors&)>& edit) {
   auto dir = scratch_dir() / source.filename();

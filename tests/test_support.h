@@ -21,6 +21,12 @@ std::string reference_python();
 int run_command(const std::string& command, std::string* output = nullptr);
 // The sdtrain executable under test.
 std::string sdtrain_exe();
+// Runs `sdtrain <args>`: its exit status and its stdout+stderr.
+struct CommandResult {
+  int code = 0;
+  std::string output;
+};
+CommandResult run_sdtrain(const std::string& args);
 // Runs `action`, which must throw a ModelError (exit code 3) whose message contains every
 // string of `needles`: the check of "a bad model folder fails naming what is wrong".
 void expect_model_error(const std::function<void()>& action, const std::vector<std::string>& needles);

@@ -14,16 +14,9 @@ using sdtrain::testing::run_command;
 
 namespace {
 
-struct Result {
-  int code;
-  std::string output;
-};
+using Result = sdtrain::testing::CommandResult;
 
-Result sdtrain_run(const std::string& args) {
-  Result r;
-  r.code = run_command(sdtrain::testing::sdtrain_exe() + " " + args, &r.output);
-  return r;
-}
+Result sdtrain_run(const std::string& args) { return sdtrain::testing::run_sdtrain(args); }
 
 fs::path demo() { return sdtrain::testing::source_dir() / "configs" / "demo"; }
 

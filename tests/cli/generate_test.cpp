@@ -16,16 +16,9 @@ using sdtrain::testing::run_command;
 
 namespace {
 
-struct Result {
-  int code;
-  std::string output;
-};
+using Result = sdtrain::testing::CommandResult;
 
-Result generate(const std::string& args) {
-  Result r;
-  r.code = run_command(sdtrain::testing::sdtrain_exe() + " generate " + args, &r.output);
-  return r;
-}
+Result generate(const std::string& args) { return sdtrain::testing::run_sdtrain("generate " + args); }
 
 std::string demo_model() { return (sdtrain::testing::source_dir() / "configs" / "demo" / "model").string(); }
 

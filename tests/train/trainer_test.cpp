@@ -27,16 +27,9 @@ namespace {
 
 fs::path demo() { return sdtrain::testing::source_dir() / "configs" / "demo"; }
 
-struct RunResult {
-  int code;
-  std::string output;
-};
+using RunResult = sdtrain::testing::CommandResult;
 
-RunResult sdtrain(const std::string& args) {
-  RunResult r;
-  r.code = run_command(sdtrain::testing::sdtrain_exe() + " " + args, &r.output);
-  return r;
-}
+RunResult sdtrain(const std::string& args) { return sdtrain::testing::run_sdtrain(args); }
 
 // A training config over the demo model and photos. Class images: the demo photos themselves
 // (num_class_images = their count), so no sampling is needed for these tests.
