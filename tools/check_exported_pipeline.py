@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
 
@@ -27,7 +27,8 @@ class Collect(logging.Handler):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", help="a pipeline folder")
+    parser.add_argument("--unet", help="a UNet component folder alone (e.g. checkpoint-N/unet)")
     parser.add_argument("--image")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--seed", type=int, default=0)
@@ -40,6 +41,10 @@ def main():
         logger = logging.getLogger(name)
         logger.addHandler(collect)
         logger.setLevel(logging.WARNING)
+    if args.unet:
+        unet = UNet2DConditionModel.from_pretrained(args.unet)
+        print(json.dumps({"warnings": collect.messages, "parameters": sum(p.numel() for p in unet.parameters())}))
+        return
     pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
     report = {"warnings": collect.messages, "scheduler": type(pipe.scheduler).__name__}
     dtypes = {name: str(next(getattr(pipe, name).parameters()).dtype) for name in ("unet", "vae", "text_encoder")}

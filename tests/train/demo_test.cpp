@@ -70,7 +70,10 @@ TEST(Demo, TrainsLoadsInDiffusersAndGeneratesItsImages) {
 
   // Prior preservation generated the 4 class images; checkpoints and validation grids exist.
   EXPECT_TRUE(fs::exists(out / "class_images" / "class-000003.png")) << log;
-  EXPECT_TRUE(fs::exists(out / "checkpoint-20" / "unet" / "diffusion_pytorch_model.safetensors"));
+  // A checkpoint's UNet is a diffusers component folder on its own.
+  const nlohmann::json checkpoint_unet = check_with_diffusers("--unet " + quoted(out / "checkpoint-20" / "unet"));
+  EXPECT_TRUE(weight_warnings(checkpoint_unet).empty()) << checkpoint_unet.dump(2);
+  EXPECT_EQ(checkpoint_unet["parameters"].get<int64_t>(), 2164452);
   EXPECT_TRUE(fs::exists(out / "samples" / "step-20.png"));
   EXPECT_TRUE(fs::exists(out / "samples" / "step-40.png"));
 
