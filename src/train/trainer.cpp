@@ -167,7 +167,12 @@ void TrainingRun::prepare_output_dir() {
     throw OutputError("cannot create output_dir " + output_dir_.string() + ": " + error.message() +
                       " (choose a writable output_dir)");
   }
-  const bool has_run = fs::exists(output_dir_ / kConfigFile) || !list_checkpoints(output_dir_).empty();
+  // A run has trained once it logged a step; train_config.json alone (a run stopped while
+  // generating class images) is set-up that the same command may simply redo.
+  std::error_code ignored;
+  const fs::path metrics = output_dir_ / "logs" / "metrics.jsonl";
+  const bool has_run = !list_checkpoints(output_dir_).empty() || fs::exists(output_dir_ / "model_index.json") ||
+                       (fs::exists(metrics) && fs::file_size(metrics, ignored) > 0);
   if (has_run && config_.resume_from_checkpoint.empty()) {
     if (!options_.overwrite) {
       throw ConfigError("output_dir " + output_dir_.string() +

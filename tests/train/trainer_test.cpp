@@ -13,6 +13,7 @@
 
 #include <chrono>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -227,27 +228,30 @@ TEST(TrainOutput, DivergenceStopsWithExitCode6) {
   EXPECT_FALSE(fs::exists(dir / "out" / "model_index.json"));
 }
 
-TEST(TrainInterrupt, SigtermSavesACheckpointAndExits143) {
-  const fs::path dir = sdtrain::testing::scratch_dir();
-  const fs::path config = write_config(dir, {{"max_steps", 100000}});
+// Starts `sdtrain --config config` (stderr to dir/log.txt), waits until `ready()` or 60 s, then
+// sends SIGTERM as a spot reclaim would; returns the wait status.
+int run_and_terminate(const fs::path& dir, const fs::path& config, const std::function<bool()>& ready) {
   const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
   if (child == 0) {
     const std::string exe = sdtrain::testing::sdtrain_exe();
     const std::string log = (dir / "log.txt").string();
-    ::freopen(log.c_str(), "w", stderr);
+    if (!::freopen(log.c_str(), "w", stderr)) ::_exit(126);
     ::execl(exe.c_str(), exe.c_str(), "--config", config.c_str(), static_cast<char*>(nullptr));
     ::_exit(127);
   }
-  // Wait for a few steps in metrics.jsonl, then stop the run as a spot reclaim would.
-  const fs::path metrics = dir / "out" / "logs" / "metrics.jsonl";
-  for (int i = 0; i < 600; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    if (fs::exists(metrics) && fs::file_size(metrics) > 200) break;
-  }
+  for (int i = 0; i < 600 && !ready(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   ::kill(child, SIGTERM);
   int status = 0;
   ::waitpid(child, &status, 0);
+  return status;
+}
+
+TEST(TrainInterrupt, SigtermSavesACheckpointAndExits143) {
+  const fs::path dir = sdtrain::testing::scratch_dir();
+  const fs::path config = write_config(dir, {{"max_steps", 100000}});
+  const fs::path metrics = dir / "out" / "logs" / "metrics.jsonl";
+  const int status =
+      run_and_terminate(dir, config, [&] { return fs::exists(metrics) && fs::file_size(metrics) > 200; });
   ASSERT_TRUE(WIFEXITED(status)) << file_bytes(dir / "log.txt");
   EXPECT_EQ(WEXITSTATUS(status), 143) << file_bytes(dir / "log.txt");
   std::ifstream lines(metrics);
@@ -260,6 +264,33 @@ TEST(TrainInterrupt, SigtermSavesACheckpointAndExits143) {
   const RunResult resumed = sdtrain("--config " + config.string() + " --set max_steps=" + std::to_string(step + 2) +
                               " --set resume_from_checkpoint=latest");
   EXPECT_EQ(resumed.code, 0) << resumed.output;
+}
+
+}  // namespace
+
+namespace {
+
+TEST(TrainInterrupt, DuringClassImagesTheSameCommandGeneratesTheRestAndTrains) {
+  const fs::path dir = sdtrain::testing::scratch_dir();
+  const fs::path classes = dir / "generated_classes";
+  const fs::path config = write_config(dir, {{"with_prior_preservation", true},
+                                             {"class_data_dir", classes.string()},
+                                             {"num_class_images", 24},
+                                             {"sample_batch_size", 1},
+                                             {"prior_generation_steps", 10},
+                                             {"max_steps", 2}});
+  const int status = run_and_terminate(dir, config, [&] { return fs::exists(classes / "class-000000.png"); });
+  ASSERT_TRUE(WIFEXITED(status)) << file_bytes(dir / "log.txt");
+  EXPECT_EQ(WEXITSTATUS(status), 143) << file_bytes(dir / "log.txt");
+  int64_t written = 0;
+  for (const auto& entry : fs::directory_iterator(classes)) written += entry.path().extension() == ".png";
+  EXPECT_GE(written, 1);
+  EXPECT_LT(written, 24) << "the run finished before SIGTERM arrived";
+  // No checkpoint and no training step yet: the same command simply carries on.
+  const RunResult again = sdtrain("--config " + config.string());
+  ASSERT_EQ(again.code, 0) << again.output;
+  EXPECT_NE(again.output.find("generating " + std::to_string(24 - written)), std::string::npos) << again.output;
+  EXPECT_TRUE(fs::exists(classes / "class-000023.png"));
 }
 
 }  // namespace
