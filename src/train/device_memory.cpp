@@ -31,14 +31,10 @@ void reset_peak_device_memory(const torch::Device& device) {
   if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index() < 0 ? 0 : device.index());
 }
 
-void release_cached_device_memory(const torch::Device& device) {
-  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
-}
 #else
 int64_t peak_device_memory_bytes(const torch::Device&) { return 0; }
 int64_t current_device_memory_bytes(const torch::Device&) { return 0; }
 void reset_peak_device_memory(const torch::Device&) {}
-void release_cached_device_memory(const torch::Device&) {}
 #endif
 
 }  // namespace sdtrain::train
