@@ -12,10 +12,6 @@ namespace sdtrain::exporter {
 
 namespace {
 
-void copy_file_atomically(const fs::path& from, const fs::path& to) {
-  write_file_atomically(to, read_file(from, ExitCode::model));
-}
-
 void create_folder(const fs::path& dir) {
   std::error_code error;
   fs::create_directories(dir, error);

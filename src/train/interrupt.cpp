@@ -48,4 +48,8 @@ InterruptWatch::~InterruptWatch() {
 
 int InterruptWatch::pending() { return g_pending.load(); }
 
+ExitCode exit_code_for_signal(int signal) {
+  return signal == SIGTERM ? ExitCode::interrupted_sigterm : ExitCode::interrupted_sigint;
+}
+
 }  // namespace sdtrain::train

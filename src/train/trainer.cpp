@@ -118,7 +118,6 @@ class TrainingRun {
   void write_metrics(const StepRecord& record);
   void export_final_model();
   std::vector<torch::Tensor> trained_parameters() const;
-  io::NamedTensors trained_unet_tensors() const;
   void dump_micro_batch(int64_t micro_index, const MicroBatch& batch, bool sync);
 
   const TrainingPlan& plan_;
@@ -217,13 +216,11 @@ void TrainingRun::generate_class_images() {
     if (const int signal = InterruptWatch::pending()) {
       // Every image written so far is complete; the next run generates only the rest.
       progress.finish();
-      throw Error(signal == SIGTERM ? ExitCode::interrupted_sigterm : ExitCode::interrupted_sigint,
-                  log::str("interrupted while generating class images (", p.written,
+      throw Error(exit_code_for_signal(signal), log::str("interrupted while generating class images (", p.written,
                            " written); run again to generate the rest and train"));
     }
   });
-  progress.finish();
-  release_cached_device_memory(device_);
+  progress.finish();  // generate_class_images released the sampler's GPU memory
 }
 
 void TrainingRun::validate_now() {
@@ -551,15 +548,13 @@ bool TrainingRun::optimizer_step(StepRecord& record) {
   return finite;
 }
 
-io::NamedTensors TrainingRun::trained_unet_tensors() const { return models::state_dict(*unet_); }
-
 void TrainingRun::save_checkpoint_now() {
   state_.loss_scale = scaler_->scale_value();
   state_.loss_scale_growth_tracker = scaler_->growth_tracker();
   state_.rng_state = generator_.get_state();
   state_.config = config_.to_json();
   const fs::path path = save_checkpoint(output_dir_, state_, [&](const fs::path& dir) {
-    exporter::write_model_component(dir / "unet", folder_.config_path("unet"), trained_unet_tensors(),
+    exporter::write_model_component(dir / "unet", folder_.config_path("unet"), models::state_dict(*unet_),
                                     "diffusion_pytorch_model.safetensors");
     if (config_.train_text_encoder) {
       exporter::write_model_component(dir / "text_encoder", folder_.config_path("text_encoder"),
@@ -567,7 +562,7 @@ void TrainingRun::save_checkpoint_now() {
     }
     if (ema_) {
       fs::create_directories(dir / kEmaDir);
-      write_file_atomically(dir / kEmaDir / "config.json", read_file(folder_.config_path("unet"), ExitCode::model));
+      copy_file_atomically(folder_.config_path("unet"), dir / kEmaDir / "config.json");
       ema_->save(dir / kEmaDir / "diffusion_pytorch_model.safetensors");
     }
     io::NamedTensors optimizer_tensors;
@@ -586,8 +581,7 @@ void TrainingRun::check_interrupt() {
   if (signal == 0) return;
   if (last_checkpoint_step_ != state_.global_step) save_checkpoint_now();
   if (progress_) progress_->finish();
-  throw Error(signal == SIGTERM ? ExitCode::interrupted_sigterm : ExitCode::interrupted_sigint,
-              log::str("interrupted at step ", state_.global_step, "/", plan_.total_steps,
+  throw Error(exit_code_for_signal(signal), log::str("interrupted at step ", state_.global_step, "/", plan_.total_steps,
                        "; resume with \"resume_from_checkpoint\": \"latest\" (or --set resume_from_checkpoint=latest)"));
 }
 
@@ -675,7 +669,7 @@ void TrainingRun::export_final_model() {
     // As diffusers' EMA training scripts: the final UNet is the EMA average.
     ema_->copy_to(*unet_);
   }
-  job.trained["unet"] = trained_unet_tensors();
+  job.trained["unet"] = models::state_dict(*unet_);
   if (config_.train_text_encoder) job.trained["text_encoder"] = models::state_dict(*text_encoder_);
   exporter::export_pipeline(job, output_dir_);
   log::info("wrote the fine-tuned model to " + output_dir_.string() + " (StableDiffusionPipeline.from_pretrained)");

@@ -82,4 +82,8 @@ std::string read_file(const std::filesystem::path& path, ExitCode code) {
   return contents.str();
 }
 
+void copy_file_atomically(const std::filesystem::path& from, const std::filesystem::path& to, ExitCode code) {
+  write_file_atomically(to, read_file(from, code));
+}
+
 }  // namespace sdtrain

@@ -4,6 +4,8 @@
 // checkpoint; a second SIGINT exits at once (a checkpoint in progress stays .partial and is
 // ignored on resume).
 
+#include "sdtrain/util/error.h"
+
 namespace sdtrain::train {
 
 class InterruptWatch {
@@ -16,5 +18,8 @@ class InterruptWatch {
   // The signal received (SIGINT or SIGTERM), or 0.
   static int pending();
 };
+
+// 143 for SIGTERM, 130 for SIGINT: the exit codes README documents.
+ExitCode exit_code_for_signal(int signal);
 
 }  // namespace sdtrain::train

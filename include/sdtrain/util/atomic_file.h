@@ -35,6 +35,10 @@ class AtomicFile {
 
 void write_file_atomically(const std::filesystem::path& target, std::string_view contents);
 
+// Copies `from` to `to` through AtomicFile (a missing source is an Error with `code`).
+void copy_file_atomically(const std::filesystem::path& from, const std::filesystem::path& to,
+                          ExitCode code = ExitCode::model);
+
 // Whole file as bytes; throws an Error with `code` naming the file when it cannot be read.
 std::string read_file(const std::filesystem::path& path, ExitCode code = ExitCode::input_data);
 
