@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "sdtrain/util/error.h"
+#include "sdtrain/util/text.h"
 
 namespace sdtrain::io {
 namespace {
@@ -60,7 +61,7 @@ nlohmann::json parse_rejecting_duplicate_keys(std::string_view text, const std::
   try {
     return nlohmann::json::parse(text.begin(), text.end(), callback);
   } catch (const nlohmann::json::exception& e) {
-    fail(source, std::string("header is not valid JSON (") + e.what() + ")");
+    fail(source, std::string("header is not valid JSON (") + printable(e.what()) + ")");
   }
 }
 

@@ -4,6 +4,7 @@
 #include "sdtrain/util/atomic_file.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/json.h"
+#include "sdtrain/util/text.h"
 
 namespace sdtrain::schedulers {
 
@@ -111,7 +112,7 @@ SchedulerConfig SchedulerConfig::from_file(const std::filesystem::path& path) {
   try {
     return from_json(nlohmann::json::parse(text), path.string());
   } catch (const nlohmann::json::parse_error& e) {
-    throw ModelError(path.string() + ": not valid JSON at byte " + std::to_string(e.byte) + " (" + e.what() + ")");
+    throw ModelError(path.string() + ": not valid JSON at byte " + std::to_string(e.byte) + " (" + printable(e.what()) + ")");
   }
 }
 

@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "sdtrain/util/error.h"
+#include "sdtrain/util/text.h"
 
 namespace sdtrain::text {
 namespace {
@@ -43,7 +44,7 @@ json read_json_file(const fs::path& path, const std::string& fix) {
   try {
     return json::parse(read_text_file(path));
   } catch (const json::exception& e) {
-    throw ModelError(path.string() + " is not valid JSON (" + e.what() + "): " + fix);
+    throw ModelError(path.string() + " is not valid JSON (" + printable(e.what()) + "): " + fix);
   }
 }
 

@@ -3,6 +3,8 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include "sdtrain/util/text.h"
+
 namespace sdtrain::log {
 namespace {
 
@@ -24,9 +26,10 @@ void set_level(Level level) {
   logger().set_level(kLevels[static_cast<int>(level)]);
 }
 
-void debug(std::string_view message) { logger().debug("{}", message); }
-void info(std::string_view message) { logger().info("{}", message); }
-void warn(std::string_view message) { logger().warn("{}", message); }
-void error(std::string_view message) { logger().error("{}", message); }
+// Messages quote paths and file contents: printable() keeps raw bytes off the terminal.
+void debug(std::string_view message) { logger().debug("{}", printable(message)); }
+void info(std::string_view message) { logger().info("{}", printable(message)); }
+void warn(std::string_view message) { logger().warn("{}", printable(message)); }
+void error(std::string_view message) { logger().error("{}", printable(message)); }
 
 }  // namespace sdtrain::log

@@ -6,7 +6,7 @@ set -euo pipefail
 source_dir=$1 work=$2 seconds=$3
 mkdir -p "$work/corpus"
 clang++ -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-  -I"$source_dir/include" "$source_dir/src/io/safetensors_header.cpp" \
+  -I"$source_dir/include" "$source_dir/src/io/safetensors_header.cpp" "$source_dir/src/util/text.cpp" \
   "$source_dir/tests/fuzz/safetensors_header_fuzz.cpp" -o "$work/safetensors_header_fuzz"
 # Seeds: the first kilobytes of real files written by diffusers/transformers.
 for f in "$source_dir"/configs/demo/model/*/*.safetensors; do

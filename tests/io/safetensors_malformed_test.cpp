@@ -8,6 +8,7 @@
 
 #include "sdtrain/io/safetensors.h"
 #include "sdtrain/util/error.h"
+#include "sdtrain/util/text.h"
 #include "test_support.h"
 
 using namespace sdtrain;
@@ -84,8 +85,20 @@ TEST_P(MalformedSafetensors, IsRejectedWithAMessageNamingTheFile) {
       EXPECT_NE(message.find(c.expected_message), std::string::npos)
           << "reader " << reader << ": " << message;
       EXPECT_EQ(e.code(), ExitCode::model);
+      // Quoted file content never reaches the terminal raw (invalid UTF-8, control bytes).
+      EXPECT_TRUE(is_valid_utf8(message)) << message;
     }
   }
+}
+
+TEST(Safetensors, AnInvalidUtf8HeaderGivesAValidUtf8MessageNamingTheFileThroughTheExecutable) {
+  const auto path = sdtrain::testing::scratch_dir() / "bad.safetensors";
+  std::ofstream(path, std::ios::binary) << with_length_prefix("{\"\xff\xfe\x1b[2J\":{}}");
+  const auto result = sdtrain::testing::run_sdtrain("inspect " + path.string());
+  EXPECT_EQ(result.code, 3) << result.output;
+  EXPECT_TRUE(is_valid_utf8(result.output)) << result.output;
+  EXPECT_EQ(result.output.find('\x1b'), std::string::npos) << "a terminal escape reached the output";
+  EXPECT_NE(result.output.find(path.string()), std::string::npos) << result.output;
 }
 
 INSTANTIATE_TEST_SUITE_P(Corpus, MalformedSafetensors, ::testing::ValuesIn(corpus()),
