@@ -36,3 +36,6 @@ set_target_properties(stb::stb PROPERTIES IMPORTED_LOCATION ${STB_LIBRARY}
 # torch's copies and crashed. Putting libstdc++ first in every link reproduces the order that
 # works inside Python, where libstdc++ is always loaded before torch.
 add_link_options(-Wl,--push-state,--no-as-needed,-lstdc++,--pop-state)
+
+# xxHash (libxxhash-dev), used header-only (XXH_INLINE_ALL) for checkpoint manifests.
+find_path(XXHASH_INCLUDE_DIR xxhash.h REQUIRED)

@@ -1,5 +1,7 @@
 #include "sdtrain/util/staged_folder.h"
 
+#include <unistd.h>
+
 #include <system_error>
 
 #include "sdtrain/util/error.h"
@@ -16,8 +18,10 @@ void remove_all_or_throw(const fs::path& path) {
   if (error) throw OutputError("cannot remove " + path.string() + ": " + error.message());
 }
 
+// ".NAME.partial.PID": unique to this process, so two processes never share a staging folder;
+// remove_leftovers (util/output_lock.h) clears those of killed runs.
 fs::path hidden_sibling(const fs::path& target, const std::string& suffix) {
-  return target.parent_path() / ("." + target.filename().string() + suffix);
+  return target.parent_path() / ("." + target.filename().string() + suffix + "." + std::to_string(::getpid()));
 }
 
 }  // namespace

@@ -1,8 +1,8 @@
 #pragma once
 // Folders are never half-written either: a StagedFolder is filled under a hidden temporary
-// name beside its target (".NAME.partial") and renamed into place by publish(). A crash or a
-// full disk before publish() leaves the previous folder, if any, intact; the staging folder of
-// an earlier crash is cleared when the next one starts.
+// name beside its target (".NAME.partial.PID") and renamed into place by publish(). A crash or a
+// full disk before publish() leaves the previous folder, if any, intact; staging folders of a
+// killed run are cleared by the next run into the folder (remove_leftovers, util/output_lock.h).
 
 #include <filesystem>
 
