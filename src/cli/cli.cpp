@@ -15,7 +15,11 @@
 #include "sdtrain/util/log.h"
 
 namespace sdtrain::cli {
+
 namespace {
+constexpr const char* kHostMemoryFix =
+    "\n  lower resolution or train_batch_size (generate: the image size or --batch-size), or free memory";
+
 
 constexpr const char* kExamples = R"(Examples:
   sdtrain --config configs/cat.json                 train (same as `sdtrain train --config ...`)
@@ -142,6 +146,16 @@ int run(int argc, char** argv) {
                "\n  lower train_batch_size or resolution, or set gradient_checkpointing: true, "
                "optimizer: \"adamw8bit\", mixed_precision: \"fp16\" (generate: lower --batch-size or the "
                "image size, or use --dtype fp16)");
+    return static_cast<int>(ExitCode::out_of_memory);
+  } catch (const std::bad_alloc&) {
+    log::error(std::string("out of memory: an allocation failed") + kHostMemoryFix);
+    return static_cast<int>(ExitCode::out_of_memory);
+  } catch (const c10::Error& e) {
+    if (std::string(e.what_without_backtrace()).find("can't allocate memory") == std::string::npos) {
+      log::error(std::string("internal error: ") + e.what_without_backtrace());
+      return static_cast<int>(ExitCode::usage);
+    }
+    log::error(std::string("out of memory: ") + e.what_without_backtrace() + kHostMemoryFix);
     return static_cast<int>(ExitCode::out_of_memory);
   } catch (const std::exception& e) {
     log::error(std::string("internal error: ") + e.what());

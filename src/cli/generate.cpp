@@ -29,7 +29,9 @@ void validate(const GenerateArguments& args) {
   if (args.steps < 1) throw ConfigError("--steps must be at least 1, got " + std::to_string(args.steps));
   if (args.num_images < 1) throw ConfigError("--num-images must be at least 1");
   if (args.batch_size < 1) throw ConfigError("--batch-size must be at least 1");
-  if (args.guidance_scale < 0) throw ConfigError("--guidance-scale must be 0 or more");
+  if (!std::isfinite(args.guidance_scale) || args.guidance_scale < 0) {
+    throw ConfigError("--guidance-scale must be a finite number, 0 or more (7.5 is usual)");
+  }
   if (args.width < 0 || args.height < 0 || args.width % 8 || args.height % 8) {
     throw ConfigError("--width and --height must be multiples of 8");
   }
@@ -84,8 +86,10 @@ void add_generate_options(CLI::App& command, GenerateArguments& args) {
       ->capture_default_str();
   command.add_option("--num-images", args.num_images, "Images to generate")->capture_default_str();
   command.add_option("--batch-size", args.batch_size, "Images per UNet batch")->capture_default_str();
-  command.add_option("--width", args.width, "Image width, a multiple of 8 (default: the model's size)");
-  command.add_option("--height", args.height, "Image height, a multiple of 8 (default: the model's size)");
+  command.add_option("--width", args.width, "Image width, a multiple of 8 (default: the model's size)")
+      ->check(CLI::PositiveNumber);
+  command.add_option("--height", args.height, "Image height, a multiple of 8 (default: the model's size)")
+      ->check(CLI::PositiveNumber);
   command.add_option("--dtype", args.dtype, "auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")->capture_default_str();
   command.add_option("--device", args.device, "auto, cpu, cuda or cuda:N")->capture_default_str();
   command.add_option("--variant", args.variant, "Weight file variant, e.g. fp16");

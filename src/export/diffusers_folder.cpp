@@ -4,6 +4,7 @@
 
 #include "sdtrain/util/atomic_file.h"
 #include "sdtrain/util/error.h"
+#include "sdtrain/util/kill_point.h"
 #include "sdtrain/util/staged_folder.h"
 
 namespace fs = std::filesystem;
@@ -76,12 +77,20 @@ void export_pipeline(const PipelineExport& job, const fs::path& output_dir) {
   if (!job.base) throw std::invalid_argument("export_pipeline: no base model folder");
   const io::ModelFolder& base = *job.base;
   create_folder(output_dir);
+  // model_index.json marks a finished folder: it goes first and comes back last, so a reader
+  // (from_pretrained, sdtrain generate) never loads components of two different exports, and
+  // an export killed half way leaves a folder that no loader takes for a model.
+  std::error_code error;
+  fs::remove(output_dir / "model_index.json", error);
+  if (error) throw OutputError("cannot remove " + (output_dir / "model_index.json").string() + ": " + error.message());
+  sync_directory(output_dir);
   for (const auto& component : base.components()) {
     const fs::path target = output_dir / component.name;
     auto trained = job.trained.find(component.name);
     if (trained != job.trained.end()) {
       write_model_component(target, base.config_path(component.name), trained->second,
                             weights_file_name(component.library), job.dtype);
+      kill_point("export-component");
       continue;
     }
     StagedFolder staged(target);
@@ -94,7 +103,9 @@ void export_pipeline(const PipelineExport& job, const fs::path& output_dir) {
       copy_folder_files(component.dir, staged.path());
     }
     staged.publish();
+    kill_point("export-component");
   }
+  kill_point("export-before-index");
   copy_file_atomically(base.root() / "model_index.json", output_dir / "model_index.json");
 }
 

@@ -162,9 +162,20 @@ Image apply_exif_orientation(const Image& image, int orientation) {
   return out;
 }
 
+// 100 megapixels: 300 MB decoded, far above any camera photo a DreamBooth set uses.
+constexpr int64_t kMaxImagePixels = 100'000'000;
+
 Image decode_image(std::string_view bytes, const std::string& source) {
   if (bytes.empty()) throw InputDataError(source + ": the file is empty; remove it or replace it with a PNG/JPEG photo");
   int width = 0, height = 0, channels = 0;
+  // A decoder's "too large" says nothing of what to do; the size itself does.
+  if (stbi_info_from_memory(reinterpret_cast<const stbi_uc*>(bytes.data()), static_cast<int>(bytes.size()), &width,
+                            &height, &channels) &&
+      static_cast<int64_t>(width) * height > kMaxImagePixels) {
+    throw InputDataError(source + ": the image is " + std::to_string(width) + "x" + std::to_string(height) +
+                         " pixels, more than the " + std::to_string(kMaxImagePixels / 1000000) +
+                         " megapixels sdtrain reads; scale it down (training crops to resolution, at most 4096)");
+  }
   // Ask for 3 channels: stb expands gray/palette and drops alpha, and reduces 16-bit PNG
   // samples to their high byte.
   std::unique_ptr<stbi_uc, void (*)(void*)> pixels(
@@ -172,8 +183,12 @@ Image decode_image(std::string_view bytes, const std::string& source) {
                             &width, &height, &channels, 3),
       stbi_image_free);
   if (!pixels) {
-    throw InputDataError(source + ": cannot decode image (" + std::string(stbi_failure_reason()) +
-                         "); re-save it as PNG or baseline JPEG, or remove it");
+    const std::string reason = stbi_failure_reason();
+    if (reason == "too large") {  // stb refuses images over 1 GiB of pixels before decoding
+      throw InputDataError(source + ": the image is too large to decode (over 1 GiB of pixels); scale it down "
+                           "(training crops to resolution, at most 4096)");
+    }
+    throw InputDataError(source + ": cannot decode image (" + reason + "); re-save it as PNG or baseline JPEG, or remove it");
   }
   Image image;
   image.width = width;

@@ -31,9 +31,20 @@ DatasetInfo read_dataset_info(const fs::path& instance_dir) {
 std::vector<fs::path> list_images(const fs::path& dir) {
   if (!fs::is_directory(dir)) throw InputDataError(dir.string() + ": folder not found");
   std::vector<fs::path> images;
-  for (const auto& entry : fs::directory_iterator(dir)) {
-    if (entry.is_regular_file() && io::is_image_file(entry.path())) images.push_back(entry.path());
+  std::error_code error;
+  for (auto it = fs::directory_iterator(dir, error); !error && it != fs::directory_iterator(); it.increment(error)) {
+    if (!io::is_image_file(it->path())) continue;
+    std::error_code status;
+    const bool regular = it->is_regular_file(status);
+    // A symbolic link that loops or leads nowhere is the user's to fix, not something to skip.
+    if (status || (!regular && it->is_symlink(status))) {
+      throw InputDataError(it->path().string() + ": cannot be read as an image (" +
+                           (status ? status.message() : std::string("a symbolic link to nothing")) +
+                           "); remove it or point it at a photo");
+    }
+    if (regular) images.push_back(it->path());
   }
+  if (error) throw InputDataError(dir.string() + ": cannot list the folder (" + error.message() + ")");
   std::sort(images.begin(), images.end());
   return images;
 }

@@ -8,6 +8,7 @@
 
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/optim/optimizer.h"
+#include "sdtrain/train/output_dir.h"
 #include "sdtrain/util/error.h"
 
 namespace sdtrain::train {
@@ -54,8 +55,9 @@ void check_tokenizer(const io::ModelFolder& folder) {
   }
 }
 
-std::vector<ComponentSize> check_model(const TrainConfig& config) {
+std::vector<ComponentSize> check_model(const TrainConfig& config, std::vector<std::string>& component_names) {
   io::ModelFolder folder(config.pretrained_model_name_or_path);
+  for (const auto& component : folder.components()) component_names.push_back(component.name);
   for (const auto& name : io::stable_diffusion_components()) folder.require(name);
   folder.config("scheduler");
   check_tokenizer(folder);
@@ -105,7 +107,8 @@ TrainingPlan plan_training(const TrainConfig& config) {
     throw ConfigError("\"mixed_precision\": \"fp16\" needs a CUDA GPU; on CPU use \"no\" or \"bf16\"");
   }
 
-  plan.components = check_model(c);
+  std::vector<std::string> component_names;
+  plan.components = check_model(c, component_names);
 
   DatasetInfo info = read_dataset_info(c.instance_data_dir);
   resolve_prompts(c, info, plan.warnings);
@@ -127,6 +130,7 @@ TrainingPlan plan_training(const TrainConfig& config) {
     // diffusers' DreamBoothDataset: one epoch is max(class images, instance images) samples.
     plan.dataset_length = std::max<int64_t>(instances, c.num_class_images);
   }
+  check_output_dir_is_not_an_input(c, component_names);
   int64_t batches = (plan.dataset_length + c.train_batch_size - 1) / c.train_batch_size;
   plan.steps_per_epoch = (batches + c.gradient_accumulation_steps - 1) / c.gradient_accumulation_steps;
   plan.total_steps = c.max_steps ? *c.max_steps : c.epochs * plan.steps_per_epoch;

@@ -2,12 +2,14 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <functional>
 #include <map>
 #include <set>
 
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/json.h"
+#include "sdtrain/util/text.h"
 
 namespace sdtrain::train {
 namespace {
@@ -49,20 +51,26 @@ int64_t parse_integer(const json& value, const Origin& origin, const std::string
 }
 
 double parse_number(const json& value, const Origin& origin, const std::string& key) {
-  if (value.is_number()) return value.get<double>();
+  if (value.is_number() && std::isfinite(value.get<double>())) return value.get<double>();
   if (value.is_string()) {
     const auto& s = value.get_ref<const std::string&>();
     try {
       std::size_t used = 0;
       double parsed = std::stod(s, &used);
-      if (used == s.size()) return parsed;
-    } catch (const std::exception&) {
+      if (used == s.size() && std::isfinite(parsed)) return parsed;
+      if (used == s.size()) fail(origin, key, "expected a finite number, got " + printable(s));
+    } catch (const std::logic_error&) {  // stod: not a number, or out of double's range
     }
   }
-  fail(origin, key, "expected a number, got " + value.dump());
+  fail(origin, key, "expected a number, got " + printable(value.dump(-1, ' ', false, json::error_handler_t::replace)));
 }
 
 std::string parse_string(const json& value, const Origin& origin, const std::string& key) {
+  if (value.is_string() && !is_valid_utf8(value.get_ref<const std::string&>())) {
+    // Paths and prompts go into train_config.json and PNG metadata, which are UTF-8.
+    fail(origin, key, "is not valid UTF-8: \"" + printable(value.get_ref<const std::string&>()) +
+                          "\" (rename the file or folder, or fix the text's encoding)");
+  }
   if (value.is_string()) return value.get<std::string>();
   fail(origin, key, "expected a string, got " + value.dump());
 }
@@ -75,6 +83,15 @@ Check<T> at_least(T minimum) {
   return [minimum](const T& v) -> std::optional<std::string> {
     if (v >= minimum) return std::nullopt;
     return "must be at least " + json(minimum).dump() + ", got " + json(v).dump();
+  };
+}
+
+// SD 1/2 train at 512 or 768. At 4096 the UNet's first self-attention already spans 262,144
+// latent positions; far beyond it, allocations fail deep inside the run instead of here.
+Check<int> in_range(int minimum, int maximum) {
+  return [minimum, maximum](const int& v) -> std::optional<std::string> {
+    if (v >= minimum && v <= maximum) return std::nullopt;
+    return "must be between " + std::to_string(minimum) + " and " + std::to_string(maximum) + ", got " + std::to_string(v);
   };
 }
 
@@ -196,7 +213,7 @@ const std::vector<Field>& fields() {
         field("output_dir", &C::output_dir, "Where checkpoints, samples, logs and the final diffusers folder go.", {}, {}, true),
         field("instance_prompt", &C::instance_prompt, "Prompt with the identifier, e.g. \"a photo of sks cat\". Empty: from dataset_info.json."),
         field("class_prompt", &C::class_prompt, "Prompt of the class, e.g. \"a photo of a cat\". Empty: from dataset_info.json."),
-        field("resolution", &C::resolution, "Training image size in pixels (shorter side resized, then cropped square); multiple of 8.", at_least(8)),
+        field("resolution", &C::resolution, "Training image size in pixels (shorter side resized, then cropped square); multiple of 8, at most 4096.", in_range(8, 4096)),
         field("center_crop", &C::center_crop, "Center crop instead of a random crop."),
         field("random_flip", &C::random_flip, "Flip images horizontally at random."),
         field("with_prior_preservation", &C::with_prior_preservation, "Add the class-image (prior-preservation) loss."),
@@ -242,6 +259,8 @@ const std::vector<Field>& fields() {
         optional_field("checkpoints_total_limit", &C::checkpoints_total_limit, "Keep at most this many checkpoints; null keeps all.", at_least(1)),
         field("resume_from_checkpoint", &C::resume_from_checkpoint,
               "\"latest\", a checkpoint folder (checkpoint-N, looked up in output_dir too), or empty to start fresh."),
+        field("resume_reset_epoch", &C::resume_reset_epoch,
+              "When the photos or class images changed since the checkpoint: resume at the start of the next epoch, keeping the step count."),
         field("validation_prompts", &C::validation_prompts, "Prompts sampled every validation_steps into output_dir/samples/."),
         field("validation_steps", &C::validation_steps, "Sample validation images every N optimizer steps.", at_least(1)),
         field("num_validation_images", &C::num_validation_images, "Images per validation prompt.", at_least(1)),
@@ -353,7 +372,7 @@ TrainConfig load_train_config(const fs::path& config_file, const std::vector<std
     std::string key = assignment.substr(0, equals);
     std::string text = assignment.substr(equals + 1);
     json value = json::parse(text, nullptr, /*allow_exceptions=*/false);
-    if (value.is_discarded()) value = text;  // plain words are strings: --set instance_prompt=a photo
+    if (value.is_discarded()) value = text;  // plain words are strings: --set 'instance_prompt=a photo'
     apply(config, key, value, command_line, seen_overrides);
     seen.emplace(find_field(key)->info.name, key);
   }

@@ -26,9 +26,12 @@
 #include "sdtrain/train/interrupt.h"
 #include "sdtrain/train/lr_schedule.h"
 #include "sdtrain/train/mixed_precision.h"
+#include "sdtrain/train/output_dir.h"
 #include "sdtrain/util/atomic_file.h"
 #include "sdtrain/util/error.h"
+#include "sdtrain/util/kill_point.h"
 #include "sdtrain/util/log.h"
+#include "sdtrain/util/output_lock.h"
 #include "sdtrain/util/progress.h"
 
 namespace fs = std::filesystem;
@@ -46,6 +49,7 @@ constexpr const char* kEmaDir = "unet_ema";
 const std::vector<std::string>& resumable_differences() {
   static const std::vector<std::string> keys = {
       "epochs", "max_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+      "resume_reset_epoch",
       "validation_prompts", "validation_steps", "num_validation_images", "save_dtype", "output_dir",
       "device", "sample_batch_size", "num_class_images", "prior_generation_precision",
       "prior_generation_scheduler", "prior_generation_steps", "prior_generation_guidance_scale"};
@@ -92,7 +96,8 @@ class TrainingRun {
   TrainSummary run();
 
  private:
-  void prepare_output_dir();
+  void take_output_dir();
+  void check_saved_position(TrainerState& saved, const fs::path& checkpoint) const;
   void generate_class_images();
   void validate_now();
   void load_models();
@@ -156,35 +161,16 @@ class TrainingRun {
   int64_t skipped_steps_ = 0;
   int64_t last_checkpoint_step_ = -1;
   std::unique_ptr<Progress> progress_;
+  std::optional<OutputLock> lock_;
   std::ofstream metrics_;
 };
 
-void TrainingRun::prepare_output_dir() {
-  std::error_code error;
-  fs::create_directories(output_dir_ / "logs", error);
-  if (error) {
-    throw OutputError("cannot create output_dir " + output_dir_.string() + ": " + error.message() +
-                      " (choose a writable output_dir)");
+void TrainingRun::take_output_dir() {
+  lock_.emplace(output_dir_);  // held until the run ends; a second run into output_dir stops here
+  for (const auto& leftover : remove_leftovers(output_dir_)) {
+    log::info("removed " + leftover.string() + " (left by a run that was killed)");
   }
-  // A run has trained once it logged a step; train_config.json alone (a run stopped while
-  // generating class images) is set-up that the same command may simply redo.
-  std::error_code ignored;
-  const fs::path metrics = output_dir_ / "logs" / "metrics.jsonl";
-  const bool has_run = !list_checkpoints(output_dir_).empty() || fs::exists(output_dir_ / "model_index.json") ||
-                       (fs::exists(metrics) && fs::file_size(metrics, ignored) > 0);
-  if (has_run && config_.resume_from_checkpoint.empty()) {
-    if (!options_.overwrite) {
-      throw ConfigError("output_dir " + output_dir_.string() +
-                        " already holds a training run; set \"resume_from_checkpoint\": \"latest\" to continue "
-                        "it, choose another output_dir, or pass --overwrite to start again (removes its "
-                        "checkpoints)");
-    }
-    for (const auto& checkpoint : list_checkpoints(output_dir_)) {
-      log::info("--overwrite: removing " + checkpoint.string());
-      fs::remove_all(checkpoint);
-    }
-    fs::remove(output_dir_ / "logs" / "metrics.jsonl", error);
-  }
+  prepare_output_dir(config_, options_.overwrite);
   write_file_atomically(output_dir_ / kConfigFile, config_.to_json().dump(2) + "\n");
 }
 
@@ -296,6 +282,8 @@ void TrainingRun::prepare_data() {
   std::vector<fs::path> classes;
   if (config_.with_prior_preservation) classes = list_images(config_.class_data_dir);
   dataset_.emplace(instance, classes, preprocess_options(config_));
+  state_.dataset = {dataset_->num_instance_images(), dataset_->num_class_images(),
+                    (dataset_->size() + config_.train_batch_size - 1) / config_.train_batch_size};
   instance_ids_ = tokenizer_->encode_batch({config_.instance_prompt});
   if (config_.with_prior_preservation) class_ids_ = tokenizer_->encode_batch({config_.class_prompt});
 }
@@ -363,10 +351,12 @@ void TrainingRun::resume() {
   if (config_.resume_from_checkpoint.empty()) return;
   const auto checkpoint = resolve_checkpoint(output_dir_, config_.resume_from_checkpoint);
   if (!checkpoint) {
+    // prepare_output_dir refused a folder holding an earlier run, so nothing is lost here.
     log::info("resume_from_checkpoint \"latest\": no checkpoint in " + output_dir_.string() + ", starting afresh");
     return;
   }
   TrainerState saved = read_trainer_state(*checkpoint);
+  check_saved_position(saved, *checkpoint);
   const nlohmann::ordered_json current = config_.to_json();
   std::string differences;
   for (const auto& [key, value] : current.items()) {
@@ -391,10 +381,43 @@ void TrainingRun::resume() {
   optimizer_->load_state(io::SafetensorsFile(*checkpoint / kOptimizerFile));
   if (ema_) ema_->load(*checkpoint / kEmaDir / "diffusion_pytorch_model.safetensors");
   scaler_->set_state(saved.loss_scale, saved.loss_scale_growth_tracker);
-  generator_.set_state(saved.rng_state);
+  try {
+    generator_.set_state(saved.rng_state);
+  } catch (const c10::Error&) {
+    throw ModelError((*checkpoint / "random_states.safetensors").string() +
+                     ": \"cpu_generator\" is not a CPU generator state; resume from another checkpoint");
+  }
+  const TrainerState::Dataset dataset = state_.dataset;
   state_ = saved;
   state_.config = current;
+  state_.dataset = dataset;
   last_checkpoint_step_ = saved.global_step;
+}
+
+void TrainingRun::check_saved_position(TrainerState& saved, const fs::path& checkpoint) const {
+  // The saved position counts micro-batches of the data as it was; photos added or removed
+  // since make it point elsewhere, or past the end of the epoch.
+  const TrainerState::Dataset& now = state_.dataset;
+  const bool recorded = saved.dataset.instance_images >= 0;
+  const bool changed = recorded ? saved.dataset.instance_images != now.instance_images ||
+                                      saved.dataset.class_images != now.class_images ||
+                                      saved.dataset.batches_per_epoch != now.batches_per_epoch
+                                : saved.batch_in_epoch > now.batches_per_epoch;
+  if (!changed) return;
+  const std::string what =
+      recorded ? log::str(saved.dataset.instance_images, " photos and ", saved.dataset.class_images, " class images then, ",
+                          now.instance_images, " and ", now.class_images, " now")
+               : log::str("it stopped at micro-batch ", saved.batch_in_epoch, " of an epoch that now has ",
+                          now.batches_per_epoch);
+  if (!config_.resume_reset_epoch) {
+    throw InputDataError("cannot resume from " + checkpoint.string() + ": the training images changed since it was written (" +
+                         what + "). Restore them, or set \"resume_reset_epoch\": true (--set resume_reset_epoch=true) "
+                         "to continue at the start of the next epoch with the same step count");
+  }
+  log::warn("resume_reset_epoch: the training images changed (" + what + "); continuing at the start of epoch " +
+            std::to_string(saved.epoch + (saved.batch_in_epoch > 0 ? 1 : 0)));
+  if (saved.batch_in_epoch > 0) saved.epoch += 1;
+  saved.batch_in_epoch = 0;
 }
 
 torch::Tensor TrainingRun::latents_for(const std::vector<int64_t>& indices, const torch::Tensor& pixels) {
@@ -579,7 +602,8 @@ void TrainingRun::save_checkpoint_now() {
 void TrainingRun::check_interrupt() {
   const int signal = InterruptWatch::pending();
   if (signal == 0) return;
-  if (last_checkpoint_step_ != state_.global_step) save_checkpoint_now();
+  // Nothing to save before the first step: the same command simply starts again.
+  if (state_.global_step > 0 && last_checkpoint_step_ != state_.global_step) save_checkpoint_now();
   if (progress_) progress_->finish();
   throw Error(exit_code_for_signal(signal), log::str("interrupted at step ", state_.global_step, "/", plan_.total_steps,
                        "; resume with \"resume_from_checkpoint\": \"latest\" (or --set resume_from_checkpoint=latest)"));
@@ -596,8 +620,17 @@ void TrainingRun::write_metrics(const StepRecord& record) {
   line["skipped"] = record.skipped;
   line["seconds"] = record.seconds;
   line["peak_memory_bytes"] = record.peak_memory;
-  metrics_ << line.dump() << "\n";
+  const std::string text = line.dump() + "\n";
+  if (kill_point_due("metrics-line")) {
+    metrics_ << text.substr(0, text.size() / 2) << std::flush;
+    kill_now();
+  }
+  metrics_ << text;
   metrics_.flush();
+  if (!metrics_) {
+    throw OutputError("cannot write " + (output_dir_ / "logs" / "metrics.jsonl").string() +
+                      " (is the disk full?); resume with \"resume_from_checkpoint\": \"latest\" once there is room");
+  }
 }
 
 void TrainingRun::train_loop() {
@@ -609,6 +642,13 @@ void TrainingRun::train_loop() {
   int64_t window_count = 0;
   auto step_started = std::chrono::steady_clock::now();
   while (state_.global_step < plan_.total_steps) {
+    // Every pass starts at a step boundary (an epoch's last micro-batch always steps), so an
+    // interrupt is honoured here even when a pass trains nothing.
+    check_interrupt();
+    if (state_.batch_in_epoch >= batches_per_epoch) {
+      state_.epoch += 1;
+      state_.batch_in_epoch = 0;
+    }
     const std::vector<int64_t> order = dataset_->epoch_order(config_.seed, state_.epoch);
     for (int64_t b = state_.batch_in_epoch; b < batches_per_epoch && state_.global_step < plan_.total_steps; ++b) {
       const auto first = order.begin() + b * batch_size;
@@ -628,6 +668,7 @@ void TrainingRun::train_loop() {
       record.loss = window_loss.item<double>() / window_count;
       optimizer_step(record);
       state_.global_step += 1;
+      kill_point("step");
       state_.last_loss = record.loss;
       ++steps_this_run_;
       if (!std::isfinite(record.loss) && !scaler_->enabled()) {
@@ -678,7 +719,7 @@ void TrainingRun::export_final_model() {
 TrainSummary TrainingRun::run() {
   const auto started = std::chrono::steady_clock::now();
   InterruptWatch interrupts;
-  prepare_output_dir();
+  take_output_dir();
   generate_class_images();
   load_models();
   prepare_data();
@@ -686,6 +727,9 @@ TrainSummary TrainingRun::run() {
   cache_latents();
   make_optimizer();
   resume();
+  // Records of steps after the resumed one (and a line torn by a kill) are dropped, so the
+  // steps retrained now are not logged twice.
+  keep_metrics_up_to(output_dir_ / "logs" / "metrics.jsonl", state_.global_step);
   metrics_.open(output_dir_ / "logs" / "metrics.jsonl", std::ios::app);
   if (!metrics_) throw OutputError("cannot write " + (output_dir_ / "logs" / "metrics.jsonl").string());
   reset_peak_device_memory(device_);

@@ -87,6 +87,12 @@ TEST(Cli, InputDataErrorsExitWithCode2AndNameTheFile) {
   expect_contains(r, "corrupt.jpg");
   fs::remove(instance / "corrupt.jpg");
 
+  fs::create_symlink("loop.png", instance / "loop.png");  // a symbolic link to itself
+  r = sdtrain_run("--config " + config.string() + " --dry-run");
+  EXPECT_EQ(r.code, 2) << r.output;
+  expect_contains(r, "loop.png");
+  fs::remove(instance / "loop.png");
+
   fs::remove(instance / "dataset_info.json");
   r = sdtrain_run("--config " + config.string() + " --dry-run");
   EXPECT_EQ(r.code, 2);

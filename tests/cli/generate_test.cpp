@@ -100,6 +100,13 @@ TEST(Generate, BadArgumentsGiveTheDocumentedExitCodes) {
   r = generate(base + "--model " + demo_model() + " --dtype fp16 --out " + (dir / "e").string());
   EXPECT_EQ(r.code, 1) << r.output;
   EXPECT_EQ(generate("--prompt x").code, 1);  // --model is required
+
+  for (const std::string bad : {"--guidance-scale inf", "--guidance-scale nan", "--width 0", "--height 0"}) {
+    r = generate("--prompt x --steps 2 --device cpu --model " + demo_model() + " " + bad + " --out " +
+                 (dir / "f").string());
+    EXPECT_EQ(r.code, 1) << bad << "\n" << r.output;
+    EXPECT_FALSE(fs::exists(dir / "f" / "s0-0000.png")) << bad;
+  }
 }
 
 }  // namespace

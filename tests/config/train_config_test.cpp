@@ -109,6 +109,16 @@ TEST(TrainConfig, OutOfRangeValuesNameTheKey) {
   EXPECT_NE(config_error("{" + kMinimal + R"(, "device": "tpu"})").find("\"device\""), std::string::npos);
 }
 
+TEST(TrainConfig, NonFiniteNumbersHugeResolutionsAndNonUtf8TextAreErrors) {
+  EXPECT_NE(config_error("{" + kMinimal + "}", {"learning_rate=Infinity"}).find("\"learning_rate\": expected a finite number"),
+            std::string::npos);
+  EXPECT_NE(config_error("{" + kMinimal + "}", {"prior_loss_weight=nan"}).find("\"prior_loss_weight\""), std::string::npos);
+  EXPECT_NE(config_error("{" + kMinimal + R"(, "learning_rate": 1e999})").find("number overflow"), std::string::npos);
+  EXPECT_NE(config_error("{" + kMinimal + R"(, "resolution": 20000})").find("between 8 and 4096"), std::string::npos);
+  const std::string message = config_error("{" + kMinimal + "}", {"output_dir=out\xff\xfe"});
+  EXPECT_NE(message.find("\"output_dir\": is not valid UTF-8: \"out\\xff\\xfe\""), std::string::npos) << message;
+}
+
 TEST(TrainConfig, ContradictionsAreErrors) {
   EXPECT_NE(config_error("{" + kMinimal + R"(, "use_8bit_adam": true, "optimizer": "adamw"})").find("contradicts"), std::string::npos);
   EXPECT_NE(config_error("{" + kMinimal + R"(, "cache_latents": true, "random_flip": true, "center_crop": true})").find("random_flip"), std::string::npos);

@@ -117,6 +117,28 @@ INSTANTIATE_TEST_SUITE_P(Files, BrokenImage,
                          ::testing::Values("broken_truncated.jpg", "broken_empty.png",
                                            "broken_text.png", "broken_garbage.png"));
 
+TEST(BrokenImage, AHugeImageIsRefusedBeforeDecodingWithAdviceThatFits) {
+  // PNGs whose header claims 20000x20000 and 12000x12000 pixels (no pixel data needed).
+  auto be32 = [](uint32_t v) {
+    return std::string{static_cast<char>(v >> 24), static_cast<char>(v >> 16), static_cast<char>(v >> 8),
+                       static_cast<char>(v)};
+  };
+  for (const auto& [side, expected] : {std::pair<uint32_t, std::string>{20000, "huge.png: the image is too large to decode"},
+                                        {12000, "huge.png: the image is 12000x12000 pixels"}}) {
+    const std::string png = "\x89PNG\r\n\x1a\n" + be32(13) + "IHDR" + be32(side) + be32(side) +
+                            std::string("\x08\x02\x00\x00\x00", 5) + be32(0);
+    try {
+      decode_image(png, "huge.png");
+      FAIL() << "a " << side << "x" << side << " image was accepted";
+    } catch (const InputDataError& e) {
+      const std::string message = e.what();
+      EXPECT_NE(message.find(expected), std::string::npos) << message;
+      EXPECT_NE(message.find("scale it down"), std::string::npos) << message;
+      EXPECT_EQ(message.find("re-save it as PNG"), std::string::npos) << message;
+    }
+  }
+}
+
 TEST(ImageFiles, ExtensionsAreCaseInsensitive) {
   EXPECT_TRUE(is_image_file("a.PNG"));
   EXPECT_TRUE(is_image_file("a.Jpeg"));

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "sdtrain/train/checkpoint.h"
 #include "sdtrain/util/error.h"
@@ -60,7 +61,9 @@ TEST(Checkpoint, AFailedSaveLeavesNoCheckpointAndKeepsThePreviousOne) {
                                [](const fs::path&) { throw OutputError("No space left on device"); }),
                OutputError);
   EXPECT_FALSE(fs::exists(out / "checkpoint-20"));
-  EXPECT_FALSE(fs::exists(out / ".checkpoint-20.partial"));
+  for (const auto& entry : fs::directory_iterator(out)) {
+    EXPECT_FALSE(entry.path().filename().string().starts_with(".checkpoint-20.partial")) << entry.path();
+  }
   ASSERT_EQ(list_checkpoints(out).size(), 1u);
   EXPECT_EQ(read_trainer_state(out / "checkpoint-10").global_step, 10);
 }
@@ -96,6 +99,53 @@ TEST(Checkpoint, ResolvesLatestNamesAndPaths) {
     EXPECT_NE(message.find("checkpoint-7"), std::string::npos) << message;
     EXPECT_NE(message.find("checkpoint-15"), std::string::npos) << message;  // lists what exists
   }
+}
+
+// Replaces `key` of checkpoint_dir/trainer_state.json with `value` (a JSON text).
+void edit_state(const fs::path& checkpoint_dir, const std::string& key, const std::string& value) {
+  const fs::path path = checkpoint_dir / "trainer_state.json";
+  nlohmann::json json = nlohmann::json::parse(std::ifstream(path));
+  json[key] = nlohmann::json::parse(value);
+  std::ofstream(path) << json.dump(2);
+}
+
+TEST(Checkpoint, OutOfRangeOrDamagedTrainerStateFieldsAreRefusedNamingTheFile) {
+  const std::vector<std::pair<std::string, std::string>> edits = {
+      {"global_step", "-5"},       {"global_step", "1000"},   {"global_step", "\"12\""},
+      {"epoch", "-1"},             {"batch_in_epoch", "-3"},   {"batch_in_epoch", "2.5"},
+      {"loss_scale", "0"},         {"loss_scale", "-1"},       {"loss_scale_growth_tracker", "-2"},
+      {"config", "[1, 2]"},        {"config", "null"},         {"dataset", "{\"instance_images\": 0}"}};
+  for (const auto& [key, value] : edits) {
+    const fs::path out = testing::scratch_dir();
+    const fs::path dir = save_checkpoint(out, sample_state(12), write_marker);
+    edit_state(dir, key, value);
+    try {
+      read_trainer_state(dir);
+      ADD_FAILURE() << key << " = " << value << " was accepted";
+    } catch (const ModelError& error) {
+      const std::string message = error.what();
+      EXPECT_NE(message.find((dir / "trainer_state.json").string()), std::string::npos) << message;
+      const std::string needle = key == "dataset" ? "instance_images" : key;  // the field inside it
+      EXPECT_NE(message.find(needle), std::string::npos) << key << ": " << message;
+    }
+  }
+}
+
+TEST(Checkpoint, LatestIsTheNewestWholeCheckpointAndANamedDamagedOneIsRefused) {
+  const fs::path out = testing::scratch_dir();
+  save_checkpoint(out, sample_state(5), write_marker);
+  save_checkpoint(out, sample_state(15), write_marker);
+  std::ofstream(out / "checkpoint-15" / "marker.txt") << "modelz";  // same size, one byte differs
+  EXPECT_EQ(resolve_checkpoint(out, "latest").value(), out / "checkpoint-5");
+  try {
+    resolve_checkpoint(out, "checkpoint-15");
+    FAIL() << "a damaged checkpoint was accepted";
+  } catch (const ModelError& error) {
+    EXPECT_NE(std::string(error.what()).find((out / "checkpoint-15" / "marker.txt").string()), std::string::npos)
+        << error.what();
+  }
+  fs::remove(out / "checkpoint-5" / "manifest.json");  // as a save killed before its manifest
+  EXPECT_THROW(resolve_checkpoint(out, "latest"), ModelError);
 }
 
 }  // namespace

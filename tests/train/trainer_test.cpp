@@ -7,58 +7,26 @@
 //  * interruption (SIGTERM) saves a checkpoint and exits 143;
 //  * bad input: an output_dir holding another run, divergence.
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
-#include <chrono>
 #include <fstream>
-#include <functional>
 #include <nlohmann/json.hpp>
-#include <thread>
 
 #include "sdtrain/io/safetensors.h"
 #include "sdtrain/util/atomic_file.h"
 #include "test_support.h"
+#include "train_support.h"
 
 namespace fs = std::filesystem;
 using sdtrain::testing::run_command;
 
 namespace {
 
-fs::path demo() { return sdtrain::testing::source_dir() / "configs" / "demo"; }
+using sdtrain::testing::demo;
+using sdtrain::testing::write_config;
 
 using RunResult = sdtrain::testing::CommandResult;
 
 RunResult sdtrain(const std::string& args) { return sdtrain::testing::run_sdtrain(args); }
-
-// A training config over the demo model and photos. Class images: the demo photos themselves
-// (num_class_images = their count), so no sampling is needed for these tests.
-fs::path write_config(const fs::path& dir, const nlohmann::json& overrides) {
-  const fs::path classes = dir / "class_images";
-  if (!fs::exists(classes)) {
-    fs::create_directories(classes);
-    for (const auto& entry : fs::directory_iterator(demo() / "instance")) {
-      if (entry.path().extension() != ".json") fs::copy_file(entry.path(), classes / entry.path().filename());
-    }
-  }
-  nlohmann::json config = {{"pretrained_model_name_or_path", (demo() / "model").string()},
-                           {"instance_data_dir", (demo() / "instance").string()},
-                           {"class_data_dir", classes.string()},
-                           {"output_dir", (dir / "out").string()},
-                           {"resolution", 64},
-                           {"center_crop", true},
-                           {"train_batch_size", 1},
-                           {"max_steps", 10},
-                           {"learning_rate", 1e-4},
-                           {"checkpointing_steps", 1000},
-                           {"seed", 7},
-                           {"device", "cpu"}};
-  if (overrides.is_object()) config.update(overrides);
-  const fs::path path = dir / "config.json";
-  std::ofstream(path) << config.dump(2);
-  return path;
-}
 
 nlohmann::json reference_replay(const fs::path& dir, int total_steps) {
   std::string output;
@@ -228,23 +196,7 @@ TEST(TrainOutput, DivergenceStopsWithExitCode6) {
   EXPECT_FALSE(fs::exists(dir / "out" / "model_index.json"));
 }
 
-// Starts `sdtrain --config config` (stderr to dir/log.txt), waits until `ready()` or 60 s, then
-// sends SIGTERM as a spot reclaim would; returns the wait status.
-int run_and_terminate(const fs::path& dir, const fs::path& config, const std::function<bool()>& ready) {
-  const pid_t child = ::fork();
-  if (child == 0) {
-    const std::string exe = sdtrain::testing::sdtrain_exe();
-    const std::string log = (dir / "log.txt").string();
-    if (!::freopen(log.c_str(), "w", stderr)) ::_exit(126);
-    ::execl(exe.c_str(), exe.c_str(), "--config", config.c_str(), static_cast<char*>(nullptr));
-    ::_exit(127);
-  }
-  for (int i = 0; i < 600 && !ready(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  ::kill(child, SIGTERM);
-  int status = 0;
-  ::waitpid(child, &status, 0);
-  return status;
-}
+using sdtrain::testing::run_and_terminate;
 
 TEST(TrainInterrupt, SigtermSavesACheckpointAndExits143) {
   const fs::path dir = sdtrain::testing::scratch_dir();

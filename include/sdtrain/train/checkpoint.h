@@ -9,9 +9,11 @@
 //   checkpoint-N/optimizer.safetensors  optimizer state (AdamW moments or 8-bit states + absmax)
 //   checkpoint-N/trainer_state.json     step, epoch, position in the epoch, loss scale, config
 //   checkpoint-N/random_states.safetensors  the training generator's state
+//   checkpoint-N/manifest.json          size and XXH3-128 of every other file, written last
 //
-// A checkpoint is assembled as .checkpoint-N.partial and renamed when complete, so a crash or
-// a full disk while saving leaves the previous checkpoints as they were.
+// A checkpoint is assembled as .checkpoint-N.partial.PID and renamed when complete, so a crash
+// or a full disk while saving leaves the previous checkpoints as they were; resume trusts only
+// a checkpoint whose manifest matches every file (util/file_manifest.h).
 
 #include <torch/torch.h>
 
@@ -31,6 +33,13 @@ struct TrainerState {
   double loss_scale = 1.0;
   int64_t loss_scale_growth_tracker = 0;
   double last_loss = 0.0;
+  // The data the position above counts in, so a resume notices photos added or removed
+  // (-1: not recorded, a checkpoint of sdtrain 0.1).
+  struct Dataset {
+    int64_t instance_images = -1;
+    int64_t class_images = -1;
+    int64_t batches_per_epoch = -1;
+  } dataset;
   torch::Tensor rng_state;       // CPU generator state (uint8)
   nlohmann::ordered_json config; // the run's resolved TrainConfig
 };
@@ -40,6 +49,8 @@ struct TrainerState {
 std::filesystem::path save_checkpoint(const std::filesystem::path& output_dir, const TrainerState& state,
                                       const std::function<void(const std::filesystem::path&)>& write_models);
 
+// Reads and range-checks checkpoint_dir/trainer_state.json; a damaged or edited field is a
+// ModelError (exit 3) naming the file.
 TrainerState read_trainer_state(const std::filesystem::path& checkpoint_dir);
 
 // checkpoint-N folders in output_dir, oldest (lowest N) first. Partial ones are not listed.
@@ -48,9 +59,10 @@ std::vector<std::filesystem::path> list_checkpoints(const std::filesystem::path&
 // Removes the oldest checkpoints so that at most `keep` remain.
 void prune_checkpoints(const std::filesystem::path& output_dir, int keep);
 
-// resume_from_checkpoint: "latest" (the newest in output_dir, or nullopt when there is none),
-// "checkpoint-N" (inside output_dir) or a path to a checkpoint folder. Throws ConfigError when
-// a named checkpoint does not exist or is not a checkpoint.
+// resume_from_checkpoint: "latest" (the newest checkpoint in output_dir whose manifest
+// verifies, or nullopt when there is none at all), "checkpoint-N" (inside output_dir) or a path
+// to a checkpoint folder. Throws ConfigError when a named checkpoint does not exist, ModelError
+// when the one named (or, for "latest", every one) fails its manifest.
 std::optional<std::filesystem::path> resolve_checkpoint(const std::filesystem::path& output_dir,
                                                         const std::string& spec);
 

@@ -68,6 +68,7 @@ struct TrainConfig {
   int checkpointing_steps = 500;
   std::optional<int> checkpoints_total_limit;
   std::string resume_from_checkpoint;
+  bool resume_reset_epoch = false;
   std::vector<std::string> validation_prompts;
   int validation_steps = 100;
   int num_validation_images = 4;
