@@ -11,7 +11,13 @@
 
 namespace sdtrain::testing {
 
-std::filesystem::path source_dir() { return SDTRAIN_SOURCE_DIR; }
+namespace paths {  // tests/test_paths.cpp.in
+extern const char* const kSourceDir;
+extern const char* const kBinaryDir;
+extern const char* const kReferencePython;
+}  // namespace paths
+
+std::filesystem::path source_dir() { return paths::kSourceDir; }
 
 std::filesystem::path fixture(const std::string& relative) {
   return source_dir() / "tests" / "fixtures" / relative;
@@ -20,7 +26,7 @@ std::filesystem::path fixture(const std::string& relative) {
 std::filesystem::path scratch_dir() {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
   std::string name = info ? std::string(info->test_suite_name()) + "." + info->name() : "scratch";
-  auto dir = std::filesystem::path(SDTRAIN_BINARY_DIR) / "test-scratch" / name;
+  auto dir = std::filesystem::path(paths::kBinaryDir) / "test-scratch" / name;
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   return dir;
@@ -28,7 +34,7 @@ std::filesystem::path scratch_dir() {
 
 std::string reference_python() {
   if (const char* env = std::getenv("SDTRAIN_PYTHON")) return env;
-  return SDTRAIN_PYTHON;
+  return paths::kReferencePython;
 }
 
 int run_command(const std::string& command, std::string* output) {
@@ -79,7 +85,7 @@ void expect_model_error(const std::function<void()>& action, const std::vector<s
 
 std::string sdtrain_exe() {
   if (const char* env = std::getenv("SDTRAIN_EXE")) return env;
-  return std::string(SDTRAIN_BINARY_DIR) + "/sdtrain";
+  return std::string(paths::kBinaryDir) + "/sdtrain";
 }
 
 }  // namespace sdtrain::testing
