@@ -2,12 +2,16 @@
 // loss w.r.t. every parameter and the inputs, on the tiny models of
 // tools/make_unet_vae_fixtures.py, in fp32 on CPU.
 //
-// Tolerance: max|ours - ref| <= 1e-5 * max|ref| for outputs and gradients. Both sides run the
-// same ATen CPU kernels (conv, GroupNorm, SDPA, GELU) in the same order, so the only
-// differences come from reductions that may be split differently (thread count, SDPA kernel
-// choice): fp32 rounding at ~1e-7 relative per operation, accumulated over ~100 layers. The
-// measured ratios are ~1e-7 (see docs/models.md); 1e-5 leaves two orders of margin while still
-// catching any real mistake (a wrong eps, head split or skip order moves outputs by >1e-3).
+// Tolerance: max|ours - ref| <= kTolerance * max|ref| for outputs and input gradients, and
+// kGradientTolerance for parameter gradients. Both sides run the same ATen CPU kernels (conv,
+// GroupNorm, SDPA, GELU) in the same order, so the only differences come from reductions split
+// differently (thread count, and the CPU capability's vector width: scalar, AVX2, AVX-512).
+// Outputs agree to ~1e-6. A parameter gradient is a sum over every position, and for the
+// normalisation weights that sum nearly cancels, so its last bits move most: across
+// capabilities and 1-4 threads the worst ratio measured is 1.44e-5 (DEFAULT, 2 threads;
+// docs/parity.md), and the reference regenerated on another CPU moves as much against its own
+// committed fixture. Any real mistake (a wrong eps, head split or skip order) moves outputs and
+// gradients by >1e-3.
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -22,7 +26,8 @@ using sdtrain::testing::difference;
 
 namespace {
 
-constexpr double kTolerance = 1e-5;  // relative to max|ref|, see the file comment
+constexpr double kTolerance = 1e-5;          // relative to max|ref|, see the file comment
+constexpr double kGradientTolerance = 1.5e-5;  // parameter gradients, see the file comment
 
 UNet2DConditionModel load_fixture_unet(const std::string& name) {
   return load_unet(sdtrain::testing::model_fixture(name), LoadOptions{});
@@ -74,7 +79,7 @@ TEST_P(UNetGradientParity, EveryParameterGradientMatchesDiffusers) {
     // Per tensor: relative to that gradient's own scale (floored at 1e-3 of the loss scale for
     // gradients that are almost zero, e.g. biases right before a GroupNorm).
     const double scale = std::max(d.max_ref, 1e-3);
-    EXPECT_LE(d.max_abs, kTolerance * scale) << "grad of " << item.key() << ": " << describe(d);
+    EXPECT_LE(d.max_abs, kGradientTolerance * scale) << "grad of " << item.key() << ": " << describe(d);
     if (d.max_abs / scale > worst) worst = d.max_abs / scale, worst_key = item.key();
     ++compared;
   }
@@ -82,7 +87,7 @@ TEST_P(UNetGradientParity, EveryParameterGradientMatchesDiffusers) {
   for (const auto& [key, value] : io) expected_count += key.rfind("grad.", 0) == 0;
   EXPECT_EQ(compared, expected_count) << "reference has gradients for parameters we lack";
   std::cout << "[ measured ] " << name << ": " << compared << " parameter gradients, worst ratio " << worst << " ("
-            << worst_key << ")\n";
+            << worst_key << ", " << at::get_cpu_capability() << ", " << at::get_num_threads() << " threads)\n";
 
   for (const auto& [key, tensor] : {std::pair{"sample", sample}, std::pair{"encoder_hidden_states", context}}) {
     auto d = difference(tensor.grad(), io.at(std::string("grad_input.") + key));

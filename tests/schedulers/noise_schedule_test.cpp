@@ -2,9 +2,12 @@
 // (tools/make_scheduler_fixtures.py): betas and alphas_cumprod for every beta schedule, and
 // add_noise, the velocity target and the SNR for fixed inputs.
 //
-// Tolerance: betas/alphas_cumprod exact for linear and scaled_linear (the same float32 torch
-// ops); the cosine schedule and trained betas are computed in float64 and cast, exact too.
-// add_noise/velocity/snr: 1e-6 relative (float32 products; measured 0).
+// Tolerance: betas/alphas_cumprod for linear and scaled_linear: the same float32 torch ops
+// (linspace, pow, cumprod), whose vectorised kernels round the last bit differently per CPU
+// capability: the reference itself moves by up to 3 ulp (betas) and 2 ulp (alphas_cumprod)
+// between DEFAULT and AVX2 (docs/parity.md), so 3 ulp elementwise. The cosine schedule and
+// trained betas are computed in float64 and cast: exact on every capability (measured).
+// add_noise/velocity/snr: 1e-6 relative (float32 products; measured 0 on AVX2, <4e-7 on DEFAULT).
 
 #include <gtest/gtest.h>
 
@@ -14,6 +17,7 @@
 
 using namespace sdtrain;
 using namespace sdtrain::schedulers;
+using sdtrain::testing::max_ulp_distance;
 using sdtrain::testing::relative_difference;
 
 namespace {
@@ -27,11 +31,14 @@ TEST_P(NoiseScheduleParity, MatchesDDPMScheduler) {
   const std::string key = GetParam();
   ASSERT_TRUE(configs.contains(key)) << sdtrain::testing::kRegenerateSchedulerFixtures;
   NoiseSchedule schedule(SchedulerConfig::from_json(configs.at(key), key));
-  EXPECT_TRUE(torch::equal(schedule.betas(), tensors.at(key + ".betas")))
-      << key << " betas differ by " << relative_difference(schedule.betas(), tensors.at(key + ".betas"));
-  EXPECT_TRUE(torch::equal(schedule.alphas_cumprod(), tensors.at(key + ".alphas_cumprod")))
-      << key << " alphas_cumprod differ by "
-      << relative_difference(schedule.alphas_cumprod(), tensors.at(key + ".alphas_cumprod"));
+  const bool float64_formula = key == "squaredcos_cap_v2" || key == "trained";
+  const int64_t allowed_ulps = float64_formula ? 0 : 3;
+  const int64_t beta_ulps = max_ulp_distance(schedule.betas(), tensors.at(key + ".betas"));
+  const int64_t alpha_ulps = max_ulp_distance(schedule.alphas_cumprod(), tensors.at(key + ".alphas_cumprod"));
+  EXPECT_LE(beta_ulps, allowed_ulps) << key << " betas";
+  EXPECT_LE(alpha_ulps, allowed_ulps) << key << " alphas_cumprod";
+  std::cout << "[ measured ] " << key << ": betas " << beta_ulps << " ulp, alphas_cumprod " << alpha_ulps << " ulp ("
+            << sdtrain::testing::cpu_capability() << ")\n";
   const auto& x0 = tensors.at("x0");
   const auto& noise = tensors.at("noise");
   const auto& t = tensors.at("timesteps");
