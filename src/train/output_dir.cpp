@@ -76,7 +76,7 @@ void check_output_dir_is_not_an_input(const TrainConfig& config, const std::vect
 
 bool output_dir_holds_a_run(const fs::path& output_dir) {
   std::error_code ignored;
-  const fs::path metrics = output_dir / "logs" / "metrics.jsonl";
+  const fs::path metrics = metrics_file(output_dir);
   return !list_checkpoints(output_dir).empty() || fs::exists(output_dir / "model_index.json", ignored) ||
          (fs::is_regular_file(metrics, ignored) && fs::file_size(metrics, ignored) > 0);
 }
@@ -115,7 +115,7 @@ void prepare_output_dir(const TrainConfig& config, bool overwrite) {
     fs::remove_all(checkpoint, error);
     if (error) throw OutputError("--overwrite: cannot remove " + checkpoint.string() + ": " + error.message());
   }
-  for (const fs::path& file : {output_dir / "logs" / "metrics.jsonl", output_dir / "model_index.json"}) {
+  for (const fs::path& file : {metrics_file(output_dir), output_dir / "model_index.json"}) {
     fs::remove(file, error);
     if (error) throw OutputError("--overwrite: cannot remove " + file.string() + ": " + error.message());
   }

@@ -351,7 +351,7 @@ void TrainingRun::resume() {
   if (config_.resume_from_checkpoint.empty()) return;
   const auto checkpoint = resolve_checkpoint(output_dir_, config_.resume_from_checkpoint);
   if (!checkpoint) {
-    // prepare_output_dir refused a folder holding an earlier run, so nothing is lost here.
+    // prepare_output_dir refused a folder holding model files, so nothing is lost here.
     log::info("resume_from_checkpoint \"latest\": no checkpoint in " + output_dir_.string() + ", starting afresh");
     return;
   }
@@ -628,7 +628,7 @@ void TrainingRun::write_metrics(const StepRecord& record) {
   metrics_ << text;
   metrics_.flush();
   if (!metrics_) {
-    throw OutputError("cannot write " + (output_dir_ / "logs" / "metrics.jsonl").string() +
+    throw OutputError("cannot write " + metrics_file(output_dir_).string() +
                       " (is the disk full?); resume with \"resume_from_checkpoint\": \"latest\" once there is room");
   }
 }
@@ -636,7 +636,7 @@ void TrainingRun::write_metrics(const StepRecord& record) {
 void TrainingRun::train_loop() {
   const int64_t batch_size = config_.train_batch_size;
   const int64_t accumulation = config_.gradient_accumulation_steps;
-  const int64_t batches_per_epoch = (dataset_->size() + batch_size - 1) / batch_size;
+  const int64_t batches_per_epoch = state_.dataset.batches_per_epoch;  // set by prepare_data
   int64_t micro_index = 0;
   torch::Tensor window_loss = torch::zeros({}, torch::kDouble);
   int64_t window_count = 0;
@@ -729,9 +729,9 @@ TrainSummary TrainingRun::run() {
   resume();
   // Records of steps after the resumed one (and a line torn by a kill) are dropped, so the
   // steps retrained now are not logged twice.
-  keep_metrics_up_to(output_dir_ / "logs" / "metrics.jsonl", state_.global_step);
-  metrics_.open(output_dir_ / "logs" / "metrics.jsonl", std::ios::app);
-  if (!metrics_) throw OutputError("cannot write " + (output_dir_ / "logs" / "metrics.jsonl").string());
+  keep_metrics_up_to(metrics_file(output_dir_), state_.global_step);
+  metrics_.open(metrics_file(output_dir_), std::ios::app);
+  if (!metrics_) throw OutputError("cannot write " + metrics_file(output_dir_).string());
   reset_peak_device_memory(device_);
   progress_ = std::make_unique<Progress>("train", plan_.total_steps, state_.global_step);
   train_loop();

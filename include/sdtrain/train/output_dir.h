@@ -23,6 +23,11 @@ namespace sdtrain::train {
 // subfolders of the model folder (unet, vae, ...) that an export writes into output_dir.
 void check_output_dir_is_not_an_input(const TrainConfig& config, const std::vector<std::string>& base_components);
 
+// output_dir/logs/metrics.jsonl: one JSON record per optimizer step.
+inline std::filesystem::path metrics_file(const std::filesystem::path& output_dir) {
+  return output_dir / "logs" / "metrics.jsonl";
+}
+
 // True when output_dir holds a run: a checkpoint, a published model or a logged step.
 bool output_dir_holds_a_run(const std::filesystem::path& output_dir);
 
