@@ -41,7 +41,18 @@ torch::Tensor make_betas(const SchedulerConfig& config) {
 }
 
 NoiseSchedule::NoiseSchedule(const SchedulerConfig& config)
-    : config_(config), betas_(make_betas(config)), alphas_cumprod_(torch::cumprod(1.0 - betas_, 0)) {}
+    : config_(config), betas_(make_betas(config)), alphas_cumprod_(torch::cumprod(1.0 - betas_, 0)) {
+  // The whole table at once: square roots, the division and the square are correctly rounded,
+  // so each entry equals what compute_snr gives for that timestep alone.
+  snr_ = (alphas_cumprod_.pow(0.5) / (1.0 - alphas_cumprod_).pow(0.5)).pow(2);
+}
+
+NoiseSchedule NoiseSchedule::on(torch::Device device) const {
+  NoiseSchedule copy = *this;
+  copy.alphas_cumprod_ = alphas_cumprod_.to(device);
+  copy.snr_ = snr_.to(device);
+  return copy;
+}
 
 std::pair<torch::Tensor, torch::Tensor> NoiseSchedule::coefficients(const torch::Tensor& timesteps,
                                                                     const torch::Tensor& like) const {
@@ -74,10 +85,8 @@ torch::Tensor NoiseSchedule::training_target(const torch::Tensor& x0, const torc
 }
 
 torch::Tensor NoiseSchedule::snr(const torch::Tensor& timesteps) const {
-  const torch::Tensor t = timesteps.to(torch::kCPU, torch::kLong);
-  const torch::Tensor alpha = alphas_cumprod_.pow(0.5).index_select(0, t);
-  const torch::Tensor sigma = (1.0 - alphas_cumprod_).pow(0.5).index_select(0, t);
-  return (alpha / sigma).pow(2).to(timesteps.device());
+  const torch::Tensor t = timesteps.to(snr_.device(), torch::kLong);
+  return snr_.index_select(0, t).to(timesteps.device());
 }
 
 }  // namespace sdtrain::schedulers

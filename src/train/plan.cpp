@@ -8,7 +8,9 @@
 
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/optim/optimizer.h"
+#include "sdtrain/train/lr_schedule.h"
 #include "sdtrain/train/output_dir.h"
+#include "sdtrain/train/trained_set.h"
 #include "sdtrain/util/error.h"
 
 namespace sdtrain::train {
@@ -135,12 +137,13 @@ TrainingPlan plan_training(const TrainConfig& config) {
   plan.steps_per_epoch = (batches + c.gradient_accumulation_steps - 1) / c.gradient_accumulation_steps;
   plan.total_steps = c.max_steps ? *c.max_steps : c.epochs * plan.steps_per_epoch;
   plan.epochs = (plan.total_steps + plan.steps_per_epoch - 1) / plan.steps_per_epoch;
+  validate(lr_schedule_options(c, plan.total_steps));  // before any weight loads
 
   bool gpu = plan.device != "cpu";
   int64_t frozen_bytes_per_parameter = gpu || c.mixed_precision != "no" ? 2 : 4;
+  const std::vector<std::string> trained = trained_component_names(c);
   for (const auto& component : plan.components) {
-    bool trained = component.name == "unet" || (component.name == "text_encoder" && c.train_text_encoder);
-    if (trained) {
+    if (std::find(trained.begin(), trained.end(), component.name) != trained.end()) {
       plan.memory.trained_weights += 4 * component.parameters;
       plan.memory.gradients += 4 * component.parameters;
       plan.memory.optimizer_state += (c.resolved_optimizer() == "adamw8bit" ? optim::adamw8bit_state_bytes(component.tensor_sizes)

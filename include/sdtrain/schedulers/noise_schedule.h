@@ -36,6 +36,11 @@ class NoiseSchedule {
   // diffusers.training_utils.compute_snr does ((sqrt(ac) / sqrt(1 - ac))^2).
   torch::Tensor snr(const torch::Tensor& timesteps) const;
 
+  // A copy whose tables live on `device`, so that add_noise, training_target and snr index
+  // them there without a host round trip (the training loss never synchronises; see
+  // docs/architecture.md). Values are the CPU-computed ones, moved unchanged.
+  NoiseSchedule on(torch::Device device) const;
+
  private:
   // sqrt(ac[t]) and sqrt(1 - ac[t]) in `like`'s dtype/device, shaped [B, 1, 1, ...].
   std::pair<torch::Tensor, torch::Tensor> coefficients(const torch::Tensor& timesteps, const torch::Tensor& like) const;
@@ -43,6 +48,7 @@ class NoiseSchedule {
   SchedulerConfig config_;
   torch::Tensor betas_;
   torch::Tensor alphas_cumprod_;
+  torch::Tensor snr_;  // float32 [T], SNR of every timestep, on the same device as alphas_cumprod_
 };
 
 }  // namespace sdtrain::schedulers

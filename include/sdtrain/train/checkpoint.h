@@ -26,6 +26,10 @@
 
 namespace sdtrain::train {
 
+// File names inside checkpoint-N/ besides the trained components' folders.
+inline constexpr const char* kCheckpointOptimizerFile = "optimizer.safetensors";
+inline constexpr const char* kCheckpointEmaDir = "unet_ema";
+
 struct TrainerState {
   int64_t global_step = 0;       // optimizer steps taken
   int64_t epoch = 0;             // epoch in progress
@@ -65,5 +69,18 @@ void prune_checkpoints(const std::filesystem::path& output_dir, int keep);
 // when the one named (or, for "latest", every one) fails its manifest.
 std::optional<std::filesystem::path> resolve_checkpoint(const std::filesystem::path& output_dir,
                                                         const std::string& spec);
+
+// Throws ConfigError listing every setting that differs between the run that wrote
+// `checkpoint` and `current` (the resolved configuration now), except those a resume may change:
+// how long to train and what to write on the way. The rest changes the math.
+void check_resumable_settings(const TrainerState& saved, const nlohmann::ordered_json& current,
+                              const std::filesystem::path& checkpoint);
+
+// The saved position counts micro-batches of the data as it was; photos added or removed since
+// make it point elsewhere, or past the end of the epoch. Unchanged data: nothing happens.
+// Changed: InputDataError, or with `reset_epoch` a warning and `saved` moved to the start of
+// the next epoch (same step count).
+void check_saved_position(TrainerState& saved, const TrainerState::Dataset& now, bool reset_epoch,
+                          const std::filesystem::path& checkpoint);
 
 }  // namespace sdtrain::train

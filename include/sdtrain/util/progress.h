@@ -47,5 +47,7 @@ class Progress {
 
 // "1h02m", "3m05s", "12s".
 std::string format_duration(double seconds);
+// "9.35 GiB": bytes in GiB with two decimals.
+std::string format_gib(int64_t bytes);
 
 }  // namespace sdtrain

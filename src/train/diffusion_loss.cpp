@@ -1,0 +1,173 @@
+#include "sdtrain/train/diffusion_loss.h"
+
+#include "sdtrain/util/log.h"
+
+namespace sdtrain::train {
+
+LossInputSampler::Options LossInputSampler::options_for(const TrainConfig& config,
+                                                        int64_t num_train_timesteps,
+                                                        c10::ScalarType vae_dtype,
+                                                        torch::Device device) {
+  Options options;
+  options.cache_latents = config.cache_latents;
+  options.offset_noise = config.offset_noise;
+  options.prior_preservation = config.with_prior_preservation;
+  options.num_train_timesteps = num_train_timesteps;
+  options.vae_dtype = vae_dtype;
+  options.device = device;
+  return options;
+}
+
+LossInputSampler::LossInputSampler(const DreamBoothDataset& data, models::AutoencoderKL vae,
+                                   Options options, at::Generator generator)
+    : data_(data), vae_(std::move(vae)), options_(options), generator_(std::move(generator)) {}
+
+void LossInputSampler::cache_latents() {
+  if (!options_.cache_latents) return;
+  torch::NoGradGuard no_grad;
+  auto encode = [&](const torch::Tensor& resized, std::vector<CachedPosterior>& cache) {
+    const torch::Tensor pixels = augment(resized, data_.options(), generator_).unsqueeze(0);
+    auto posterior = vae_->encode(pixels.to(options_.device, options_.vae_dtype));
+    cache.push_back({posterior.mean, posterior.std});
+  };
+  for (int64_t i = 0; i < data_.num_instance_images(); ++i) {
+    encode(data_.resized_instance(i), cached_instance_);
+  }
+  for (int64_t i = 0; i < data_.num_class_images(); ++i) {
+    encode(data_.resized_class(i), cached_class_);
+  }
+  log::info(log::str("cache_latents: encoded ", cached_instance_.size() + cached_class_.size(),
+                     " images once"));
+}
+
+torch::Tensor LossInputSampler::sample_cached(const std::vector<int64_t>& indices) {
+  // Sample i pairs photo i mod n with class image i mod m (the dataset's pairing).
+  std::vector<torch::Tensor> means, stds;
+  auto add = [&](const CachedPosterior& cached) {
+    means.push_back(cached.mean);
+    stds.push_back(cached.std);
+  };
+  for (int64_t i : indices) add(cached_instance_[i % cached_instance_.size()]);
+  if (options_.prior_preservation) {
+    for (int64_t i : indices) add(cached_class_[i % cached_class_.size()]);
+  }
+  const torch::Tensor mean = torch::cat(means);
+  const auto cpu = mean.options().device(torch::kCPU);
+  const torch::Tensor noise = at::randn(mean.sizes(), generator_, cpu).to(options_.device);
+  return mean + torch::cat(stds) * noise;
+}
+
+torch::Tensor LossInputSampler::latents_for(const std::vector<int64_t>& indices) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor latents;
+  if (options_.cache_latents) {
+    latents = sample_cached(indices);
+  } else {
+    const torch::Tensor pixels = data_.batch(indices, generator_);
+    latents = vae_->encode(pixels.to(options_.device, options_.vae_dtype)).sample(generator_);
+  }
+  return latents * vae_->config().scaling_factor;
+}
+
+LossInputs LossInputSampler::draw(const std::vector<int64_t>& indices) {
+  // With cache_latents the crops and flips were drawn once, when the latents were cached.
+  const torch::Tensor latents = latents_for(indices);
+  const auto cpu = latents.options().device(torch::kCPU);
+  torch::Tensor noise = at::randn(latents.sizes(), generator_, cpu).to(options_.device);
+  if (options_.offset_noise) {
+    // diffusers' offset noise: 0.1 × N(0,1) per sample and channel.
+    const torch::Tensor offset =
+        at::randn({latents.size(0), latents.size(1), 1, 1}, generator_, cpu);
+    noise = noise + 0.1 * offset.to(options_.device);
+  }
+  const torch::Tensor timesteps =
+      at::randint(0, options_.num_train_timesteps, {latents.size(0)}, generator_,
+                  torch::TensorOptions().dtype(torch::kLong))
+          .to(options_.device);
+  return {latents, noise, timesteps};
+}
+
+PromptConditioning::PromptConditioning(models::CLIPTextModel text_encoder,
+                                       const torch::Tensor& instance_ids,
+                                       const torch::Tensor& class_ids, bool trained,
+                                       torch::Device device)
+    : text_encoder_(std::move(text_encoder)), trained_(trained) {
+  instance_ = instance_ids.to(device);
+  if (class_ids.defined()) class_ = class_ids.to(device);
+  if (trained_) return;
+  // A frozen encoder maps each prompt to the same embedding every step: once is enough.
+  torch::NoGradGuard no_grad;
+  instance_ = text_encoder_->forward(instance_);
+  if (class_.defined()) class_ = text_encoder_->forward(class_);
+}
+
+torch::Tensor PromptConditioning::embeddings(int64_t instance_samples) {
+  auto repeat = [&](const torch::Tensor& prompt) {
+    return trained_ ? prompt.expand({instance_samples, -1})
+                    : prompt.expand({instance_samples, -1, -1});
+  };
+  torch::Tensor batch = repeat(instance_);
+  if (class_.defined()) batch = torch::cat({batch, repeat(class_)});
+  return trained_ ? text_encoder_->forward(batch) : batch;
+}
+
+DiffusionLoss::Options DiffusionLoss::options_for(const TrainConfig& config, Precision precision,
+                                                  torch::Device device) {
+  Options options;
+  options.prior_preservation = config.with_prior_preservation;
+  options.prior_loss_weight = config.prior_loss_weight;
+  options.snr_gamma = config.snr_gamma;
+  options.precision = precision;
+  options.device = device;
+  return options;
+}
+
+DiffusionLoss::DiffusionLoss(const schedulers::NoiseSchedule& schedule,
+                             models::UNet2DConditionModel unet, PromptConditioning prompts,
+                             Options options)
+    : schedule_(schedule.on(options.device)),
+      unet_(std::move(unet)),
+      prompts_(std::move(prompts)),
+      options_(options) {}
+
+torch::Tensor DiffusionLoss::instance_loss(const torch::Tensor& prediction,
+                                           const torch::Tensor& target,
+                                           const torch::Tensor& timesteps) const {
+  if (!options_.snr_gamma) return torch::mse_loss(prediction, target);
+  // Min-SNR-γ (Hang et al. 2023) as diffusers weights it, on the instance half only: the SNR
+  // of the instance timesteps (diffusers uses all timesteps there, a known bug).
+  const torch::Tensor snr = schedule_.snr(timesteps);
+  torch::Tensor weights = torch::clamp_max(snr, *options_.snr_gamma);
+  const bool velocity = schedule_.prediction_type() == schedulers::PredictionType::v_prediction;
+  weights = velocity ? weights / (snr + 1) : weights / snr;
+  const torch::Tensor per_sample =
+      torch::mse_loss(prediction, target, at::Reduction::None).mean(std::vector<int64_t>{1, 2, 3});
+  return (per_sample * weights.to(per_sample.device())).mean();
+}
+
+torch::Tensor DiffusionLoss::operator()(const LossInputs& inputs) {
+  const torch::Tensor noisy = schedule_.add_noise(inputs.latents, inputs.noise, inputs.timesteps);
+  const torch::Tensor target =
+      schedule_.training_target(inputs.latents, inputs.noise, inputs.timesteps);
+  const int64_t batch = inputs.latents.size(0);
+  torch::Tensor prediction;
+  {
+    AutocastGuard autocast(options_.device.type(), options_.precision);
+    const torch::Tensor embeds =
+        prompts_.embeddings(options_.prior_preservation ? batch / 2 : batch);
+    prediction = unet_->forward(noisy, inputs.timesteps, embeds);
+  }
+  prediction = prediction.to(torch::kFloat);
+  const torch::Tensor target32 = target.to(torch::kFloat);
+  if (!options_.prior_preservation) {
+    return instance_loss(prediction, target32, inputs.timesteps);
+  }
+  const auto predictions = prediction.chunk(2, 0);
+  const auto targets = target32.chunk(2, 0);
+  const torch::Tensor prior_loss = torch::mse_loss(predictions[1], targets[1]);
+  const torch::Tensor loss =
+      instance_loss(predictions[0], targets[0], inputs.timesteps.chunk(2, 0)[0]);
+  return loss + options_.prior_loss_weight * prior_loss;
+}
+
+}  // namespace sdtrain::train

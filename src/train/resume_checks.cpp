@@ -1,0 +1,74 @@
+// What a resume checks before it trusts a checkpoint's position (checkpoint.h).
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "sdtrain/train/checkpoint.h"
+#include "sdtrain/util/error.h"
+#include "sdtrain/util/log.h"
+
+namespace fs = std::filesystem;
+
+namespace sdtrain::train {
+
+namespace {
+
+const std::vector<std::string>& resumable_differences() {
+  static const std::vector<std::string> keys = {
+      "epochs", "max_steps", "checkpointing_steps", "checkpoints_total_limit",
+      "resume_from_checkpoint", "resume_reset_epoch", "validation_prompts", "validation_steps",
+      "num_validation_images", "save_dtype", "output_dir", "device", "sample_batch_size",
+      "num_class_images", "prior_generation_precision", "prior_generation_scheduler",
+      "prior_generation_steps", "prior_generation_guidance_scale"};
+  return keys;
+}
+
+bool may_differ(const std::string& key) {
+  const auto& keys = resumable_differences();
+  return std::find(keys.begin(), keys.end(), key) != keys.end();
+}
+
+}  // namespace
+
+void check_resumable_settings(const TrainerState& saved, const nlohmann::ordered_json& current,
+                              const fs::path& checkpoint) {
+  std::string differences;
+  for (const auto& [key, value] : current.items()) {
+    if (!may_differ(key) && saved.config.contains(key) && saved.config[key] != value) {
+      differences += "\n  " + key + ": checkpoint " + saved.config[key].dump() + ", now " + value.dump();
+    }
+  }
+  if (differences.empty()) return;
+  throw ConfigError("cannot resume from " + checkpoint.string() +
+                    ": these settings differ from the run that wrote it:" + differences +
+                    "\nrestore them, or start a new run in another output_dir");
+}
+
+void check_saved_position(TrainerState& saved, const TrainerState::Dataset& now, bool reset_epoch,
+                          const fs::path& checkpoint) {
+  const bool recorded = saved.dataset.instance_images >= 0;
+  const bool changed = recorded ? saved.dataset.instance_images != now.instance_images ||
+                                      saved.dataset.class_images != now.class_images ||
+                                      saved.dataset.batches_per_epoch != now.batches_per_epoch
+                                : saved.batch_in_epoch > now.batches_per_epoch;
+  if (!changed) return;
+  const std::string what =
+      recorded ? log::str(saved.dataset.instance_images, " photos and ", saved.dataset.class_images,
+                          " class images then, ", now.instance_images, " and ", now.class_images, " now")
+               : log::str("it stopped at micro-batch ", saved.batch_in_epoch,
+                          " of an epoch that now has ", now.batches_per_epoch);
+  if (!reset_epoch) {
+    throw InputDataError("cannot resume from " + checkpoint.string() +
+                         ": the training images changed since it was written (" + what +
+                         "). Restore them, or set \"resume_reset_epoch\": true (--set "
+                         "resume_reset_epoch=true) to continue at the start of the next epoch with "
+                         "the same step count");
+  }
+  log::warn("resume_reset_epoch: the training images changed (" + what +
+            "); continuing at the start of epoch " +
+            std::to_string(saved.epoch + (saved.batch_in_epoch > 0 ? 1 : 0)));
+  if (saved.batch_in_epoch > 0) saved.epoch += 1;
+  saved.batch_in_epoch = 0;
+}
+
+}  // namespace sdtrain::train

@@ -1,0 +1,207 @@
+#include "sdtrain/train/run_outputs.h"
+
+#include <iomanip>
+#include <sstream>
+
+#include "sdtrain/export/diffusers_folder.h"
+#include "sdtrain/io/image.h"
+#include "sdtrain/io/safetensors.h"
+#include "sdtrain/pipeline/stable_diffusion_pipeline.h"
+#include "sdtrain/train/output_dir.h"
+#include "sdtrain/util/atomic_file.h"
+#include "sdtrain/util/error.h"
+#include "sdtrain/util/kill_point.h"
+#include "sdtrain/util/log.h"
+
+namespace fs = std::filesystem;
+
+namespace sdtrain::train {
+
+namespace {
+
+constexpr const char* kConfigFile = "train_config.json";
+
+std::string format_number(double value, int precision) {
+  std::ostringstream out;
+  out << std::setprecision(precision) << value;
+  return out.str();
+}
+
+c10::ScalarType save_dtype(const TrainConfig& config) {
+  return config.save_dtype == "fp16" ? torch::kHalf : torch::kFloat;
+}
+
+}  // namespace
+
+RunOutputs::RunOutputs(const TrainingPlan& plan, const io::ModelFolder& base, bool overwrite,
+                       bool is_main_process)
+    : plan_(plan),
+      config_(plan.config),
+      base_(base),
+      output_dir_(plan.config.output_dir),
+      overwrite_(overwrite),
+      main_(is_main_process) {}
+
+void RunOutputs::take_output_dir() {
+  if (!main_) return;
+  lock_.emplace(output_dir_);  // held until the run ends; a second run into output_dir stops here
+  for (const auto& leftover : remove_leftovers(output_dir_)) {
+    log::info("removed " + leftover.string() + " (left by a run that was killed)");
+  }
+  prepare_output_dir(config_, overwrite_);
+  write_file_atomically(output_dir_ / kConfigFile, config_.to_json().dump(2) + "\n");
+}
+
+void RunOutputs::start(int64_t resumed_step, int64_t last_checkpoint_step) {
+  last_checkpoint_step_ = last_checkpoint_step;
+  if (!main_) return;
+  // Records of steps after the resumed one (and a line torn by a kill) are dropped, so the
+  // steps retrained now are not logged twice.
+  const fs::path metrics = metrics_file(output_dir_);
+  keep_metrics_up_to(metrics, resumed_step);
+  metrics_.open(metrics, std::ios::app);
+  if (!metrics_) throw OutputError("cannot write " + metrics.string());
+  progress_ = std::make_unique<Progress>("train", plan_.total_steps, resumed_step);
+}
+
+void RunOutputs::record_step(const StepRecord& record, bool loss_scaling, bool on_gpu) {
+  if (!main_) return;
+  write_metrics(record);
+  const UpdateResult& update = record.update;
+  std::string fields = "loss " + format_number(record.loss, 4) + "  lr " + format_number(update.lr, 3);
+  if (loss_scaling) fields += "  scale " + format_number(update.loss_scale, 6);
+  if (update.skipped) fields += " (step skipped: inf/NaN)";
+  if (on_gpu) fields += "  mem " + format_gib(record.peak_memory);
+  progress_->update(record.step, fields);
+}
+
+void RunOutputs::write_metrics(const StepRecord& record) {
+  nlohmann::ordered_json line;
+  line["step"] = record.step;
+  line["epoch"] = record.epoch;
+  line["loss"] = record.loss;
+  line["lr"] = record.update.lr;
+  line["grad_norm"] = record.update.grad_norm;
+  line["loss_scale"] = record.update.loss_scale;
+  line["skipped"] = record.update.skipped;
+  line["seconds"] = record.seconds;
+  line["peak_memory_bytes"] = record.peak_memory;
+  const std::string text = line.dump() + "\n";
+  if (kill_point_due("metrics-line")) {
+    metrics_ << text.substr(0, text.size() / 2) << std::flush;
+    kill_now();
+  }
+  metrics_ << text;
+  metrics_.flush();
+  if (!metrics_) {
+    throw OutputError("cannot write " + metrics_file(output_dir_).string() +
+                      " (is the disk full?); resume with \"resume_from_checkpoint\": \"latest\" once "
+                      "there is room");
+  }
+}
+
+void RunOutputs::note(const std::string& message) {
+  if (!main_) return;
+  progress_ ? progress_->note(message) : log::info(message);
+}
+
+void RunOutputs::finish_progress() {
+  if (progress_) progress_->finish();
+  progress_.reset();
+}
+
+void RunOutputs::save_checkpoint(const TrainerState& state, const CheckpointContents& contents) {
+  if (!main_) {
+    last_checkpoint_step_ = state.global_step;
+    return;
+  }
+  const fs::path path = train::save_checkpoint(output_dir_, state, [&](const fs::path& dir) {
+    contents.trained.save(dir, base_);
+    if (contents.ema) {
+      fs::create_directories(dir / kCheckpointEmaDir);
+      copy_file_atomically(base_.config_path("unet"), dir / kCheckpointEmaDir / "config.json");
+      contents.ema->save(dir / kCheckpointEmaDir / "diffusion_pytorch_model.safetensors");
+    }
+    io::NamedTensors optimizer_tensors;
+    std::map<std::string, std::string> metadata;
+    contents.optimizer.save_state(optimizer_tensors, metadata);
+    io::save_safetensors(dir / kCheckpointOptimizerFile, optimizer_tensors, metadata);
+  });
+  last_checkpoint_step_ = state.global_step;
+  if (config_.checkpoints_total_limit) prune_checkpoints(output_dir_, *config_.checkpoints_total_limit);
+  note("saved " + path.string());
+}
+
+std::string RunOutputs::last_checkpoint_hint() const {
+  if (last_checkpoint_step_ < 0) return "";
+  const fs::path last = output_dir_ / ("checkpoint-" + std::to_string(last_checkpoint_step_));
+  return " The last good checkpoint is " + last.string() + ".";
+}
+
+void RunOutputs::validate(int64_t step, TrainingModels& models, EMAModel* ema, Precision precision) {
+  if (!main_ || config_.validation_prompts.empty() || config_.validation_steps <= 0) return;
+  if (ema) {
+    ema->store(*models.unet);
+    ema->copy_to(*models.unet);
+  }
+  pipeline::PipelineSettings settings;
+  settings.device = models.unet->parameters().front().device();
+  settings.dtype = torch::kFloat;
+  pipeline::StableDiffusionPipeline sampler(models.tokenizer, models.text_encoder, models.unet,
+                                            models.vae, models.schedule.config(), settings);
+  pipeline::GenerationOptions options;
+  for (const auto& prompt : config_.validation_prompts) {
+    for (int i = 0; i < config_.num_validation_images; ++i) options.prompts.push_back(prompt);
+  }
+  options.num_images = static_cast<int64_t>(options.prompts.size());
+  options.batch_size = config_.num_validation_images;
+  options.steps = 25;
+  options.scheduler = "dpm++2m";
+  options.seed = config_.seed;
+  options.width = options.height = config_.resolution;
+  std::vector<io::Image> images;
+  {
+    AutocastGuard autocast(settings.device.type(), precision);
+    images = sampler.generate(options);
+  }
+  if (ema) ema->restore(*models.unet);
+  const fs::path path = output_dir_ / "samples" / ("step-" + std::to_string(step) + ".png");
+  fs::create_directories(path.parent_path());
+  io::write_png(path, io::make_image_grid(images, config_.num_validation_images),
+                {{"prompts", nlohmann::json(config_.validation_prompts).dump()},
+                 {"step", std::to_string(step)},
+                 {"sampler", "dpm++2m, 25 steps, guidance 7.5"},
+                 {"seed", std::to_string(config_.seed)}});
+  note("validation images: " + path.string());
+}
+
+void RunOutputs::export_model(const TrainedSet& trained, TrainingModels& models,
+                              const EMAModel* ema) {
+  if (!main_) return;
+  if (ema) ema->copy_to(*models.unet);
+  exporter::PipelineExport job;
+  job.base = &base_;
+  job.base_variant = config_.variant;
+  job.dtype = save_dtype(config_);
+  job.trained = trained.weights();
+  exporter::export_pipeline(job, output_dir_);
+  log::info("wrote the fine-tuned model to " + output_dir_.string() +
+            " (StableDiffusionPipeline.from_pretrained)");
+}
+
+void RunOutputs::dump_micro_batch(const fs::path& dump_dir, int64_t micro_index,
+                                  const LossInputs& inputs, const torch::Tensor& loss, bool sync) {
+  if (dump_dir.empty()) return;
+  fs::create_directories(dump_dir);
+  auto host = [](const torch::Tensor& t) { return t.detach().to(torch::kCPU).contiguous(); };
+  io::NamedTensors tensors = {{"latents", host(inputs.latents.to(torch::kFloat))},
+                              {"noise", host(inputs.noise.to(torch::kFloat))},
+                              {"timesteps", host(inputs.timesteps)},
+                              {"loss", host(loss.to(torch::kFloat)).reshape({1})},
+                              {"sync", torch::tensor({sync ? 1 : 0}, torch::kLong)}};
+  std::ostringstream name;
+  name << "micro-" << std::setw(5) << std::setfill('0') << micro_index << ".safetensors";
+  io::save_safetensors(dump_dir / name.str(), tensors);
+}
+
+}  // namespace sdtrain::train

@@ -1,0 +1,102 @@
+#include "sdtrain/train/run_setup.h"
+
+#include "sdtrain/pipeline/class_images.h"
+#include "sdtrain/pipeline/stable_diffusion_pipeline.h"
+#include "sdtrain/train/interrupt.h"
+#include "sdtrain/util/error.h"
+#include "sdtrain/util/log.h"
+#include "sdtrain/util/progress.h"
+
+namespace fs = std::filesystem;
+
+namespace sdtrain::train {
+
+namespace {
+
+pipeline::ClassImageOptions class_image_options(const TrainConfig& config) {
+  pipeline::ClassImageOptions options;
+  options.class_data_dir = config.class_data_dir;
+  options.class_prompt = config.class_prompt;
+  options.num_class_images = config.num_class_images;
+  options.sample_batch_size = config.sample_batch_size;
+  options.scheduler = config.prior_generation_scheduler;
+  options.steps = config.prior_generation_steps;
+  options.guidance_scale = config.prior_generation_guidance_scale;
+  options.seed = config.seed;
+  // At the training resolution: the dataset resizes to it anyway (diffusers samples at the
+  // model's default size, 512 for SD 2.1-base, the same for the usual resolution).
+  options.width = options.height = config.resolution;
+  return options;
+}
+
+}  // namespace
+
+void generate_class_images(const TrainingPlan& plan, const io::ModelFolder& base,
+                           torch::Device device) {
+  const TrainConfig& config = plan.config;
+  if (!config.with_prior_preservation || plan.class_images_to_generate <= 0) return;
+  pipeline::PipelineSettings settings;
+  settings.device = device;
+  settings.dtype = pipeline::resolve_dtype(config.prior_generation_precision, device);
+  settings.variant = config.variant;
+  log::info(log::str("prior preservation: generating ", plan.class_images_to_generate,
+                     " class images of \"", config.class_prompt, "\" in ",
+                     config.class_data_dir));
+  Progress progress("class images", plan.class_images_to_generate, 0, 30.0);
+  auto on_progress = [&](const pipeline::ClassImageProgress& p) {
+    progress.update(p.written, "step " + std::to_string(p.step) + "/" + std::to_string(p.steps));
+    if (const int signal = InterruptWatch::pending()) {
+      // Every image written so far is complete; the next run generates only the rest.
+      progress.finish();
+      throw Error(exit_code_for_signal(signal),
+                  log::str("interrupted while generating class images (", p.written,
+                           " written); run again to generate the rest and train"));
+    }
+  };
+  pipeline::generate_class_images(base.root(), settings, class_image_options(config),
+                                  on_progress);
+  progress.finish();  // generate_class_images released the sampler's GPU memory
+}
+
+std::vector<PipelineModule> TrainingModels::pipeline_modules() const {
+  return {{"unet", "diffusion_pytorch_model", unet.ptr(), {}},
+          {"text_encoder", "model", text_encoder.ptr(), models::map_text_encoder_key},
+          {"vae", "diffusion_pytorch_model", vae.ptr(), {}}};
+}
+
+TrainingModels load_training_models(const io::ModelFolder& base, const TrainConfig& config,
+                                    torch::Device device, Precision precision) {
+  // train_dreambooth.py keeps the trained models in fp32 (master weights) and casts the frozen
+  // VAE and text encoder to the mixed-precision dtype; on the CPU everything stays fp32.
+  const c10::ScalarType frozen = device.is_cuda() ? compute_dtype(precision) : torch::kFloat;
+  const std::string& variant = config.variant;
+  log::info("loading " + base.root().string() + (variant.empty() ? "" : " (variant " + variant + ")"));
+  const c10::ScalarType text_dtype = config.train_text_encoder ? torch::kFloat : frozen;
+  TrainingModels models{
+      text::CLIPTokenizer::from_folder(base.require("tokenizer").dir),
+      models::load_text_encoder(base, {text_dtype, device}, variant),
+      models::load_vae(base, {frozen, device}, variant),
+      models::load_unet(base, {torch::kFloat, device}, variant),
+      schedulers::NoiseSchedule(schedulers::SchedulerConfig::from_json(
+          base.config("scheduler"), base.config_path("scheduler").string())),
+      frozen};
+  if (config.gradient_checkpointing) {
+    models.unet->set_gradient_checkpointing(true);
+    if (config.train_text_encoder) models.text_encoder->set_gradient_checkpointing(true);
+  }
+  if (config.allow_tf32 && device.is_cuda()) {
+    at::globalContext().setAllowTF32CuBLAS(true);
+    at::globalContext().setAllowTF32CuDNN(true);
+  }
+  return models;
+}
+
+DreamBoothDataset load_dataset(const TrainingPlan& plan) {
+  std::vector<fs::path> instance;
+  for (const auto& image : plan.instance_images) instance.push_back(image.path);
+  std::vector<fs::path> classes;
+  if (plan.config.with_prior_preservation) classes = list_images(plan.config.class_data_dir);
+  return DreamBoothDataset(instance, classes, preprocess_options(plan.config));
+}
+
+}  // namespace sdtrain::train

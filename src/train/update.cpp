@@ -1,0 +1,68 @@
+#include "sdtrain/train/update.h"
+
+#include "sdtrain/util/error.h"
+#include "sdtrain/util/log.h"
+
+namespace sdtrain::train {
+
+double clip_gradient_norm(const std::vector<torch::Tensor>& gradients, double max_norm) {
+  std::vector<torch::Tensor> norms;
+  for (const auto& grad : gradients) {
+    if (grad.defined()) {
+      norms.push_back(torch::linalg_vector_norm(grad, 2, c10::nullopt, false, c10::nullopt));
+    }
+  }
+  if (norms.empty()) return 0.0;
+  const torch::Tensor total =
+      torch::linalg_vector_norm(torch::stack(norms), 2, c10::nullopt, false, c10::nullopt);
+  if (max_norm > 0) {
+    const torch::Tensor coefficient = torch::clamp_max(max_norm / (total + 1e-6), 1.0);
+    for (const auto& grad : gradients) {
+      if (grad.defined()) grad.mul_(coefficient.to(grad.device(), grad.scalar_type()));
+    }
+  }
+  return total.item<double>();
+}
+
+UpdatePolicy::UpdatePolicy(const TrainedSet& trained, std::unique_ptr<optim::Optimizer> optimizer,
+                           LossScaler& scaler, EMAModel* ema, torch::nn::Module* ema_module,
+                           UpdateOptions options, std::unique_ptr<GradientReduction> reduction)
+    : trained_(trained),
+      optimizer_(std::move(optimizer)),
+      scaler_(scaler),
+      ema_(ema),
+      ema_module_(ema_module),
+      options_(std::move(options)),
+      reduction_(std::move(reduction)) {}
+
+UpdateResult UpdatePolicy::apply(int64_t global_step, const std::string& recovery_hint) {
+  const std::vector<torch::Tensor> gradients = trained_.gradients();
+  // Reduced while still scaled, as DistributedDataParallel does during backward: every process
+  // then unscales the same sums and agrees on whether the step is skipped.
+  reduction_->reduce(gradients);
+  // One host synchronisation, as GradScaler.step has: the finite check decides the step.
+  const bool finite = scaler_.unscale_and_check(gradients);
+  UpdateResult result;
+  result.lr = learning_rate_at(options_.lr, global_step);
+  result.loss_scale = scaler_.scale_value();
+  if (finite) {
+    result.grad_norm = clip_gradient_norm(gradients, options_.max_grad_norm);
+    optimizer_->set_lr(result.lr);
+    optimizer_->step();
+    if (ema_) ema_->step(*ema_module_);
+  } else if (!scaler_.enabled()) {
+    throw Error(ExitCode::training_diverged,
+                log::str("the gradients became inf/NaN at step ", global_step + 1, " (",
+                         to_string(options_.precision),
+                         "): training diverged. Lower learning_rate, keep max_grad_norm at 1.0, "
+                         "or use mixed_precision bf16/no.") +
+                    recovery_hint);
+  } else {
+    result.skipped = true;
+  }
+  scaler_.update(!finite);
+  optimizer_->zero_grad(true);
+  return result;
+}
+
+}  // namespace sdtrain::train
