@@ -1,6 +1,6 @@
 """CLIP byte-level BPE files (vocab.json + merges.txt) derived from the CLIP merge list.
 
-The vocabulary is fully determined by the merges (shared reference, sd-models.md §5):
+The vocabulary is fully determined by the merges (docs/tokenizer.md, step 4):
 256 byte symbols, the same with "</w>", one entry per merge, then <|startoftext|> and
 <|endoftext|>. `num_merges` truncates the merge list, which gives a small but genuine CLIP
 tokenizer for tiny test models.

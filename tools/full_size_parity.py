@@ -42,7 +42,7 @@ from clip_bpe import write_tokenizer_files  # noqa: E402
 BPE = REPO / "tests/fixtures/clip_bpe/bpe_simple_vocab_16e6.txt.gz"
 BEGIN, END = "<!-- full-size-parity:begin -->", "<!-- full-size-parity:end -->"
 
-# Real configs (shared reference sd-models.md §1a, §1b); unlisted keys take the class defaults,
+# Real configs (the Hub config.json files, see tests/fixtures/configs/README.md); unlisted keys take the class defaults,
 # as they do when the Hub files are loaded.
 TEXT_ENCODER = {
     "sd21": dict(hidden_act="gelu", hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
@@ -68,7 +68,7 @@ VAE = dict(act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_ty
            in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3,
            up_block_types=["UpDecoderBlock2D"] * 4)
 CONFIG_NAMES = {"sd21": "SD 2.1-base", "sd15": "SD 1.5"}
-# Parameter totals of the real models (shared reference sd-models.md); the VAE is shared.
+# Parameter totals of the real models (docs/models.md); the VAE is shared.
 PARAMETERS = {("sd21", "text_encoder"): 340_387_840, ("sd15", "text_encoder"): 123_060_480,
               ("sd21", "unet"): 865_910_724, ("sd15", "unet"): 859_520_964,
               ("sd21", "vae"): 83_653_863, ("sd15", "vae"): 83_653_863}

@@ -2,9 +2,9 @@
 """Writes include/sdtrain/optim/qmap_tables.h from the frozen 8-bit Adam tables.
 
 The tables are the 256-entry signed (first moment) and unsigned (second moment) dynamic maps of
-the reference spec (shared/reference/adam8bit.md, Appendix A). They are frozen as fp32 bit
+bitsandbytes' create_dynamic_map (docs/optimizer.md). They are frozen as fp32 bit
 patterns rather than recomputed, because the reference values carry fp32 rounding of their own
-(spec section 1.5) and checkpoints must match bit for bit.
+(docs/optimizer.md) and checkpoints must match bit for bit.
 
 Usage: tools/generate_qmap_tables.py SIGNED.tsv UNSIGNED.tsv > include/sdtrain/optim/qmap_tables.h
 Each .tsv line: index <TAB> value <TAB> 0x<fp32 bits>.  Standard library only.

@@ -25,7 +25,7 @@ std::string scheduler_help() {
   return "Sampler: " + names;
 }
 
-void validate(const GenerateArguments& args) {
+void check_arguments(const GenerateArguments& args) {
   if (args.steps < 1) throw ConfigError("--steps must be at least 1, got " + std::to_string(args.steps));
   if (args.num_images < 1) throw ConfigError("--num-images must be at least 1");
   if (args.batch_size < 1) throw ConfigError("--batch-size must be at least 1");
@@ -98,7 +98,7 @@ void add_generate_options(CLI::App& command, GenerateArguments& args) {
 }
 
 int run_generate(const GenerateArguments& args) {
-  validate(args);
+  check_arguments(args);
   const torch::Device device = pipeline::resolve_device(args.device);
   const c10::ScalarType dtype = pipeline::resolve_dtype(args.dtype, device);
   const fs::path out = args.out;

@@ -28,20 +28,26 @@ torch::Tensor squaredcos_cap_v2_betas(int64_t count) {
 
 torch::Tensor make_betas(const SchedulerConfig& config) {
   const int64_t count = config.num_train_timesteps;
-  if (!config.trained_betas.empty()) return torch::tensor(config.trained_betas, torch::kFloat64).to(torch::kFloat32);
+  if (!config.trained_betas.empty())
+    return torch::tensor(config.trained_betas, torch::kFloat64).to(torch::kFloat32);
   if (config.beta_schedule == "linear") {
     return torch::linspace(config.beta_start, config.beta_end, count, torch::kFloat32);
   }
   if (config.beta_schedule == "scaled_linear") {
     // Stable Diffusion's schedule: linear in sqrt(beta).
-    return torch::linspace(std::sqrt(config.beta_start), std::sqrt(config.beta_end), count, torch::kFloat32).pow(2);
+    return torch::linspace(std::sqrt(config.beta_start), std::sqrt(config.beta_end), count,
+                           torch::kFloat32)
+        .pow(2);
   }
   if (config.beta_schedule == "squaredcos_cap_v2") return squaredcos_cap_v2_betas(count);
-  throw ModelError("scheduler_config.json: \"beta_schedule\" = \"" + config.beta_schedule + "\" is not supported");
+  throw ModelError("scheduler_config.json: \"beta_schedule\" = \"" + config.beta_schedule +
+                   "\" is not supported");
 }
 
 NoiseSchedule::NoiseSchedule(const SchedulerConfig& config)
-    : config_(config), betas_(make_betas(config)), alphas_cumprod_(torch::cumprod(1.0 - betas_, 0)) {
+    : config_(config),
+      betas_(make_betas(config)),
+      alphas_cumprod_(torch::cumprod(1.0 - betas_, 0)) {
   // The whole table at once: square roots, the division and the square are correctly rounded,
   // so each entry equals what compute_snr gives for that timestep alone.
   snr_ = (alphas_cumprod_.pow(0.5) / (1.0 - alphas_cumprod_).pow(0.5)).pow(2);
@@ -54,8 +60,8 @@ NoiseSchedule NoiseSchedule::on(torch::Device device) const {
   return copy;
 }
 
-std::pair<torch::Tensor, torch::Tensor> NoiseSchedule::coefficients(const torch::Tensor& timesteps,
-                                                                    const torch::Tensor& like) const {
+std::pair<torch::Tensor, torch::Tensor> NoiseSchedule::coefficients(
+    const torch::Tensor& timesteps, const torch::Tensor& like) const {
   TORCH_CHECK(timesteps.dim() == 1 && timesteps.size(0) == like.size(0),
               "timesteps must be [batch] matching the samples' batch");
   // diffusers casts alphas_cumprod to the samples' dtype before the square roots.
@@ -80,7 +86,8 @@ torch::Tensor NoiseSchedule::velocity(const torch::Tensor& x0, const torch::Tens
 
 torch::Tensor NoiseSchedule::training_target(const torch::Tensor& x0, const torch::Tensor& noise,
                                              const torch::Tensor& timesteps) const {
-  if (config_.prediction_type == PredictionType::v_prediction) return velocity(x0, noise, timesteps);
+  if (config_.prediction_type == PredictionType::v_prediction)
+    return velocity(x0, noise, timesteps);
   return noise;
 }
 

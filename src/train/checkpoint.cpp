@@ -24,7 +24,8 @@ namespace {
 constexpr const char* kStateFile = "trainer_state.json";
 constexpr const char* kRandomStatesFile = "random_states.safetensors";
 constexpr const char* kDamagedCheckpointFix =
-    " (the checkpoint was damaged or edited by hand; resume from another checkpoint, or start again with "
+    " (the checkpoint was damaged or edited by hand; resume from another checkpoint, or start "
+    "again with "
     "--overwrite)";
 
 std::optional<int64_t> checkpoint_step(const fs::path& dir) {
@@ -54,11 +55,13 @@ nlohmann::ordered_json state_to_json(const TrainerState& state) {
 
 // A field of trainer_state.json, range-checked: a hand-edited or damaged value is refused here
 // instead of training a wrong number of steps or reading past the end of an epoch.
-int64_t integer_field(const nlohmann::json& json, const char* key, int64_t minimum, const fs::path& path) {
+int64_t integer_field(const nlohmann::json& json, const char* key, int64_t minimum,
+                      const fs::path& path) {
   const nlohmann::json& value = json.at(key);
   if (!value.is_number_integer() || value.get<int64_t>() < minimum) {
-    throw ModelError(path.string() + ": \"" + key + "\" must be an integer of at least " + std::to_string(minimum) +
-                     ", found " + printable(value.dump()) + kDamagedCheckpointFix);
+    throw ModelError(path.string() + ": \"" + key + "\" must be an integer of at least " +
+                     std::to_string(minimum) + ", found " + printable(value.dump()) +
+                     kDamagedCheckpointFix);
   }
   return value.get<int64_t>();
 }
@@ -96,7 +99,8 @@ fs::path save_checkpoint(const fs::path& output_dir, const TrainerState& state,
   const fs::path target = output_dir / ("checkpoint-" + std::to_string(state.global_step));
   StagedFolder staged(target);
   write_models(staged.path());
-  io::save_safetensors(staged.path() / kRandomStatesFile, {{"cpu_generator", state.rng_state.contiguous()}});
+  io::save_safetensors(staged.path() / kRandomStatesFile,
+                       {{"cpu_generator", state.rng_state.contiguous()}});
   write_file_atomically(staged.path() / kStateFile, state_to_json(state).dump(2) + "\n");
   kill_point("checkpoint-files");
   write_manifest(staged.path());  // last: a checkpoint without a valid manifest is not whole
@@ -110,15 +114,17 @@ TrainerState read_trainer_state(const fs::path& checkpoint_dir) {
   const nlohmann::json json = read_json_file(path, ExitCode::model);
   TrainerState state;
   try {
-    if (!json.is_object()) throw ModelError(path.string() + " is not a JSON object" + kDamagedCheckpointFix);
+    if (!json.is_object())
+      throw ModelError(path.string() + " is not a JSON object" + kDamagedCheckpointFix);
     parse_state_fields(json, path, state);
   } catch (const nlohmann::json::exception& error) {
-    throw ModelError(path.string() + " is not a valid trainer state (" + printable(error.what()) + ")" +
-                     kDamagedCheckpointFix);
+    throw ModelError(path.string() + " is not a valid trainer state (" + printable(error.what()) +
+                     ")" + kDamagedCheckpointFix);
   }
   if (const auto step = checkpoint_step(checkpoint_dir); step && *step != state.global_step) {
-    throw ModelError(path.string() + ": \"global_step\" is " + std::to_string(state.global_step) + " in a folder named " +
-                     checkpoint_dir.filename().string() + kDamagedCheckpointFix);
+    throw ModelError(path.string() + ": \"global_step\" is " + std::to_string(state.global_step) +
+                     " in a folder named " + checkpoint_dir.filename().string() +
+                     kDamagedCheckpointFix);
   }
   io::SafetensorsFile random_states(checkpoint_dir / kRandomStatesFile);
   state.rng_state = random_states.tensor("cpu_generator").clone();
@@ -131,7 +137,8 @@ std::vector<fs::path> list_checkpoints(const fs::path& output_dir) {
   if (!fs::is_directory(output_dir, error)) return {};
   for (const auto& entry : fs::directory_iterator(output_dir)) {
     auto step = checkpoint_step(entry.path());
-    if (step && entry.is_directory() && fs::exists(entry.path() / kStateFile)) found.emplace_back(*step, entry.path());
+    if (step && entry.is_directory() && fs::exists(entry.path() / kStateFile))
+      found.emplace_back(*step, entry.path());
   }
   std::sort(found.begin(), found.end());
   std::vector<fs::path> paths;
@@ -144,7 +151,9 @@ void prune_checkpoints(const fs::path& output_dir, int keep) {
   for (size_t i = 0; i + keep < checkpoints.size(); ++i) {
     std::error_code error;
     fs::remove_all(checkpoints[i], error);
-    if (error) throw OutputError("cannot remove old checkpoint " + checkpoints[i].string() + ": " + error.message());
+    if (error)
+      throw OutputError("cannot remove old checkpoint " + checkpoints[i].string() + ": " +
+                        error.message());
   }
 }
 
@@ -152,7 +161,8 @@ std::optional<fs::path> resolve_checkpoint(const fs::path& output_dir, const std
   if (spec == "latest") {
     std::vector<fs::path> checkpoints = list_checkpoints(output_dir);
     std::string problems;
-    // The newest checkpoint that proves it is whole; a damaged newer one is reported and passed over.
+    // The newest checkpoint that proves it is whole; a damaged newer one is reported and passed
+    // over.
     for (auto it = checkpoints.rbegin(); it != checkpoints.rend(); ++it) {
       const auto problem = verify_manifest(*it);
       if (!problem) return *it;
@@ -161,17 +171,20 @@ std::optional<fs::path> resolve_checkpoint(const fs::path& output_dir, const std
     }
     if (checkpoints.empty()) return std::nullopt;
     throw ModelError("resume_from_checkpoint \"latest\": no checkpoint in " + output_dir.string() +
-                     " is whole:" + problems + "\nstart again with --overwrite, or choose another output_dir");
+                     " is whole:" + problems +
+                     "\nstart again with --overwrite, or choose another output_dir");
   }
   fs::path path = spec;
   if (path.is_relative() && !fs::exists(path)) path = output_dir / spec;
   if (!fs::is_directory(path) || !fs::exists(path / kStateFile)) {
     std::string known;
-    for (const auto& checkpoint : list_checkpoints(output_dir)) known += " " + checkpoint.filename().string();
-    throw ConfigError("resume_from_checkpoint: \"" + spec + "\" is not a checkpoint folder (looked for " +
-                      (path / kStateFile).string() + ")" +
-                      (known.empty() ? std::string(" and ") + output_dir.string() + " has no checkpoints"
-                                     : "; checkpoints in " + output_dir.string() + ":" + known));
+    for (const auto& checkpoint : list_checkpoints(output_dir))
+      known += " " + checkpoint.filename().string();
+    throw ConfigError(
+        "resume_from_checkpoint: \"" + spec + "\" is not a checkpoint folder (looked for " +
+        (path / kStateFile).string() + ")" +
+        (known.empty() ? std::string(" and ") + output_dir.string() + " has no checkpoints"
+                       : "; checkpoints in " + output_dir.string() + ":" + known));
   }
   if (const auto problem = verify_manifest(path)) {
     throw ModelError("cannot resume from " + path.string() + ": " + *problem +

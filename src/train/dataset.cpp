@@ -117,7 +117,8 @@ torch::Tensor to_model_input(const torch::Tensor& image) {
 }
 
 PreprocessOptions preprocess_options(const TrainConfig& config) {
-  return PreprocessOptions{config.resolution, config.center_crop, config.random_flip};
+  return PreprocessOptions{config.data.resolution, config.data.center_crop,
+                           config.data.random_flip};
 }
 
 torch::Tensor augment(const torch::Tensor& resized, const PreprocessOptions& options,

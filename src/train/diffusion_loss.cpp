@@ -9,9 +9,9 @@ LossInputSampler::Options LossInputSampler::options_for(const TrainConfig& confi
                                                         c10::ScalarType vae_dtype,
                                                         torch::Device device) {
   Options options;
-  options.cache_latents = config.cache_latents;
-  options.offset_noise = config.offset_noise;
-  options.prior_preservation = config.with_prior_preservation;
+  options.cache_latents = config.data.cache_latents;
+  options.offset_noise = config.loss.offset_noise;
+  options.prior_preservation = config.class_images.with_prior_preservation;
   options.num_train_timesteps = num_train_timesteps;
   options.vae_dtype = vae_dtype;
   options.device = device;
@@ -114,9 +114,9 @@ torch::Tensor PromptConditioning::embeddings(int64_t instance_samples) {
 DiffusionLoss::Options DiffusionLoss::options_for(const TrainConfig& config, Precision precision,
                                                   torch::Device device) {
   Options options;
-  options.prior_preservation = config.with_prior_preservation;
-  options.prior_loss_weight = config.prior_loss_weight;
-  options.snr_gamma = config.snr_gamma;
+  options.prior_preservation = config.class_images.with_prior_preservation;
+  options.prior_loss_weight = config.class_images.prior_loss_weight;
+  options.snr_gamma = config.loss.snr_gamma;
   options.precision = precision;
   options.device = device;
   return options;

@@ -82,18 +82,18 @@ const std::vector<std::string>& lr_schedule_names() {
 
 LrScheduleOptions lr_schedule_options(const TrainConfig& config, int64_t total_steps) {
   LrScheduleOptions o;
-  o.name = config.lr_scheduler;
-  o.learning_rate = config.learning_rate;
-  if (config.scale_lr)
-    o.learning_rate *= config.train_batch_size * config.gradient_accumulation_steps;
-  o.warmup_steps = config.lr_warmup_steps;
+  o.name = config.optimizer.lr_scheduler;
+  o.learning_rate = config.optimizer.learning_rate;
+  if (config.optimizer.scale_lr)
+    o.learning_rate *= config.length.train_batch_size * config.length.gradient_accumulation_steps;
+  o.warmup_steps = config.optimizer.lr_warmup_steps;
   o.total_steps = total_steps;
-  o.num_cycles = config.lr_num_cycles;
-  o.power = config.lr_power;
+  o.num_cycles = config.optimizer.lr_num_cycles;
+  o.power = config.optimizer.lr_power;
   return o;
 }
 
-void validate(const LrScheduleOptions& o) {
+void check_lr_schedule(const LrScheduleOptions& o) {
   const auto& names = lr_schedule_names();
   if (std::find(names.begin(), names.end(), o.name) == names.end()) {
     std::string list;
@@ -114,7 +114,7 @@ void validate(const LrScheduleOptions& o) {
 }
 
 double learning_rate_at(const LrScheduleOptions& options, int64_t step) {
-  validate(options);
+  check_lr_schedule(options);
   return options.learning_rate * multiplier(options, step);
 }
 

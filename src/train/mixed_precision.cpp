@@ -17,21 +17,28 @@ Precision parse_precision(const std::string& name) {
 
 const char* to_string(Precision precision) {
   switch (precision) {
-    case Precision::fp16: return "fp16";
-    case Precision::bf16: return "bf16";
-    default: return "no";
+    case Precision::fp16:
+      return "fp16";
+    case Precision::bf16:
+      return "bf16";
+    default:
+      return "no";
   }
 }
 
 c10::ScalarType compute_dtype(Precision precision) {
   switch (precision) {
-    case Precision::fp16: return torch::kHalf;
-    case Precision::bf16: return torch::kBFloat16;
-    default: return torch::kFloat;
+    case Precision::fp16:
+      return torch::kHalf;
+    case Precision::bf16:
+      return torch::kBFloat16;
+    default:
+      return torch::kFloat;
   }
 }
 
-AutocastGuard::AutocastGuard(c10::DeviceType device_type, Precision precision) : device_type_(device_type) {
+AutocastGuard::AutocastGuard(c10::DeviceType device_type, Precision precision)
+    : device_type_(device_type) {
   if (precision == Precision::fp32) return;
   active_ = true;
   previous_enabled_ = at::autocast::is_autocast_enabled(device_type_);
@@ -82,8 +89,8 @@ bool LossScaler::unscale_and_check(const std::vector<torch::Tensor>& gradients) 
 void LossScaler::update(bool found_non_finite) {
   if (!enabled_) return;
   found_inf_.fill_(found_non_finite ? 1.0 : 0.0);
-  at::_amp_update_scale_(scale_, growth_tracker_, found_inf_, options_.growth_factor, options_.backoff_factor,
-                         options_.growth_interval);
+  at::_amp_update_scale_(scale_, growth_tracker_, found_inf_, options_.growth_factor,
+                         options_.backoff_factor, options_.growth_interval);
 }
 
 double LossScaler::scale_value() const { return scale_.item<double>(); }

@@ -22,7 +22,8 @@ fs::path resolved(const std::string& path) {
 
 // True when `inner` is `outer` or lies inside it (both resolved).
 bool is_within(const fs::path& inner, const fs::path& outer) {
-  auto [outer_end, inner_it] = std::mismatch(outer.begin(), outer.end(), inner.begin(), inner.end());
+  auto [outer_end, inner_it] =
+      std::mismatch(outer.begin(), outer.end(), inner.begin(), inner.end());
   return outer_end == outer.end() || (std::next(outer_end) == outer.end() && outer_end->empty());
 }
 
@@ -33,7 +34,8 @@ std::string first_component_below(const fs::path& inner, const fs::path& outer) 
 }
 
 bool written_by_a_run(const std::string& name, const std::vector<std::string>& base_components) {
-  if (name.empty() || name == "logs" || name == "samples" || name == "model_index.json") return true;
+  if (name.empty() || name == "logs" || name == "samples" || name == "model_index.json")
+    return true;
   if (name.starts_with("checkpoint-")) return true;
   return std::find(base_components.begin(), base_components.end(), name) != base_components.end();
 }
@@ -49,27 +51,34 @@ bool holds_model_files(const fs::path& output_dir) {
 
 }  // namespace
 
-void check_output_dir_is_not_an_input(const TrainConfig& config, const std::vector<std::string>& base_components) {
-  const fs::path output = resolved(config.output_dir);
+void check_output_dir_is_not_an_input(const TrainConfig& config,
+                                      const std::vector<std::string>& base_components) {
+  const fs::path output = resolved(config.outputs.output_dir);
   struct Input {
     const char* key;
     std::string path;
   };
-  for (const Input& input : {Input{"pretrained_model_name_or_path", config.pretrained_model_name_or_path},
-                             Input{"instance_data_dir", config.instance_data_dir},
-                             Input{"class_data_dir", config.class_data_dir}}) {
+  for (const Input& input :
+       {Input{"pretrained_model_name_or_path", config.pretrained_model_name_or_path},
+        Input{"instance_data_dir", config.data.instance_data_dir},
+        Input{"class_data_dir", config.class_images.class_data_dir}}) {
     if (input.path.empty()) continue;
     const fs::path folder = resolved(input.path);
     // The class folder may live inside output_dir (its default is output_dir/class_images):
     // class images are inputs the run itself adds to, never overwrites.
     const bool class_folder = std::string(input.key) == "class_data_dir";
-    const bool output_inside_input = is_within(output, folder) && (!class_folder || output == folder);
+    const bool output_inside_input =
+        is_within(output, folder) && (!class_folder || output == folder);
     const bool input_in_written_part =
-        is_within(folder, output) && written_by_a_run(first_component_below(folder, output), base_components);
+        is_within(folder, output) &&
+        written_by_a_run(first_component_below(folder, output), base_components);
     if (output_inside_input || input_in_written_part) {
-      throw ConfigError("\"output_dir\" " + config.output_dir + " would write into \"" + input.key + "\" " + input.path +
-                        ": a run writes unet/, text_encoder/, checkpoint-N/ and logs/ there and would overwrite "
-                        "its input. Choose an output_dir outside " + input.path);
+      throw ConfigError(
+          "\"output_dir\" " + config.outputs.output_dir + " would write into \"" + input.key +
+          "\" " + input.path +
+          ": a run writes unet/, text_encoder/, checkpoint-N/ and logs/ there and would overwrite "
+          "its input. Choose an output_dir outside " +
+          input.path);
     }
   }
 }
@@ -77,12 +86,13 @@ void check_output_dir_is_not_an_input(const TrainConfig& config, const std::vect
 bool output_dir_holds_a_run(const fs::path& output_dir) {
   std::error_code ignored;
   const fs::path metrics = metrics_file(output_dir);
-  return !list_checkpoints(output_dir).empty() || fs::exists(output_dir / "model_index.json", ignored) ||
+  return !list_checkpoints(output_dir).empty() ||
+         fs::exists(output_dir / "model_index.json", ignored) ||
          (fs::is_regular_file(metrics, ignored) && fs::file_size(metrics, ignored) > 0);
 }
 
 void prepare_output_dir(const TrainConfig& config, bool overwrite) {
-  const fs::path output_dir = config.output_dir;
+  const fs::path output_dir = config.outputs.output_dir;
   std::error_code error;
   fs::create_directories(output_dir / "logs", error);
   if (error) {
@@ -93,31 +103,39 @@ void prepare_output_dir(const TrainConfig& config, bool overwrite) {
   // generating class images) is set-up that the same command may simply redo.
   if (!output_dir_holds_a_run(output_dir)) return;
   const bool has_checkpoint = !list_checkpoints(output_dir).empty();
-  if (!config.resume_from_checkpoint.empty() && !overwrite) {
-    if (has_checkpoint || config.resume_from_checkpoint != "latest") return;  // resume() takes over
+  if (!config.outputs.resume_from_checkpoint.empty() && !overwrite) {
+    if (has_checkpoint || config.outputs.resume_from_checkpoint != "latest")
+      return;  // resume() takes over
     if (!holds_model_files(output_dir)) {
       // Steps were logged but never saved (killed before the first checkpoint): starting
       // afresh loses nothing, and is what the same command must do after such a kill.
-      log::warn("output_dir " + output_dir.string() + " has logged steps but no checkpoint; starting afresh");
+      log::warn("output_dir " + output_dir.string() +
+                " has logged steps but no checkpoint; starting afresh");
       return;
     }
-    throw ConfigError("output_dir " + output_dir.string() + " holds a model but no checkpoint to resume from; "
-                      "\"resume_from_checkpoint\": \"latest\" will not start afresh over it. Choose another "
-                      "output_dir, or pass --overwrite to replace it");
+    throw ConfigError(
+        "output_dir " + output_dir.string() +
+        " holds a model but no checkpoint to resume from; "
+        "\"resume_from_checkpoint\": \"latest\" will not start afresh over it. Choose another "
+        "output_dir, or pass --overwrite to replace it");
   }
   if (!overwrite) {
-    throw ConfigError("output_dir " + output_dir.string() + " already holds a training run; " +
-                      (has_checkpoint ? "set \"resume_from_checkpoint\": \"latest\" to continue it, " : "") +
-                      "choose another output_dir, or pass --overwrite to start again (removes its checkpoints)");
+    throw ConfigError(
+        "output_dir " + output_dir.string() + " already holds a training run; " +
+        (has_checkpoint ? "set \"resume_from_checkpoint\": \"latest\" to continue it, " : "") +
+        "choose another output_dir, or pass --overwrite to start again (removes its checkpoints)");
   }
   for (const auto& checkpoint : list_checkpoints(output_dir)) {
     log::info("--overwrite: removing " + checkpoint.string());
     fs::remove_all(checkpoint, error);
-    if (error) throw OutputError("--overwrite: cannot remove " + checkpoint.string() + ": " + error.message());
+    if (error)
+      throw OutputError("--overwrite: cannot remove " + checkpoint.string() + ": " +
+                        error.message());
   }
   for (const fs::path& file : {metrics_file(output_dir), output_dir / "model_index.json"}) {
     fs::remove(file, error);
-    if (error) throw OutputError("--overwrite: cannot remove " + file.string() + ": " + error.message());
+    if (error)
+      throw OutputError("--overwrite: cannot remove " + file.string() + ": " + error.message());
   }
 }
 

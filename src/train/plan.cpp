@@ -23,8 +23,10 @@ std::string resolve_device(const std::string& requested) {
   bool cuda = torch::cuda::is_available();
   if (requested == "auto") return cuda ? "cuda" : "cpu";
   if (!cuda) {
-    throw ConfigError("\"device\": \"" + requested + "\" but no CUDA GPU is available to this build "
-                      "(use \"auto\" or \"cpu\", or build with CUDA on a GPU machine: docs/gpu.md)");
+    throw ConfigError(
+        "\"device\": \"" + requested +
+        "\" but no CUDA GPU is available to this build "
+        "(use \"auto\" or \"cpu\", or build with CUDA on a GPU machine: docs/gpu.md)");
   }
   if (requested.starts_with("cuda:")) {
     int index = std::stoi(requested.substr(5));
@@ -36,7 +38,8 @@ std::string resolve_device(const std::string& requested) {
   return requested;
 }
 
-ComponentSize measure_component(const io::ModelFolder& folder, const std::string& name, const std::string& variant) {
+ComponentSize measure_component(const io::ModelFolder& folder, const std::string& name,
+                                const std::string& variant) {
   folder.config(name);  // must exist and parse
   ComponentSize size{name, 0, {}};
   for (const auto& header : io::read_weight_headers(folder.weights(name, variant))) {
@@ -52,23 +55,27 @@ void check_tokenizer(const io::ModelFolder& folder) {
   const auto& tokenizer = folder.require("tokenizer");
   for (const char* file : {"vocab.json", "merges.txt"}) {
     if (!fs::exists(tokenizer.dir / file)) {
-      throw ModelError((tokenizer.dir / file).string() + ": file not found (the CLIP tokenizer needs vocab.json and merges.txt)");
+      throw ModelError((tokenizer.dir / file).string() +
+                       ": file not found (the CLIP tokenizer needs vocab.json and merges.txt)");
     }
   }
 }
 
-std::vector<ComponentSize> check_model(const TrainConfig& config, std::vector<std::string>& component_names) {
+std::vector<ComponentSize> check_model(const TrainConfig& config,
+                                       std::vector<std::string>& component_names) {
   io::ModelFolder folder(config.pretrained_model_name_or_path);
   for (const auto& component : folder.components()) component_names.push_back(component.name);
   for (const auto& name : io::stable_diffusion_components()) folder.require(name);
   folder.config("scheduler");
   check_tokenizer(folder);
   std::vector<ComponentSize> sizes;
-  for (const char* name : {"unet", "text_encoder", "vae"}) sizes.push_back(measure_component(folder, name, config.variant));
+  for (const char* name : {"unet", "text_encoder", "vae"})
+    sizes.push_back(measure_component(folder, name, config.variant));
   return sizes;
 }
 
-void resolve_prompts(TrainConfig& config, const DatasetInfo& info, std::vector<std::string>& warnings) {
+void resolve_prompts(TrainConfig& config, const DatasetInfo& info,
+                     std::vector<std::string>& warnings) {
   auto pick = [&](std::string& configured, const std::string& from_file, const char* key) {
     if (configured.empty()) {
       configured = from_file;
@@ -77,15 +84,17 @@ void resolve_prompts(TrainConfig& config, const DatasetInfo& info, std::vector<s
                          "\") overrides dataset_info.json (\"" + from_file + "\")");
     }
   };
-  pick(config.instance_prompt, info.instance_prompt, "instance_prompt");
-  pick(config.class_prompt, info.class_prompt, "class_prompt");
-  fs::path info_path = fs::path(config.instance_data_dir) / "dataset_info.json";
-  if (config.instance_prompt.empty()) {
-    throw InputDataError(info_path.string() + ": no \"instance_prompt\"; add one such as "
+  pick(config.data.instance_prompt, info.instance_prompt, "instance_prompt");
+  pick(config.class_images.class_prompt, info.class_prompt, "class_prompt");
+  fs::path info_path = fs::path(config.data.instance_data_dir) / "dataset_info.json";
+  if (config.data.instance_prompt.empty()) {
+    throw InputDataError(info_path.string() +
+                         ": no \"instance_prompt\"; add one such as "
                          "\"a photo of sks cat\" (or set instance_prompt in the configuration)");
   }
-  if (config.with_prior_preservation && config.class_prompt.empty()) {
-    throw InputDataError(info_path.string() + ": with_prior_preservation needs a \"class_prompt\" such as "
+  if (config.class_images.with_prior_preservation && config.class_images.class_prompt.empty()) {
+    throw InputDataError(info_path.string() +
+                         ": with_prior_preservation needs a \"class_prompt\" such as "
                          "\"a photo of a cat\" (or set class_prompt in the configuration)");
   }
 }
@@ -105,49 +114,59 @@ TrainingPlan plan_training(const TrainConfig& config) {
   plan.config = config;
   TrainConfig& c = plan.config;
   plan.device = resolve_device(c.device);
-  if (plan.device == "cpu" && c.mixed_precision == "fp16") {
-    throw ConfigError("\"mixed_precision\": \"fp16\" needs a CUDA GPU; on CPU use \"no\" or \"bf16\"");
+  if (plan.device == "cpu" && c.compute.mixed_precision == Precision::fp16) {
+    throw ConfigError(
+        "\"mixed_precision\": \"fp16\" needs a CUDA GPU; on CPU use \"no\" or \"bf16\"");
   }
 
   std::vector<std::string> component_names;
   plan.components = check_model(c, component_names);
 
-  DatasetInfo info = read_dataset_info(c.instance_data_dir);
+  DatasetInfo info = read_dataset_info(c.data.instance_data_dir);
   resolve_prompts(c, info, plan.warnings);
-  plan.instance_images = check_images(c.instance_data_dir);
+  plan.instance_images = check_images(c.data.instance_data_dir);
   for (const auto& image : plan.instance_images) {
-    if (std::min(image.width, image.height) < c.resolution) {
-      plan.warnings.push_back(image.path.filename().string() + " is " + std::to_string(image.width) + "x" +
-                              std::to_string(image.height) + ", smaller than resolution " +
-                              std::to_string(c.resolution) + "; it will be upscaled");
+    if (std::min(image.width, image.height) < c.data.resolution) {
+      plan.warnings.push_back(image.path.filename().string() + " is " +
+                              std::to_string(image.width) + "x" + std::to_string(image.height) +
+                              ", smaller than resolution " + std::to_string(c.data.resolution) +
+                              "; it will be upscaled");
     }
   }
 
   int64_t instances = static_cast<int64_t>(plan.instance_images.size());
   plan.dataset_length = instances;
-  if (c.with_prior_preservation) {
-    if (c.class_data_dir.empty()) c.class_data_dir = (fs::path(c.output_dir) / "class_images").string();
-    if (fs::is_directory(c.class_data_dir)) plan.class_images_present = static_cast<int64_t>(list_images(c.class_data_dir).size());
-    plan.class_images_to_generate = std::max<int64_t>(0, c.num_class_images - plan.class_images_present);
+  if (c.class_images.with_prior_preservation) {
+    if (c.class_images.class_data_dir.empty())
+      c.class_images.class_data_dir = (fs::path(c.outputs.output_dir) / "class_images").string();
+    if (fs::is_directory(c.class_images.class_data_dir))
+      plan.class_images_present =
+          static_cast<int64_t>(list_images(c.class_images.class_data_dir).size());
+    plan.class_images_to_generate =
+        std::max<int64_t>(0, c.class_images.num_class_images - plan.class_images_present);
     // diffusers' DreamBoothDataset: one epoch is max(class images, instance images) samples.
-    plan.dataset_length = std::max<int64_t>(instances, c.num_class_images);
+    plan.dataset_length = std::max<int64_t>(instances, c.class_images.num_class_images);
   }
   check_output_dir_is_not_an_input(c, component_names);
-  int64_t batches = (plan.dataset_length + c.train_batch_size - 1) / c.train_batch_size;
-  plan.steps_per_epoch = (batches + c.gradient_accumulation_steps - 1) / c.gradient_accumulation_steps;
-  plan.total_steps = c.max_steps ? *c.max_steps : c.epochs * plan.steps_per_epoch;
+  int64_t batches =
+      (plan.dataset_length + c.length.train_batch_size - 1) / c.length.train_batch_size;
+  plan.steps_per_epoch =
+      (batches + c.length.gradient_accumulation_steps - 1) / c.length.gradient_accumulation_steps;
+  plan.total_steps =
+      c.length.max_steps ? *c.length.max_steps : c.length.epochs * plan.steps_per_epoch;
   plan.epochs = (plan.total_steps + plan.steps_per_epoch - 1) / plan.steps_per_epoch;
-  validate(lr_schedule_options(c, plan.total_steps));  // before any weight loads
+  check_lr_schedule(lr_schedule_options(c, plan.total_steps));  // before any weight loads
 
   bool gpu = plan.device != "cpu";
-  int64_t frozen_bytes_per_parameter = gpu || c.mixed_precision != "no" ? 2 : 4;
+  int64_t frozen_bytes_per_parameter = gpu || c.compute.mixed_precision != Precision::fp32 ? 2 : 4;
   const std::vector<std::string> trained = trained_component_names(c);
   for (const auto& component : plan.components) {
     if (std::find(trained.begin(), trained.end(), component.name) != trained.end()) {
       plan.memory.trained_weights += 4 * component.parameters;
       plan.memory.gradients += 4 * component.parameters;
-      plan.memory.optimizer_state += (c.resolved_optimizer() == "adamw8bit" ? optim::adamw8bit_state_bytes(component.tensor_sizes)
-                                                                                : optim::adamw_state_bytes(component.tensor_sizes));
+      plan.memory.optimizer_state += (c.resolved_optimizer() == "adamw8bit"
+                                          ? optim::adamw8bit_state_bytes(component.tensor_sizes)
+                                          : optim::adamw_state_bytes(component.tensor_sizes));
     } else {
       plan.memory.frozen_weights += frozen_bytes_per_parameter * component.parameters;
     }
@@ -163,25 +182,30 @@ std::string format_plan(const TrainingPlan& plan) {
   for (const auto& component : plan.components) {
     out << "    " << component.name << ": " << component.parameters << " parameters\n";
   }
-  out << "  device:           " << plan.device << " (mixed_precision " << c.mixed_precision << ")\n";
-  out << "  instance images:  " << plan.instance_images.size() << " in " << c.instance_data_dir << "\n";
-  out << "  instance prompt:  \"" << c.instance_prompt << "\"\n";
-  if (c.with_prior_preservation) {
-    out << "  class prompt:     \"" << c.class_prompt << "\"\n";
-    out << "  class images:     " << plan.class_images_present << " present in " << c.class_data_dir << ", "
-        << plan.class_images_to_generate << " to generate (" << c.prior_generation_steps << " steps, guidance "
-        << c.prior_generation_guidance_scale << ")\n";
+  out << "  device:           " << plan.device << " (mixed_precision "
+      << to_string(c.compute.mixed_precision) << ")\n";
+  out << "  instance images:  " << plan.instance_images.size() << " in " << c.data.instance_data_dir
+      << "\n";
+  out << "  instance prompt:  \"" << c.data.instance_prompt << "\"\n";
+  if (c.class_images.with_prior_preservation) {
+    out << "  class prompt:     \"" << c.class_images.class_prompt << "\"\n";
+    out << "  class images:     " << plan.class_images_present << " present in "
+        << c.class_images.class_data_dir << ", " << plan.class_images_to_generate
+        << " to generate (" << c.class_images.prior_generation_steps << " steps, guidance "
+        << c.class_images.prior_generation_guidance_scale << ")\n";
   }
-  out << "  schedule:         " << plan.total_steps << " optimizer steps = " << plan.epochs << " epochs x "
-      << plan.steps_per_epoch << " steps (" << plan.dataset_length << " samples/epoch, batch "
-      << c.train_batch_size << ", accumulation " << c.gradient_accumulation_steps << ")\n";
-  out << "  optimizer:        " << c.resolved_optimizer() << ", lr " << c.learning_rate << " (" << c.lr_scheduler
-      << ", warmup " << c.lr_warmup_steps << ")\n";
-  out << "  memory estimate (" << plan.device << ", excluding activations): " << mib(plan.memory.total()) << "\n"
-      << "    trained weights " << mib(plan.memory.trained_weights) << ", gradients " << mib(plan.memory.gradients)
-      << ", optimizer state " << mib(plan.memory.optimizer_state) << ", frozen weights "
-      << mib(plan.memory.frozen_weights) << "\n";
-  out << "  output:           " << c.output_dir << "\n";
+  out << "  schedule:         " << plan.total_steps << " optimizer steps = " << plan.epochs
+      << " epochs x " << plan.steps_per_epoch << " steps (" << plan.dataset_length
+      << " samples/epoch, batch " << c.length.train_batch_size << ", accumulation "
+      << c.length.gradient_accumulation_steps << ")\n";
+  out << "  optimizer:        " << c.resolved_optimizer() << ", lr " << c.optimizer.learning_rate
+      << " (" << c.optimizer.lr_scheduler << ", warmup " << c.optimizer.lr_warmup_steps << ")\n";
+  out << "  memory estimate (" << plan.device
+      << ", excluding activations): " << mib(plan.memory.total()) << "\n"
+      << "    trained weights " << mib(plan.memory.trained_weights) << ", gradients "
+      << mib(plan.memory.gradients) << ", optimizer state " << mib(plan.memory.optimizer_state)
+      << ", frozen weights " << mib(plan.memory.frozen_weights) << "\n";
+  out << "  output:           " << c.outputs.output_dir << "\n";
   return out.str();
 }
 

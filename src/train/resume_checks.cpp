@@ -14,12 +14,24 @@ namespace sdtrain::train {
 namespace {
 
 const std::vector<std::string>& resumable_differences() {
-  static const std::vector<std::string> keys = {
-      "epochs", "max_steps", "checkpointing_steps", "checkpoints_total_limit",
-      "resume_from_checkpoint", "resume_reset_epoch", "validation_prompts", "validation_steps",
-      "num_validation_images", "save_dtype", "output_dir", "device", "sample_batch_size",
-      "num_class_images", "prior_generation_precision", "prior_generation_scheduler",
-      "prior_generation_steps", "prior_generation_guidance_scale"};
+  static const std::vector<std::string> keys = {"epochs",
+                                                "max_steps",
+                                                "checkpointing_steps",
+                                                "checkpoints_total_limit",
+                                                "resume_from_checkpoint",
+                                                "resume_reset_epoch",
+                                                "validation_prompts",
+                                                "validation_steps",
+                                                "num_validation_images",
+                                                "save_dtype",
+                                                "output_dir",
+                                                "device",
+                                                "sample_batch_size",
+                                                "num_class_images",
+                                                "prior_generation_precision",
+                                                "prior_generation_scheduler",
+                                                "prior_generation_steps",
+                                                "prior_generation_guidance_scale"};
   return keys;
 }
 
@@ -35,7 +47,8 @@ void check_resumable_settings(const TrainerState& saved, const nlohmann::ordered
   std::string differences;
   for (const auto& [key, value] : current.items()) {
     if (!may_differ(key) && saved.config.contains(key) && saved.config[key] != value) {
-      differences += "\n  " + key + ": checkpoint " + saved.config[key].dump() + ", now " + value.dump();
+      differences +=
+          "\n  " + key + ": checkpoint " + saved.config[key].dump() + ", now " + value.dump();
     }
   }
   if (differences.empty()) return;
@@ -53,10 +66,11 @@ void check_saved_position(TrainerState& saved, const TrainerState::Dataset& now,
                                 : saved.batch_in_epoch > now.batches_per_epoch;
   if (!changed) return;
   const std::string what =
-      recorded ? log::str(saved.dataset.instance_images, " photos and ", saved.dataset.class_images,
-                          " class images then, ", now.instance_images, " and ", now.class_images, " now")
-               : log::str("it stopped at micro-batch ", saved.batch_in_epoch,
-                          " of an epoch that now has ", now.batches_per_epoch);
+      recorded
+          ? log::str(saved.dataset.instance_images, " photos and ", saved.dataset.class_images,
+                     " class images then, ", now.instance_images, " and ", now.class_images, " now")
+          : log::str("it stopped at micro-batch ", saved.batch_in_epoch,
+                     " of an epoch that now has ", now.batches_per_epoch);
   if (!reset_epoch) {
     throw InputDataError("cannot resume from " + checkpoint.string() +
                          ": the training images changed since it was written (" + what +

@@ -28,7 +28,7 @@ std::string format_number(double value, int precision) {
 }
 
 c10::ScalarType save_dtype(const TrainConfig& config) {
-  return config.save_dtype == "fp16" ? torch::kHalf : torch::kFloat;
+  return config.outputs.save_dtype == Precision::fp16 ? torch::kHalf : torch::kFloat;
 }
 
 }  // namespace
@@ -38,7 +38,7 @@ RunOutputs::RunOutputs(const TrainingPlan& plan, const io::ModelFolder& base, bo
     : plan_(plan),
       config_(plan.config),
       base_(base),
-      output_dir_(plan.config.output_dir),
+      output_dir_(plan.config.outputs.output_dir),
       overwrite_(overwrite),
       main_(is_main_process) {}
 
@@ -68,7 +68,8 @@ void RunOutputs::record_step(const StepRecord& record, bool loss_scaling, bool o
   if (!main_) return;
   write_metrics(record);
   const UpdateResult& update = record.update;
-  std::string fields = "loss " + format_number(record.loss, 4) + "  lr " + format_number(update.lr, 3);
+  std::string fields =
+      "loss " + format_number(record.loss, 4) + "  lr " + format_number(update.lr, 3);
   if (loss_scaling) fields += "  scale " + format_number(update.loss_scale, 6);
   if (update.skipped) fields += " (step skipped: inf/NaN)";
   if (on_gpu) fields += "  mem " + format_gib(record.peak_memory);
@@ -94,9 +95,10 @@ void RunOutputs::write_metrics(const StepRecord& record) {
   metrics_ << text;
   metrics_.flush();
   if (!metrics_) {
-    throw OutputError("cannot write " + metrics_file(output_dir_).string() +
-                      " (is the disk full?); resume with \"resume_from_checkpoint\": \"latest\" once "
-                      "there is room");
+    throw OutputError(
+        "cannot write " + metrics_file(output_dir_).string() +
+        " (is the disk full?); resume with \"resume_from_checkpoint\": \"latest\" once "
+        "there is room");
   }
 }
 
@@ -128,7 +130,8 @@ void RunOutputs::save_checkpoint(const TrainerState& state, const CheckpointCont
     io::save_safetensors(dir / kCheckpointOptimizerFile, optimizer_tensors, metadata);
   });
   last_checkpoint_step_ = state.global_step;
-  if (config_.checkpoints_total_limit) prune_checkpoints(output_dir_, *config_.checkpoints_total_limit);
+  if (config_.outputs.checkpoints_total_limit)
+    prune_checkpoints(output_dir_, *config_.outputs.checkpoints_total_limit);
   note("saved " + path.string());
 }
 
@@ -138,8 +141,10 @@ std::string RunOutputs::last_checkpoint_hint() const {
   return " The last good checkpoint is " + last.string() + ".";
 }
 
-void RunOutputs::validate(int64_t step, TrainingModels& models, EMAModel* ema, Precision precision) {
-  if (!main_ || config_.validation_prompts.empty() || config_.validation_steps <= 0) return;
+void RunOutputs::sample_validation_images(int64_t step, TrainingModels& models, EMAModel* ema,
+                                          Precision precision) {
+  if (!main_ || config_.outputs.validation_prompts.empty() || config_.outputs.validation_steps <= 0)
+    return;
   if (ema) {
     ema->store(*models.unet);
     ema->copy_to(*models.unet);
@@ -150,15 +155,16 @@ void RunOutputs::validate(int64_t step, TrainingModels& models, EMAModel* ema, P
   pipeline::StableDiffusionPipeline sampler(models.tokenizer, models.text_encoder, models.unet,
                                             models.vae, models.schedule.config(), settings);
   pipeline::GenerationOptions options;
-  for (const auto& prompt : config_.validation_prompts) {
-    for (int i = 0; i < config_.num_validation_images; ++i) options.prompts.push_back(prompt);
+  for (const auto& prompt : config_.outputs.validation_prompts) {
+    for (int i = 0; i < config_.outputs.num_validation_images; ++i)
+      options.prompts.push_back(prompt);
   }
   options.num_images = static_cast<int64_t>(options.prompts.size());
-  options.batch_size = config_.num_validation_images;
+  options.batch_size = config_.outputs.num_validation_images;
   options.steps = 25;
   options.scheduler = "dpm++2m";
   options.seed = config_.seed;
-  options.width = options.height = config_.resolution;
+  options.width = options.height = config_.data.resolution;
   std::vector<io::Image> images;
   {
     AutocastGuard autocast(settings.device.type(), precision);
@@ -167,8 +173,8 @@ void RunOutputs::validate(int64_t step, TrainingModels& models, EMAModel* ema, P
   if (ema) ema->restore(*models.unet);
   const fs::path path = output_dir_ / "samples" / ("step-" + std::to_string(step) + ".png");
   fs::create_directories(path.parent_path());
-  io::write_png(path, io::make_image_grid(images, config_.num_validation_images),
-                {{"prompts", nlohmann::json(config_.validation_prompts).dump()},
+  io::write_png(path, io::make_image_grid(images, config_.outputs.num_validation_images),
+                {{"prompts", nlohmann::json(config_.outputs.validation_prompts).dump()},
                  {"step", std::to_string(step)},
                  {"sampler", "dpm++2m, 25 steps, guidance 7.5"},
                  {"seed", std::to_string(config_.seed)}});

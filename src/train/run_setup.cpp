@@ -15,17 +15,17 @@ namespace {
 
 pipeline::ClassImageOptions class_image_options(const TrainConfig& config) {
   pipeline::ClassImageOptions options;
-  options.class_data_dir = config.class_data_dir;
-  options.class_prompt = config.class_prompt;
-  options.num_class_images = config.num_class_images;
-  options.sample_batch_size = config.sample_batch_size;
-  options.scheduler = config.prior_generation_scheduler;
-  options.steps = config.prior_generation_steps;
-  options.guidance_scale = config.prior_generation_guidance_scale;
+  options.class_data_dir = config.class_images.class_data_dir;
+  options.class_prompt = config.class_images.class_prompt;
+  options.num_class_images = config.class_images.num_class_images;
+  options.sample_batch_size = config.class_images.sample_batch_size;
+  options.scheduler = config.class_images.prior_generation_scheduler;
+  options.steps = config.class_images.prior_generation_steps;
+  options.guidance_scale = config.class_images.prior_generation_guidance_scale;
   options.seed = config.seed;
   // At the training resolution: the dataset resizes to it anyway (diffusers samples at the
   // model's default size, 512 for SD 2.1-base, the same for the usual resolution).
-  options.width = options.height = config.resolution;
+  options.width = options.height = config.data.resolution;
   return options;
 }
 
@@ -34,14 +34,14 @@ pipeline::ClassImageOptions class_image_options(const TrainConfig& config) {
 void generate_class_images(const TrainingPlan& plan, const io::ModelFolder& base,
                            torch::Device device) {
   const TrainConfig& config = plan.config;
-  if (!config.with_prior_preservation || plan.class_images_to_generate <= 0) return;
+  if (!config.class_images.with_prior_preservation || plan.class_images_to_generate <= 0) return;
   pipeline::PipelineSettings settings;
   settings.device = device;
-  settings.dtype = pipeline::resolve_dtype(config.prior_generation_precision, device);
+  settings.dtype = pipeline::resolve_dtype(config.class_images.prior_generation_precision, device);
   settings.variant = config.variant;
   log::info(log::str("prior preservation: generating ", plan.class_images_to_generate,
-                     " class images of \"", config.class_prompt, "\" in ",
-                     config.class_data_dir));
+                     " class images of \"", config.class_images.class_prompt, "\" in ",
+                     config.class_images.class_data_dir));
   Progress progress("class images", plan.class_images_to_generate, 0, 30.0);
   auto on_progress = [&](const pipeline::ClassImageProgress& p) {
     progress.update(p.written, "step " + std::to_string(p.step) + "/" + std::to_string(p.steps));
@@ -53,8 +53,7 @@ void generate_class_images(const TrainingPlan& plan, const io::ModelFolder& base
                            " written); run again to generate the rest and train"));
     }
   };
-  pipeline::generate_class_images(base.root(), settings, class_image_options(config),
-                                  on_progress);
+  pipeline::generate_class_images(base.root(), settings, class_image_options(config), on_progress);
   progress.finish();  // generate_class_images released the sampler's GPU memory
 }
 
@@ -70,21 +69,21 @@ TrainingModels load_training_models(const io::ModelFolder& base, const TrainConf
   // VAE and text encoder to the mixed-precision dtype; on the CPU everything stays fp32.
   const c10::ScalarType frozen = device.is_cuda() ? compute_dtype(precision) : torch::kFloat;
   const std::string& variant = config.variant;
-  log::info("loading " + base.root().string() + (variant.empty() ? "" : " (variant " + variant + ")"));
+  log::info("loading " + base.root().string() +
+            (variant.empty() ? "" : " (variant " + variant + ")"));
   const c10::ScalarType text_dtype = config.train_text_encoder ? torch::kFloat : frozen;
-  TrainingModels models{
-      text::CLIPTokenizer::from_folder(base.require("tokenizer").dir),
-      models::load_text_encoder(base, {text_dtype, device}, variant),
-      models::load_vae(base, {frozen, device}, variant),
-      models::load_unet(base, {torch::kFloat, device}, variant),
-      schedulers::NoiseSchedule(schedulers::SchedulerConfig::from_json(
-          base.config("scheduler"), base.config_path("scheduler").string())),
-      frozen};
-  if (config.gradient_checkpointing) {
+  TrainingModels models{text::CLIPTokenizer::from_folder(base.require("tokenizer").dir),
+                        models::load_text_encoder(base, {text_dtype, device}, variant),
+                        models::load_vae(base, {frozen, device}, variant),
+                        models::load_unet(base, {torch::kFloat, device}, variant),
+                        schedulers::NoiseSchedule(schedulers::SchedulerConfig::from_json(
+                            base.config("scheduler"), base.config_path("scheduler").string())),
+                        frozen};
+  if (config.compute.gradient_checkpointing) {
     models.unet->set_gradient_checkpointing(true);
     if (config.train_text_encoder) models.text_encoder->set_gradient_checkpointing(true);
   }
-  if (config.allow_tf32 && device.is_cuda()) {
+  if (config.compute.allow_tf32 && device.is_cuda()) {
     at::globalContext().setAllowTF32CuBLAS(true);
     at::globalContext().setAllowTF32CuDNN(true);
   }
@@ -95,7 +94,8 @@ DreamBoothDataset load_dataset(const TrainingPlan& plan) {
   std::vector<fs::path> instance;
   for (const auto& image : plan.instance_images) instance.push_back(image.path);
   std::vector<fs::path> classes;
-  if (plan.config.with_prior_preservation) classes = list_images(plan.config.class_data_dir);
+  if (plan.config.class_images.with_prior_preservation)
+    classes = list_images(plan.config.class_images.class_data_dir);
   return DreamBoothDataset(instance, classes, preprocess_options(plan.config));
 }
 

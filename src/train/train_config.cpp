@@ -62,14 +62,17 @@ double parse_number(const json& value, const Origin& origin, const std::string& 
     } catch (const std::logic_error&) {  // stod: not a number, or out of double's range
     }
   }
-  fail(origin, key, "expected a number, got " + printable(value.dump(-1, ' ', false, json::error_handler_t::replace)));
+  fail(origin, key,
+       "expected a number, got " +
+           printable(value.dump(-1, ' ', false, json::error_handler_t::replace)));
 }
 
 std::string parse_string(const json& value, const Origin& origin, const std::string& key) {
   if (value.is_string() && !is_valid_utf8(value.get_ref<const std::string&>())) {
     // Paths and prompts go into train_config.json and PNG metadata, which are UTF-8.
-    fail(origin, key, "is not valid UTF-8: \"" + printable(value.get_ref<const std::string&>()) +
-                          "\" (rename the file or folder, or fix the text's encoding)");
+    fail(origin, key,
+         "is not valid UTF-8: \"" + printable(value.get_ref<const std::string&>()) +
+             "\" (rename the file or folder, or fix the text's encoding)");
   }
   if (value.is_string()) return value.get<std::string>();
   fail(origin, key, "expected a string, got " + value.dump());
@@ -91,7 +94,8 @@ Check<T> at_least(T minimum) {
 Check<int> in_range(int minimum, int maximum) {
   return [minimum, maximum](const int& v) -> std::optional<std::string> {
     if (v >= minimum && v <= maximum) return std::nullopt;
-    return "must be between " + std::to_string(minimum) + " and " + std::to_string(maximum) + ", got " + std::to_string(v);
+    return "must be between " + std::to_string(minimum) + " and " + std::to_string(maximum) +
+           ", got " + std::to_string(v);
   };
 }
 
@@ -131,7 +135,8 @@ T parse_as(const json& value, const Origin& origin, const std::string& key) {
     return parse_bool(value, origin, key);
   } else if constexpr (std::is_integral_v<T>) {
     int64_t v = parse_integer(value, origin, key);
-    if (v < std::numeric_limits<T>::min() || v > std::numeric_limits<T>::max()) fail(origin, key, "value out of range");
+    if (v < std::numeric_limits<T>::min() || v > std::numeric_limits<T>::max())
+      fail(origin, key, "value out of range");
     return static_cast<T>(v);
   } else if constexpr (std::is_same_v<T, double>) {
     return parse_number(value, origin, key);
@@ -148,20 +153,46 @@ T parse_as(const json& value, const Origin& origin, const std::string& key) {
 
 template <typename T>
 std::string type_name(bool is_path) {
-  if constexpr (std::is_same_v<T, bool>) return "bool";
-  else if constexpr (std::is_integral_v<T>) return "integer";
-  else if constexpr (std::is_same_v<T, double>) return "number";
-  else if constexpr (std::is_same_v<T, std::string>) return is_path ? "path" : "string";
-  else return "list of strings";
+  if constexpr (std::is_same_v<T, bool>)
+    return "bool";
+  else if constexpr (std::is_integral_v<T>)
+    return "integer";
+  else if constexpr (std::is_same_v<T, double>)
+    return "number";
+  else if constexpr (std::is_same_v<T, std::string>)
+    return is_path ? "path" : "string";
+  else
+    return "list of strings";
+}
+
+// Where a key's value lives in TrainConfig: a top-level member or a member of a group.
+template <typename T>
+using Access = std::function<T&(TrainConfig&)>;
+
+template <typename T>
+Access<T> member_of(T TrainConfig::*member) {
+  return [member](TrainConfig& config) -> T& { return config.*member; };
+}
+
+template <typename G, typename T>
+Access<T> member_of(G TrainConfig::*group, T G::*member) {
+  return [group, member](TrainConfig& config) -> T& { return (config.*group).*member; };
+}
+
+// Reads only: the accessor hands out a reference, never written through here.
+template <typename T>
+const T& read(const Access<T>& access, const TrainConfig& config) {
+  return access(const_cast<TrainConfig&>(config));
 }
 
 template <typename T>
-Field field(std::string name, T TrainConfig::*member, std::string help, Check<T> check = {},
-            std::vector<std::string> aliases = {}, bool is_path = false) {
+Field make_field(std::string name, Access<T> access, std::string help, Check<T> check,
+                 std::vector<std::string> aliases, bool is_path) {
   Field f;
   f.info = {name, aliases, type_name<T>(is_path), "", std::move(help)};
   f.is_path = is_path;
-  f.set = [name, member, check, is_path](TrainConfig& config, const json& value, const Origin& origin) {
+  f.set = [name, access, check, is_path](TrainConfig& config, const json& value,
+                                         const Origin& origin) {
     T parsed = parse_as<T>(value, origin, name);
     if constexpr (std::is_same_v<T, std::string>) {
       if (is_path && !parsed.empty() && fs::path(parsed).is_relative()) {
@@ -171,28 +202,70 @@ Field field(std::string name, T TrainConfig::*member, std::string help, Check<T>
     if (check) {
       if (auto problem = check(parsed)) fail(origin, name, *problem);
     }
-    config.*member = std::move(parsed);
+    access(config) = std::move(parsed);
   };
-  f.get = [member](const TrainConfig& config) { return json(config.*member); };
+  f.get = [access](const TrainConfig& config) { return json(read(access, config)); };
   return f;
 }
 
 template <typename T>
-Field optional_field(std::string name, std::optional<T> TrainConfig::*member, std::string help,
-                     Check<T> check, std::vector<std::string> aliases = {}) {
+Field field(std::string name, T TrainConfig::*member, std::string help, Check<T> check = {},
+            std::vector<std::string> aliases = {}, bool is_path = false) {
+  return make_field<T>(std::move(name), member_of(member), std::move(help), std::move(check),
+                       std::move(aliases), is_path);
+}
+
+template <typename G, typename T>
+Field field(std::string name, G TrainConfig::*group, T G::*member, std::string help,
+            Check<T> check = {}, std::vector<std::string> aliases = {}, bool is_path = false) {
+  return make_field<T>(std::move(name), member_of(group, member), std::move(help), std::move(check),
+                       std::move(aliases), is_path);
+}
+
+template <typename G, typename T>
+Field optional_field(std::string name, G TrainConfig::*group, std::optional<T> G::*member,
+                     std::string help, Check<T> check, std::vector<std::string> aliases = {}) {
+  const Access<std::optional<T>> access = member_of(group, member);
   Field f;
   f.info = {name, aliases, type_name<T>(false) + " or null", "", std::move(help)};
-  f.set = [name, member, check](TrainConfig& config, const json& value, const Origin& origin) {
+  f.set = [name, access, check](TrainConfig& config, const json& value, const Origin& origin) {
     if (value.is_null() || (value.is_string() && (value == "None" || value == "null"))) {
-      config.*member = std::nullopt;
+      access(config) = std::nullopt;
       return;
     }
     T parsed = parse_as<T>(value, origin, name);
     if (auto problem = check(parsed)) fail(origin, name, *problem);
-    config.*member = parsed;
+    access(config) = parsed;
   };
-  f.get = [member](const TrainConfig& config) {
-    return (config.*member) ? json(*(config.*member)) : json(nullptr);
+  f.get = [access](const TrainConfig& config) {
+    const std::optional<T>& value = read(access, config);
+    return value ? json(*value) : json(nullptr);
+  };
+  return f;
+}
+
+// A key whose string values name an enum: parsed here, once; everything after uses the enum.
+template <typename G, typename E>
+Field enum_field(std::string name, G TrainConfig::*group, E G::*member, std::string help,
+                 std::vector<std::pair<std::string, E>> names) {
+  const Access<E> access = member_of(group, member);
+  std::vector<std::string> spelled;
+  for (const auto& entry : names) spelled.push_back(entry.first);
+  Field f;
+  f.info = {name, {}, "string", "", std::move(help)};
+  f.set = [name, access, names, spelled](TrainConfig& config, const json& value,
+                                         const Origin& origin) {
+    const std::string parsed = parse_string(value, origin, name);
+    if (auto problem = one_of(spelled)(parsed)) fail(origin, name, *problem);
+    for (const auto& [text, e] : names) {
+      if (text == parsed) access(config) = e;
+    }
+  };
+  f.get = [access, names](const TrainConfig& config) {
+    for (const auto& [text, e] : names) {
+      if (e == read(access, config)) return json(text);
+    }
+    return json(nullptr);
   };
   return f;
 }
@@ -202,70 +275,136 @@ const std::vector<Field>& fields() {
     using C = TrainConfig;
     std::vector<Field> f = {
         field("pretrained_model_name_or_path", &C::pretrained_model_name_or_path,
-              "Base model: a local diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).",
+              "Base model: a local diffusers folder (model_index.json, unet/, vae/, text_encoder/, "
+              "tokenizer/, scheduler/).",
               {}, {}, true),
-        field("variant", &C::variant, "Weight-file variant to load, e.g. \"fp16\" for *.fp16.safetensors; empty for the main files."),
-        field("instance_data_dir", &C::instance_data_dir,
+        field("variant", &C::variant,
+              "Weight-file variant to load, e.g. \"fp16\" for *.fp16.safetensors; empty for the "
+              "main files."),
+        field("instance_data_dir", &C::data, &C::Data::instance_data_dir,
               "Folder of subject photos (png/jpg/jpeg) with dataset_info.json.", {}, {}, true),
-        field("class_data_dir", &C::class_data_dir,
-              "Folder of prior-preservation class images; missing ones are generated there. Empty: <output_dir>/class_images.",
+        field("class_data_dir", &C::class_images, &C::ClassImages::class_data_dir,
+              "Folder of prior-preservation class images; missing ones are generated there. Empty: "
+              "<output_dir>/class_images.",
               {}, {}, true),
-        field("output_dir", &C::output_dir, "Where checkpoints, samples, logs and the final diffusers folder go.", {}, {}, true),
-        field("instance_prompt", &C::instance_prompt, "Prompt with the identifier, e.g. \"a photo of sks cat\". Empty: from dataset_info.json."),
-        field("class_prompt", &C::class_prompt, "Prompt of the class, e.g. \"a photo of a cat\". Empty: from dataset_info.json."),
-        field("resolution", &C::resolution, "Training image size in pixels (shorter side resized, then cropped square); multiple of 8, at most 4096.", in_range(8, 4096)),
-        field("center_crop", &C::center_crop, "Center crop instead of a random crop."),
-        field("random_flip", &C::random_flip, "Flip images horizontally at random."),
-        field("with_prior_preservation", &C::with_prior_preservation, "Add the class-image (prior-preservation) loss."),
-        field("prior_loss_weight", &C::prior_loss_weight, "Weight of the prior-preservation loss.", at_least(0.0)),
-        field("num_class_images", &C::num_class_images, "Class images wanted in class_data_dir; the missing ones are generated.", at_least(1)),
-        field("sample_batch_size", &C::sample_batch_size, "Batch size when generating class images.", at_least(1)),
-        field("prior_generation_precision", &C::prior_generation_precision,
-              "Precision of class-image generation: auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16.",
+        field("output_dir", &C::outputs, &C::Outputs::output_dir,
+              "Where checkpoints, samples, logs and the final diffusers folder go.", {}, {}, true),
+        field("instance_prompt", &C::data, &C::Data::instance_prompt,
+              "Prompt with the identifier, e.g. \"a photo of sks cat\". Empty: from "
+              "dataset_info.json."),
+        field("class_prompt", &C::class_images, &C::ClassImages::class_prompt,
+              "Prompt of the class, e.g. \"a photo of a cat\". Empty: from dataset_info.json."),
+        field("resolution", &C::data, &C::Data::resolution,
+              "Training image size in pixels (shorter side resized, then cropped square); multiple "
+              "of 8, at most 4096.",
+              in_range(8, 4096)),
+        field("center_crop", &C::data, &C::Data::center_crop,
+              "Center crop instead of a random crop."),
+        field("random_flip", &C::data, &C::Data::random_flip,
+              "Flip images horizontally at random."),
+        field("with_prior_preservation", &C::class_images, &C::ClassImages::with_prior_preservation,
+              "Add the class-image (prior-preservation) loss."),
+        field("prior_loss_weight", &C::class_images, &C::ClassImages::prior_loss_weight,
+              "Weight of the prior-preservation loss.", at_least(0.0)),
+        field("num_class_images", &C::class_images, &C::ClassImages::num_class_images,
+              "Class images wanted in class_data_dir; the missing ones are generated.",
+              at_least(1)),
+        field("sample_batch_size", &C::class_images, &C::ClassImages::sample_batch_size,
+              "Batch size when generating class images.", at_least(1)),
+        field("prior_generation_precision", &C::class_images,
+              &C::ClassImages::prior_generation_precision,
+              "Precision of class-image generation: auto (fp16 on GPU, fp32 on CPU), fp32, fp16, "
+              "bf16.",
               one_of({"auto", "fp32", "fp16", "bf16"})),
-        field("prior_generation_scheduler", &C::prior_generation_scheduler,
+        field("prior_generation_scheduler", &C::class_images,
+              &C::ClassImages::prior_generation_scheduler,
               "Sampler for class images; empty: the model's own scheduler.",
-              one_of({"", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++", "dpmsolver++_karras"})),
-        field("prior_generation_steps", &C::prior_generation_steps, "Sampling steps per class image.", at_least(1)),
-        field("prior_generation_guidance_scale", &C::prior_generation_guidance_scale, "Classifier-free guidance scale for class images.", at_least(0.0)),
-        field("train_batch_size", &C::train_batch_size, "Instance images per step (doubled with prior preservation).", at_least(1), {"batch_size"}),
-        field("epochs", &C::epochs, "Passes over the dataset; ignored when max_steps is set.", at_least(1), {"num_train_epochs"}),
-        optional_field("max_steps", &C::max_steps, "Total optimizer steps; overrides epochs.", at_least(1), {"max_train_steps"}),
-        field("gradient_accumulation_steps", &C::gradient_accumulation_steps, "Micro-batches per optimizer step.", at_least(1)),
-        field("learning_rate", &C::learning_rate, "Peak learning rate.", positive()),
-        field("scale_lr", &C::scale_lr, "Multiply learning_rate by train_batch_size x gradient_accumulation_steps."),
-        field("lr_scheduler", &C::lr_scheduler, "Learning-rate schedule.",
-              one_of({"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"})),
-        field("lr_warmup_steps", &C::lr_warmup_steps, "Linear warm-up steps (not used by \"constant\").", at_least(0)),
-        field("lr_num_cycles", &C::lr_num_cycles, "Hard restarts of cosine_with_restarts.", at_least(1)),
-        field("lr_power", &C::lr_power, "Power of the polynomial schedule.", positive()),
-        field("optimizer", &C::optimizer, "adamw (fp32 states) or adamw8bit (8-bit blockwise states).", one_of({"adamw", "adamw8bit"})),
-        field("use_8bit_adam", &C::use_8bit_adam, "Same as optimizer: \"adamw8bit\" (diffusers' flag)."),
-        field("adam_beta1", &C::adam_beta1, "AdamW beta1.", in_unit_interval()),
-        field("adam_beta2", &C::adam_beta2, "AdamW beta2.", in_unit_interval()),
-        field("adam_weight_decay", &C::adam_weight_decay, "AdamW decoupled weight decay.", at_least(0.0)),
-        field("adam_epsilon", &C::adam_epsilon, "AdamW epsilon.", positive()),
-        field("max_grad_norm", &C::max_grad_norm, "Clip the gradient norm to this value; 0 disables clipping.", at_least(0.0)),
-        field("mixed_precision", &C::mixed_precision, "no (fp32), fp16 (with dynamic loss scaling) or bf16.", one_of({"no", "fp16", "bf16"})),
-        field("gradient_checkpointing", &C::gradient_checkpointing, "Recompute activations in the backward pass to save memory."),
+              one_of({"", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++",
+                      "dpmsolver++_karras"})),
+        field("prior_generation_steps", &C::class_images, &C::ClassImages::prior_generation_steps,
+              "Sampling steps per class image.", at_least(1)),
+        field("prior_generation_guidance_scale", &C::class_images,
+              &C::ClassImages::prior_generation_guidance_scale,
+              "Classifier-free guidance scale for class images.", at_least(0.0)),
+        field("train_batch_size", &C::length, &C::Length::train_batch_size,
+              "Instance images per step (doubled with prior preservation).", at_least(1),
+              {"batch_size"}),
+        field("epochs", &C::length, &C::Length::epochs,
+              "Passes over the dataset; ignored when max_steps is set.", at_least(1),
+              {"num_train_epochs"}),
+        optional_field("max_steps", &C::length, &C::Length::max_steps,
+                       "Total optimizer steps; overrides epochs.", at_least(1),
+                       {"max_train_steps"}),
+        field("gradient_accumulation_steps", &C::length, &C::Length::gradient_accumulation_steps,
+              "Micro-batches per optimizer step.", at_least(1)),
+        field("learning_rate", &C::optimizer, &C::Optimizer::learning_rate, "Peak learning rate.",
+              positive()),
+        field("scale_lr", &C::optimizer, &C::Optimizer::scale_lr,
+              "Multiply learning_rate by train_batch_size x gradient_accumulation_steps."),
+        field("lr_scheduler", &C::optimizer, &C::Optimizer::lr_scheduler, "Learning-rate schedule.",
+              one_of({"constant", "constant_with_warmup", "linear", "cosine",
+                      "cosine_with_restarts", "polynomial"})),
+        field("lr_warmup_steps", &C::optimizer, &C::Optimizer::lr_warmup_steps,
+              "Linear warm-up steps (not used by \"constant\").", at_least(0)),
+        field("lr_num_cycles", &C::optimizer, &C::Optimizer::lr_num_cycles,
+              "Hard restarts of cosine_with_restarts.", at_least(1)),
+        field("lr_power", &C::optimizer, &C::Optimizer::lr_power,
+              "Power of the polynomial schedule.", positive()),
+        field("optimizer", &C::optimizer, &C::Optimizer::name,
+              "adamw (fp32 states) or adamw8bit (8-bit blockwise states).",
+              one_of({"adamw", "adamw8bit"})),
+        field("use_8bit_adam", &C::optimizer, &C::Optimizer::use_8bit_adam,
+              "Same as optimizer: \"adamw8bit\" (diffusers' flag)."),
+        field("adam_beta1", &C::optimizer, &C::Optimizer::adam_beta1, "AdamW beta1.",
+              in_unit_interval()),
+        field("adam_beta2", &C::optimizer, &C::Optimizer::adam_beta2, "AdamW beta2.",
+              in_unit_interval()),
+        field("adam_weight_decay", &C::optimizer, &C::Optimizer::adam_weight_decay,
+              "AdamW decoupled weight decay.", at_least(0.0)),
+        field("adam_epsilon", &C::optimizer, &C::Optimizer::adam_epsilon, "AdamW epsilon.",
+              positive()),
+        field("max_grad_norm", &C::optimizer, &C::Optimizer::max_grad_norm,
+              "Clip the gradient norm to this value; 0 disables clipping.", at_least(0.0)),
+        enum_field("mixed_precision", &C::compute, &C::Compute::mixed_precision,
+                   "no (fp32), fp16 (with dynamic loss scaling) or bf16.",
+                   {{"no", Precision::fp32}, {"fp16", Precision::fp16}, {"bf16", Precision::bf16}}),
+        field("gradient_checkpointing", &C::compute, &C::Compute::gradient_checkpointing,
+              "Recompute activations in the backward pass to save memory."),
         field("train_text_encoder", &C::train_text_encoder, "Fine-tune the text encoder too."),
-        field("cache_latents", &C::cache_latents, "Encode each training image with the VAE once instead of every step."),
-        field("allow_tf32", &C::allow_tf32, "Allow TF32 matrix multiplication on Ampere and newer GPUs."),
-        field("use_ema", &C::use_ema, "Keep an exponential moving average of the UNet weights."),
-        field("ema_decay", &C::ema_decay, "EMA decay.", in_unit_interval()),
-        field("offset_noise", &C::offset_noise, "Add 0.1 x N(0,1) per sample and channel to the noise (diffusers' --offset_noise)."),
-        optional_field("snr_gamma", &C::snr_gamma, "Min-SNR loss weighting gamma (5.0 is the usual value); null disables it.", positive()),
-        field("checkpointing_steps", &C::checkpointing_steps, "Save a resumable checkpoint every N optimizer steps.", at_least(1)),
-        optional_field("checkpoints_total_limit", &C::checkpoints_total_limit, "Keep at most this many checkpoints; null keeps all.", at_least(1)),
-        field("resume_from_checkpoint", &C::resume_from_checkpoint,
-              "\"latest\", a checkpoint folder (checkpoint-N, looked up in output_dir too), or empty to start fresh."),
-        field("resume_reset_epoch", &C::resume_reset_epoch,
-              "When the photos or class images changed since the checkpoint: resume at the start of the next epoch, keeping the step count."),
-        field("validation_prompts", &C::validation_prompts, "Prompts sampled every validation_steps into output_dir/samples/."),
-        field("validation_steps", &C::validation_steps, "Sample validation images every N optimizer steps.", at_least(1)),
-        field("num_validation_images", &C::num_validation_images, "Images per validation prompt.", at_least(1)),
-        field("save_dtype", &C::save_dtype, "Precision of the final diffusers folder: fp32 or fp16.", one_of({"fp32", "fp16"})),
-        field("seed", &C::seed, "Seed of every random choice (data order, noise, timesteps, sampling).", at_least<int64_t>(0)),
+        field("cache_latents", &C::data, &C::Data::cache_latents,
+              "Encode each training image with the VAE once instead of every step."),
+        field("allow_tf32", &C::compute, &C::Compute::allow_tf32,
+              "Allow TF32 matrix multiplication on Ampere and newer GPUs."),
+        field("use_ema", &C::ema, &C::Ema::use_ema,
+              "Keep an exponential moving average of the UNet weights."),
+        field("ema_decay", &C::ema, &C::Ema::ema_decay, "EMA decay.", in_unit_interval()),
+        field("offset_noise", &C::loss, &C::Loss::offset_noise,
+              "Add 0.1 x N(0,1) per sample and channel to the noise (diffusers' --offset_noise)."),
+        optional_field("snr_gamma", &C::loss, &C::Loss::snr_gamma,
+                       "Min-SNR loss weighting gamma (5.0 is the usual value); null disables it.",
+                       positive()),
+        field("checkpointing_steps", &C::outputs, &C::Outputs::checkpointing_steps,
+              "Save a resumable checkpoint every N optimizer steps.", at_least(1)),
+        optional_field("checkpoints_total_limit", &C::outputs, &C::Outputs::checkpoints_total_limit,
+                       "Keep at most this many checkpoints; null keeps all.", at_least(1)),
+        field("resume_from_checkpoint", &C::outputs, &C::Outputs::resume_from_checkpoint,
+              "\"latest\", a checkpoint folder (checkpoint-N, looked up in output_dir too), or "
+              "empty to start fresh."),
+        field("resume_reset_epoch", &C::outputs, &C::Outputs::resume_reset_epoch,
+              "When the photos or class images changed since the checkpoint: resume at the start "
+              "of the next epoch, keeping the step count."),
+        field("validation_prompts", &C::outputs, &C::Outputs::validation_prompts,
+              "Prompts sampled every validation_steps into output_dir/samples/."),
+        field("validation_steps", &C::outputs, &C::Outputs::validation_steps,
+              "Sample validation images every N optimizer steps.", at_least(1)),
+        field("num_validation_images", &C::outputs, &C::Outputs::num_validation_images,
+              "Images per validation prompt.", at_least(1)),
+        enum_field("save_dtype", &C::outputs, &C::Outputs::save_dtype,
+                   "Precision of the final diffusers folder: fp32 or fp16.",
+                   {{"fp32", Precision::fp32}, {"fp16", Precision::fp16}}),
+        field("seed", &C::seed,
+              "Seed of every random choice (data order, noise, timesteps, sampling).",
+              at_least<int64_t>(0)),
         field("device", &C::device, "auto (CUDA when available), cpu, cuda or cuda:N."),
     };
     TrainConfig defaults;
@@ -319,7 +458,9 @@ void apply(TrainConfig& config, const std::string& key, const json& value, const
 
 }  // namespace
 
-std::string TrainConfig::resolved_optimizer() const { return use_8bit_adam ? "adamw8bit" : optimizer; }
+std::string TrainConfig::resolved_optimizer() const {
+  return optimizer.use_8bit_adam ? "adamw8bit" : optimizer.name;
+}
 
 nlohmann::ordered_json TrainConfig::to_json() const {
   nlohmann::ordered_json out;
@@ -353,12 +494,14 @@ std::string suggest_key(const std::string& unknown) {
   return best;
 }
 
-TrainConfig load_train_config(const fs::path& config_file, const std::vector<std::string>& overrides) {
+TrainConfig load_train_config(const fs::path& config_file,
+                              const std::vector<std::string>& overrides) {
   TrainConfig config;
   std::map<std::string, std::string> seen;
   if (!config_file.empty()) {
     json file = read_json_file(config_file, ExitCode::usage);
-    if (!file.is_object()) throw ConfigError(config_file.string() + ": the configuration must be a JSON object");
+    if (!file.is_object())
+      throw ConfigError(config_file.string() + ": the configuration must be a JSON object");
     Origin origin{config_file.string(), fs::absolute(config_file).parent_path()};
     for (const auto& [key, value] : file.items()) apply(config, key, value, origin, seen);
   }
@@ -372,13 +515,15 @@ TrainConfig load_train_config(const fs::path& config_file, const std::vector<std
     std::string key = assignment.substr(0, equals);
     std::string text = assignment.substr(equals + 1);
     json value = json::parse(text, nullptr, /*allow_exceptions=*/false);
-    if (value.is_discarded()) value = text;  // plain words are strings: --set 'instance_prompt=a photo'
+    if (value.is_discarded())
+      value = text;  // plain words are strings: --set 'instance_prompt=a photo'
     apply(config, key, value, command_line, seen_overrides);
     seen.emplace(find_field(key)->info.name, key);
   }
-  // diffusers' flag picks the optimizer unless "optimizer" itself was given (validate() then
+  // diffusers' flag picks the optimizer unless "optimizer" itself was given (check_config() then
   // rejects the contradiction of use_8bit_adam with "adamw").
-  if (config.use_8bit_adam && !seen.count("optimizer")) config.optimizer = "adamw8bit";
+  if (config.optimizer.use_8bit_adam && !seen.count("optimizer"))
+    config.optimizer.name = "adamw8bit";
   // Paths left at their defaults (output_dir) are relative to the working directory; the
   // resolved configuration holds only absolute paths, so it means the same from anywhere.
   for (const auto& f : fields()) {
@@ -388,32 +533,39 @@ TrainConfig load_train_config(const fs::path& config_file, const std::vector<std
       f.set(config, (fs::current_path() / value).lexically_normal().string(), command_line);
     }
   }
-  validate(config);
+  check_config(config);
   return config;
 }
 
-void validate(const TrainConfig& c) {
+void check_config(const TrainConfig& c) {
   auto require = [](bool ok, const std::string& message) {
     if (!ok) throw ConfigError(message);
   };
   require(!c.pretrained_model_name_or_path.empty(),
-          "\"pretrained_model_name_or_path\" is required: the local diffusers folder of the base model");
-  require(!c.instance_data_dir.empty(), "\"instance_data_dir\" is required: the folder of subject photos");
-  require(!c.output_dir.empty(), "\"output_dir\" must not be empty");
-  require(c.resolution % 8 == 0, "\"resolution\" must be a multiple of 8 (the VAE downsamples by 8), got " +
-                                     std::to_string(c.resolution));
-  require(!(c.use_8bit_adam && c.optimizer == "adamw"),
-          "\"use_8bit_adam\": true contradicts \"optimizer\": \"adamw\"; use one of them (optimizer: \"adamw8bit\")");
-  require(!(c.cache_latents && c.random_flip),
-          "\"cache_latents\" encodes each image once, so \"random_flip\" would never apply; set one of them to false");
-  require(!(c.cache_latents && !c.center_crop),
-          "\"cache_latents\" encodes each image once, so a random crop would be chosen once and kept; "
-          "set \"center_crop\": true or \"cache_latents\": false");
-  require(!(c.resume_from_checkpoint == "latest" && c.output_dir.empty()),
+          "\"pretrained_model_name_or_path\" is required: the local diffusers folder of the base "
+          "model");
+  require(!c.data.instance_data_dir.empty(),
+          "\"instance_data_dir\" is required: the folder of subject photos");
+  require(!c.outputs.output_dir.empty(), "\"output_dir\" must not be empty");
+  require(c.data.resolution % 8 == 0,
+          "\"resolution\" must be a multiple of 8 (the VAE downsamples by 8), got " +
+              std::to_string(c.data.resolution));
+  require(!(c.optimizer.use_8bit_adam && c.optimizer.name == "adamw"),
+          "\"use_8bit_adam\": true contradicts \"optimizer\": \"adamw\"; use one of them "
+          "(optimizer: \"adamw8bit\")");
+  require(!(c.data.cache_latents && c.data.random_flip),
+          "\"cache_latents\" encodes each image once, so \"random_flip\" would never apply; set "
+          "one of them to false");
+  require(
+      !(c.data.cache_latents && !c.data.center_crop),
+      "\"cache_latents\" encodes each image once, so a random crop would be chosen once and kept; "
+      "set \"center_crop\": true or \"cache_latents\": false");
+  require(!(c.outputs.resume_from_checkpoint == "latest" && c.outputs.output_dir.empty()),
           "\"resume_from_checkpoint\": \"latest\" needs \"output_dir\"");
-  bool valid_device = c.device == "auto" || c.device == "cpu" || c.device == "cuda" || c.device.starts_with("cuda:");
+  bool valid_device = c.device == "auto" || c.device == "cpu" || c.device == "cuda" ||
+                      c.device.starts_with("cuda:");
   require(valid_device, "\"device\" must be auto, cpu, cuda or cuda:N, got \"" + c.device + "\"");
-  for (const auto& prompt : c.validation_prompts) {
+  for (const auto& prompt : c.outputs.validation_prompts) {
     require(!prompt.empty(), "\"validation_prompts\" contains an empty prompt");
   }
 }

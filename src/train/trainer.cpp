@@ -105,7 +105,7 @@ class TrainingRun {
         config_(plan.config),
         options_(options),
         device_(plan.device),
-        precision_(parse_precision(config_.mixed_precision)),
+        precision_(config_.compute.mixed_precision),
         folder_(config_.pretrained_model_name_or_path),
         generator_(at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(config_.seed))),
         outputs_(plan, folder_, options.overwrite) {}
@@ -158,18 +158,20 @@ void TrainingRun::set_up() {
   models_.emplace(load_training_models(folder_, config_, device_, precision_));
   trained_.emplace(models_->pipeline_modules(), trained_component_names(config_));
   dataset_.emplace(load_dataset(plan_));
-  state_.dataset = {dataset_->num_instance_images(), dataset_->num_class_images(),
-                    (dataset_->size() + config_.train_batch_size - 1) / config_.train_batch_size};
-  cursor_.emplace(*dataset_, static_cast<uint64_t>(config_.seed), config_.train_batch_size, state_);
+  state_.dataset = {
+      dataset_->num_instance_images(), dataset_->num_class_images(),
+      (dataset_->size() + config_.length.train_batch_size - 1) / config_.length.train_batch_size};
+  cursor_.emplace(*dataset_, static_cast<uint64_t>(config_.seed), config_.length.train_batch_size,
+                  state_);
   set_up_loss();
   set_up_update();
 }
 
 void TrainingRun::set_up_loss() {
   const text::CLIPTokenizer& tokenizer = models_->tokenizer;
-  const torch::Tensor instance_ids = tokenizer.encode_batch({config_.instance_prompt});
-  const torch::Tensor class_ids = config_.with_prior_preservation
-                                      ? tokenizer.encode_batch({config_.class_prompt})
+  const torch::Tensor instance_ids = tokenizer.encode_batch({config_.data.instance_prompt});
+  const torch::Tensor class_ids = config_.class_images.with_prior_preservation
+                                      ? tokenizer.encode_batch({config_.class_images.class_prompt})
                                       : torch::Tensor();
   PromptConditioning prompts(models_->text_encoder, instance_ids, class_ids,
                              trained_->trains("text_encoder"), device_);
@@ -186,36 +188,40 @@ void TrainingRun::set_up_update() {
   optim::OptimizerOptions options;
   UpdateOptions update;
   update.lr = lr_schedule_options(config_, plan_.total_steps);  // validated by plan_training
-  update.max_grad_norm = config_.max_grad_norm;
+  update.max_grad_norm = config_.optimizer.max_grad_norm;
   update.precision = precision_;
   options.lr = update.lr.learning_rate;
-  options.beta1 = config_.adam_beta1;
-  options.beta2 = config_.adam_beta2;
-  options.eps = config_.adam_epsilon;
-  options.weight_decay = config_.adam_weight_decay;
-  auto optimizer = optim::make_optimizer(config_.resolved_optimizer(), trained_->named_parameters(), options);
-  log::info(log::str("optimizer ", optimizer->name(), ": ", optimizer->num_parameters(), " tensors, state ",
-                     format_gib(optimizer->state_bytes())));
+  options.beta1 = config_.optimizer.adam_beta1;
+  options.beta2 = config_.optimizer.adam_beta2;
+  options.eps = config_.optimizer.adam_epsilon;
+  options.weight_decay = config_.optimizer.adam_weight_decay;
+  auto optimizer =
+      optim::make_optimizer(config_.resolved_optimizer(), trained_->named_parameters(), options);
+  log::info(log::str("optimizer ", optimizer->name(), ": ", optimizer->num_parameters(),
+                     " tensors, state ", format_gib(optimizer->state_bytes())));
   scaler_.emplace(precision_ == Precision::fp16, device_);
-  if (config_.use_ema) {
+  if (config_.ema.use_ema) {
     EMAOptions ema_options;
-    ema_options.decay = config_.ema_decay;
+    ema_options.decay = config_.ema.ema_decay;
     // The shadow weights stay on the CPU: 4 bytes per UNet parameter out of GPU memory.
     ema_.emplace(*models_->unet, ema_options, torch::kCPU);
   }
-  update_.emplace(*trained_, std::move(optimizer), *scaler_, ema(), models_->unet.ptr().get(), update);
+  update_.emplace(*trained_, std::move(optimizer), *scaler_, ema(), models_->unet.ptr().get(),
+                  update);
 }
 
 void TrainingRun::resume() {
-  if (config_.resume_from_checkpoint.empty()) return;
-  const auto checkpoint = resolve_checkpoint(config_.output_dir, config_.resume_from_checkpoint);
+  if (config_.outputs.resume_from_checkpoint.empty()) return;
+  const auto checkpoint =
+      resolve_checkpoint(config_.outputs.output_dir, config_.outputs.resume_from_checkpoint);
   if (!checkpoint) {
     // prepare_output_dir refused a folder holding model files, so nothing is lost here.
-    log::info("resume_from_checkpoint \"latest\": no checkpoint in " + config_.output_dir + ", starting afresh");
+    log::info("resume_from_checkpoint \"latest\": no checkpoint in " + config_.outputs.output_dir +
+              ", starting afresh");
     return;
   }
   TrainerState saved = read_trainer_state(*checkpoint);
-  check_saved_position(saved, state_.dataset, config_.resume_reset_epoch, *checkpoint);
+  check_saved_position(saved, state_.dataset, config_.outputs.resume_reset_epoch, *checkpoint);
   const nlohmann::ordered_json current = config_.to_json();
   check_resumable_settings(saved, current, *checkpoint);
   log::info(log::str("resuming from ", checkpoint->string(), " (step ", saved.global_step, ")"));
@@ -226,8 +232,9 @@ void TrainingRun::resume() {
   try {
     generator_.set_state(saved.rng_state);
   } catch (const c10::Error&) {
-    throw ModelError((*checkpoint / "random_states.safetensors").string() +
-                     ": \"cpu_generator\" is not a CPU generator state; resume from another checkpoint");
+    throw ModelError(
+        (*checkpoint / "random_states.safetensors").string() +
+        ": \"cpu_generator\" is not a CPU generator state; resume from another checkpoint");
   }
   saved.config = current;
   saved.dataset = state_.dataset;
@@ -242,8 +249,8 @@ void TrainingRun::train_loop() {
   step_started_ = Clock::now();
   while (state_.global_step < plan_.total_steps) {
     const std::vector<int64_t> indices = cursor_->next();
-    const bool ends_step =
-        window_.count() + 1 == config_.gradient_accumulation_steps || cursor_->at_epoch_end();
+    const bool ends_step = window_.count() + 1 == config_.length.gradient_accumulation_steps ||
+                           cursor_->at_epoch_end();
     micro_batch(indices, ends_step);
     if (ends_step) step();
   }
@@ -253,7 +260,7 @@ void TrainingRun::micro_batch(const std::vector<int64_t>& indices, bool ends_ste
   const LossInputs inputs = sampler_->draw(indices);
   const torch::Tensor loss = (*loss_)(inputs);
   // accelerate divides the loss by the accumulation steps before backward.
-  scaler_->scale(loss / static_cast<double>(config_.gradient_accumulation_steps)).backward();
+  scaler_->scale(loss / static_cast<double>(config_.length.gradient_accumulation_steps)).backward();
   window_.add(loss);
   outputs_.dump_micro_batch(options_.dump_dir, micro_index_++, inputs, loss, ends_step);
 }
@@ -276,19 +283,21 @@ void TrainingRun::step() {
   outputs_.record_step(record, scaler_->enabled(), device_.is_cuda());
   cursor_->close_finished_epoch();
   const int64_t step = state_.global_step;
-  if (config_.checkpointing_steps > 0 && step % config_.checkpointing_steps == 0 && step < plan_.total_steps) {
+  if (config_.outputs.checkpointing_steps > 0 && step % config_.outputs.checkpointing_steps == 0 &&
+      step < plan_.total_steps) {
     save_checkpoint();
   }
-  if (config_.validation_steps > 0 && step % config_.validation_steps == 0) {
-    outputs_.validate(step, *models_, ema(), precision_);
+  if (config_.outputs.validation_steps > 0 && step % config_.outputs.validation_steps == 0) {
+    outputs_.sample_validation_images(step, *models_, ema(), precision_);
   }
   check_interrupt();
 }
 
 void TrainingRun::check_loss(double loss) const {
   if (std::isfinite(loss) || scaler_->enabled()) return;
-  throw Error(ExitCode::training_diverged, log::str("the loss is ", loss, " at step ", state_.global_step,
-                                                    ": training diverged; lower learning_rate"));
+  throw Error(ExitCode::training_diverged,
+              log::str("the loss is ", loss, " at step ", state_.global_step,
+                       ": training diverged; lower learning_rate"));
 }
 
 void TrainingRun::save_checkpoint() {
@@ -303,7 +312,8 @@ void TrainingRun::check_interrupt() {
   const int signal = InterruptWatch::pending();
   if (signal == 0) return;
   // Nothing to save before the first step: the same command simply starts again.
-  if (state_.global_step > 0 && outputs_.last_checkpoint_step() != state_.global_step) save_checkpoint();
+  if (state_.global_step > 0 && outputs_.last_checkpoint_step() != state_.global_step)
+    save_checkpoint();
   outputs_.finish_progress();
   throw Error(exit_code_for_signal(signal),
               log::str("interrupted at step ", state_.global_step, "/", plan_.total_steps,
@@ -328,7 +338,7 @@ TrainSummary TrainingRun::run() {
   summary.skipped_steps = skipped_steps_;
   summary.seconds = std::chrono::duration<double>(Clock::now() - started).count();
   summary.final_loss = state_.last_loss;
-  summary.output_dir = config_.output_dir;
+  summary.output_dir = config_.outputs.output_dir;
   return summary;
 }
 
@@ -342,9 +352,10 @@ TrainSummary run_training(const TrainingPlan& plan, const TrainOptions& options)
 std::string format_summary(const TrainSummary& summary) {
   std::ostringstream out;
   out << "trained " << summary.steps << " steps (" << summary.steps_this_run << " in this run";
-  if (summary.skipped_steps > 0) out << ", " << summary.skipped_steps << " skipped for inf/NaN gradients";
-  out << ") in " << format_duration(summary.seconds) << "; final loss " << format_number(summary.final_loss)
-      << "; model: " << summary.output_dir.string();
+  if (summary.skipped_steps > 0)
+    out << ", " << summary.skipped_steps << " skipped for inf/NaN gradients";
+  out << ") in " << format_duration(summary.seconds) << "; final loss "
+      << format_number(summary.final_loss) << "; model: " << summary.output_dir.string();
   return out.str();
 }
 

@@ -36,22 +36,22 @@ std::string config_error(const std::string& json, const std::vector<std::string>
 
 TEST(TrainConfig, DefaultsFollowJumpStartForSD21Base) {
   auto config = load_train_config(write_config("{" + kMinimal + "}"), {});
-  // SageMaker JumpStart's retrieve_default for stable-diffusion-v2-1-base (shared reference §5c).
-  EXPECT_EQ(config.epochs, 20);
-  EXPECT_FALSE(config.max_steps.has_value());
-  EXPECT_EQ(config.train_batch_size, 1);
-  EXPECT_FALSE(config.with_prior_preservation);
-  EXPECT_EQ(config.num_class_images, 100);
-  EXPECT_DOUBLE_EQ(config.learning_rate, 2e-6);
-  EXPECT_DOUBLE_EQ(config.prior_loss_weight, 1.0);
-  EXPECT_FALSE(config.center_crop);
-  EXPECT_EQ(config.lr_scheduler, "constant");
-  EXPECT_DOUBLE_EQ(config.adam_weight_decay, 0.01);
-  EXPECT_DOUBLE_EQ(config.adam_beta1, 0.9);
-  EXPECT_DOUBLE_EQ(config.adam_beta2, 0.999);
-  EXPECT_DOUBLE_EQ(config.adam_epsilon, 1e-8);
-  EXPECT_EQ(config.gradient_accumulation_steps, 1);
-  EXPECT_DOUBLE_EQ(config.max_grad_norm, 1.0);
+  // SageMaker JumpStart's retrieve_default for stable-diffusion-v2-1-base (docs/configuration.md).
+  EXPECT_EQ(config.length.epochs, 20);
+  EXPECT_FALSE(config.length.max_steps.has_value());
+  EXPECT_EQ(config.length.train_batch_size, 1);
+  EXPECT_FALSE(config.class_images.with_prior_preservation);
+  EXPECT_EQ(config.class_images.num_class_images, 100);
+  EXPECT_DOUBLE_EQ(config.optimizer.learning_rate, 2e-6);
+  EXPECT_DOUBLE_EQ(config.class_images.prior_loss_weight, 1.0);
+  EXPECT_FALSE(config.data.center_crop);
+  EXPECT_EQ(config.optimizer.lr_scheduler, "constant");
+  EXPECT_DOUBLE_EQ(config.optimizer.adam_weight_decay, 0.01);
+  EXPECT_DOUBLE_EQ(config.optimizer.adam_beta1, 0.9);
+  EXPECT_DOUBLE_EQ(config.optimizer.adam_beta2, 0.999);
+  EXPECT_DOUBLE_EQ(config.optimizer.adam_epsilon, 1e-8);
+  EXPECT_EQ(config.length.gradient_accumulation_steps, 1);
+  EXPECT_DOUBLE_EQ(config.optimizer.max_grad_norm, 1.0);
   EXPECT_EQ(config.seed, 0);
 }
 
@@ -66,20 +66,20 @@ TEST(TrainConfig, AliasesAndSageMakerStrings) {
       write_config("{" + kMinimal + R"(, "max_train_steps": "400", "num_train_epochs": 3, "batch_size": "2",
                    "with_prior_preservation": "True", "learning_rate": "5e-6", "snr_gamma": "None"})"),
       {});
-  EXPECT_EQ(config.max_steps, 400);
-  EXPECT_EQ(config.epochs, 3);
-  EXPECT_EQ(config.train_batch_size, 2);
-  EXPECT_TRUE(config.with_prior_preservation);
-  EXPECT_DOUBLE_EQ(config.learning_rate, 5e-6);
-  EXPECT_FALSE(config.snr_gamma.has_value());
+  EXPECT_EQ(config.length.max_steps, 400);
+  EXPECT_EQ(config.length.epochs, 3);
+  EXPECT_EQ(config.length.train_batch_size, 2);
+  EXPECT_TRUE(config.class_images.with_prior_preservation);
+  EXPECT_DOUBLE_EQ(config.optimizer.learning_rate, 5e-6);
+  EXPECT_FALSE(config.loss.snr_gamma.has_value());
 }
 
 TEST(TrainConfig, OverridesWin) {
   auto config = load_train_config(write_config("{" + kMinimal + R"(, "max_steps": 10})"),
                                   {"max_steps=800", "instance_prompt=a photo of sks dog", "validation_prompts=[\"a\",\"b\"]"});
-  EXPECT_EQ(config.max_steps, 800);
-  EXPECT_EQ(config.instance_prompt, "a photo of sks dog");
-  EXPECT_EQ(config.validation_prompts, (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(config.length.max_steps, 800);
+  EXPECT_EQ(config.data.instance_prompt, "a photo of sks dog");
+  EXPECT_EQ(config.outputs.validation_prompts, (std::vector<std::string>{"a", "b"}));
 }
 
 TEST(TrainConfig, UnknownKeySuggestsTheNearestName) {
@@ -136,7 +136,7 @@ TEST(TrainConfig, RequiredKeysAndMalformedFiles) {
 TEST(TrainConfig, Use8bitAdamSelectsTheOptimizer) {
   auto config = load_train_config(write_config("{" + kMinimal + R"(, "use_8bit_adam": true})"), {});
   EXPECT_EQ(config.resolved_optimizer(), "adamw8bit");
-  EXPECT_EQ(config.optimizer, "adamw8bit");
+  EXPECT_EQ(config.optimizer.name, "adamw8bit");
   auto both = load_train_config(write_config("{" + kMinimal + R"(, "use_8bit_adam": true, "optimizer": "adamw8bit"})"), {});
   EXPECT_EQ(both.resolved_optimizer(), "adamw8bit");
 }

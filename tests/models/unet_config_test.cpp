@@ -132,7 +132,7 @@ TEST(UNetLoader, LoadsFromAModelFolderInTheRequestedDtype) {
 
 // Builds the real-size model (random init, no weights: ~3.5 GB for a few seconds) and checks
 // the parameter total and that named_parameters() equals diffusers' state-dict keys and shapes
-// (shared/reference/state-dicts), so real checkpoints load with no key mapping.
+// (tests/fixtures/configs/keys_*.txt), so real checkpoints load with no key mapping.
 void check_real_unet(const std::string& config_name, const std::string& keys_file, int64_t expected_total) {
   UNet2DConditionModel unet(UNet2DConditionConfig::from_json(real_config(config_name)));
   EXPECT_EQ(parameter_count(*unet), expected_total) << config_name;

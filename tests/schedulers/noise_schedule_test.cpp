@@ -54,7 +54,7 @@ INSTANTIATE_TEST_SUITE_P(BetaSchedules, NoiseScheduleParity,
                                            "trained"));
 
 TEST(NoiseSchedule, StableDiffusionReferenceValues) {
-  // shared reference sd-models.md §6: alphas_cumprod[0] = 0.99915, [999] = 0.0046601.
+  // SD 2.1-base's published schedule: alphas_cumprod[0] = 0.99915, [999] = 0.0046601.
   NoiseSchedule schedule(sdtrain::testing::scheduler_fixture_config("sd21_base"));
   EXPECT_NEAR(schedule.alphas_cumprod()[0].item<double>(), 0.99915, 1e-6);
   EXPECT_NEAR(schedule.alphas_cumprod()[999].item<double>(), 0.0046601, 1e-7);

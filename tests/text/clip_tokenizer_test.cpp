@@ -36,7 +36,7 @@ void write_file(const fs::path& path, const std::string& text) {
   out << text;
 }
 
-// CLIP's byte alphabet, written out independently of the library (sd-models.md §5).
+// CLIP's byte alphabet, written out independently of the library (docs/tokenizer.md, step 4).
 std::vector<std::string> byte_alphabet() {
   std::vector<int> printable, codes;
   for (int b = 0; b < 256; ++b) {
@@ -188,7 +188,7 @@ INSTANTIATE_TEST_SUITE_P(Folders, CLIPTokenizerParity,
 
 TEST(CLIPTokenizer, EncodesTheReferencePromptOfSharedReference) {
   auto tokenizer = CLIPTokenizer::from_folder(tokenizer_folder("sd15"));
-  // sd-models.md §5; the same ids open_clip produces.
+  // docs/tokenizer.md; the same ids open_clip produces.
   std::vector<int64_t> expected = {49406, 320, 1125, 539, 550,  18376,
                                    6765,  320, 4558, 525, 7496, 49407};
   EXPECT_EQ(tokenizer.encode("a photo of an astronaut riding a horse on mars"), expected);

@@ -130,6 +130,6 @@ TEST(LrSchedule, OptionsComeFromTheConfiguration) {
   EXPECT_EQ(options.power, 2.0);
   EXPECT_EQ(options.learning_rate, 1e-5);
   // --scale_lr multiplies by batch size x accumulation steps (x processes, here 1).
-  config.scale_lr = true;
+  config.optimizer.scale_lr = true;
   EXPECT_DOUBLE_EQ(lr_schedule_options(config, 120).learning_rate, 6e-5);
 }

@@ -18,9 +18,9 @@ namespace {
 TrainConfig config_with_output(const fs::path& root, const fs::path& output) {
   TrainConfig config;
   config.pretrained_model_name_or_path = (root / "models" / "sd21").string();
-  config.instance_data_dir = (root / "photos").string();
-  config.class_data_dir = (root / "out" / "class_images").string();
-  config.output_dir = output.string();
+  config.data.instance_data_dir = (root / "photos").string();
+  config.class_images.class_data_dir = (root / "out" / "class_images").string();
+  config.outputs.output_dir = output.string();
   return config;
 }
 

@@ -41,9 +41,9 @@ TEST(TrainingPlan, MemoryEstimateUsesTheOptimizerStateSize) {
 }
 
 TEST(TrainingPlan, PromptsComeFromDatasetInfoUnlessConfigured) {
-  EXPECT_EQ(plan_training(demo_config()).config.instance_prompt, "a photo of sks robot");
+  EXPECT_EQ(plan_training(demo_config()).config.data.instance_prompt, "a photo of sks robot");
   auto plan = plan_training(demo_config({"instance_prompt=a photo of zwx robot"}));
-  EXPECT_EQ(plan.config.instance_prompt, "a photo of zwx robot");
+  EXPECT_EQ(plan.config.data.instance_prompt, "a photo of zwx robot");
   ASSERT_FALSE(plan.warnings.empty());
   EXPECT_NE(plan.warnings.front().find("overrides dataset_info.json"), std::string::npos);
 }

@@ -1,6 +1,6 @@
 #pragma once
 // CLIPTextModel: the text encoder of Stable Diffusion 1.x/2.x (transformers
-// models/clip/modeling_clip.py; shared reference sd-models.md §4). The module tree mirrors the
+// models/clip/modeling_clip.py; docs/models.md). The module tree mirrors the
 // checkpoint layout on the Hub, `text_model.{embeddings,encoder.layers.N,final_layer_norm}`,
 // so named_parameters() yields the checkpoint keys with no mapping. (transformers >= 5 dropped
 // the `text_model.` level from its own module tree and writes files without the prefix; the
@@ -62,7 +62,7 @@ class CLIPTextEmbeddingsImpl : public torch::nn::Module {
 };
 TORCH_MODULE(CLIPTextEmbeddings);
 
-// Causal multi-head self-attention. SD never passes a padding mask (sd-models.md §4), so the
+// Causal multi-head self-attention. SD never passes a padding mask (docs/models.md), so the
 // causal mask is the only one and attention goes through scaled_dot_product_attention with
 // is_causal, which picks the fused kernels on CUDA.
 class CLIPAttentionImpl : public torch::nn::Module {

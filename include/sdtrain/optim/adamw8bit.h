@@ -1,6 +1,6 @@
 #pragma once
-// AdamW with blockwise 8-bit states (bitsandbytes' AdamW8bit algorithm; spec:
-// shared/reference/adam8bit.md, choices: docs/optimizer.md). m and v are stored as uint8 codes
+// AdamW with blockwise 8-bit states (bitsandbytes' AdamW8bit algorithm; what it computes and
+// why: docs/optimizer.md). m and v are stored as uint8 codes
 // into the signed / unsigned dynamic maps, in blocks of 256 elements with one fp32 absmax per
 // block and state. Tensors with fewer than min_8bit_size elements keep fp32 states.
 //

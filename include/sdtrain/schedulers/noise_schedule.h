@@ -26,9 +26,11 @@ class NoiseSchedule {
 
   // x_t = sqrt(ac[t]) x0 + sqrt(1 - ac[t]) noise, computed in x0's dtype on its device as
   // DDPMScheduler.add_noise does. timesteps: int64 [B].
-  torch::Tensor add_noise(const torch::Tensor& x0, const torch::Tensor& noise, const torch::Tensor& timesteps) const;
+  torch::Tensor add_noise(const torch::Tensor& x0, const torch::Tensor& noise,
+                          const torch::Tensor& timesteps) const;
   // v = sqrt(ac[t]) noise - sqrt(1 - ac[t]) x0 (DDPMScheduler.get_velocity).
-  torch::Tensor velocity(const torch::Tensor& x0, const torch::Tensor& noise, const torch::Tensor& timesteps) const;
+  torch::Tensor velocity(const torch::Tensor& x0, const torch::Tensor& noise,
+                         const torch::Tensor& timesteps) const;
   // What the UNet is trained to predict: the noise, or the velocity for v_prediction.
   torch::Tensor training_target(const torch::Tensor& x0, const torch::Tensor& noise,
                                 const torch::Tensor& timesteps) const;
@@ -43,7 +45,8 @@ class NoiseSchedule {
 
  private:
   // sqrt(ac[t]) and sqrt(1 - ac[t]) in `like`'s dtype/device, shaped [B, 1, 1, ...].
-  std::pair<torch::Tensor, torch::Tensor> coefficients(const torch::Tensor& timesteps, const torch::Tensor& like) const;
+  std::pair<torch::Tensor, torch::Tensor> coefficients(const torch::Tensor& timesteps,
+                                                       const torch::Tensor& like) const;
 
   SchedulerConfig config_;
   torch::Tensor betas_;

@@ -31,9 +31,9 @@ inline constexpr const char* kCheckpointOptimizerFile = "optimizer.safetensors";
 inline constexpr const char* kCheckpointEmaDir = "unet_ema";
 
 struct TrainerState {
-  int64_t global_step = 0;       // optimizer steps taken
-  int64_t epoch = 0;             // epoch in progress
-  int64_t batch_in_epoch = 0;    // micro-batches of that epoch already consumed
+  int64_t global_step = 0;     // optimizer steps taken
+  int64_t epoch = 0;           // epoch in progress
+  int64_t batch_in_epoch = 0;  // micro-batches of that epoch already consumed
   double loss_scale = 1.0;
   int64_t loss_scale_growth_tracker = 0;
   double last_loss = 0.0;
@@ -44,14 +44,15 @@ struct TrainerState {
     int64_t class_images = -1;
     int64_t batches_per_epoch = -1;
   } dataset;
-  torch::Tensor rng_state;       // CPU generator state (uint8)
-  nlohmann::ordered_json config; // the run's resolved TrainConfig
+  torch::Tensor rng_state;        // CPU generator state (uint8)
+  nlohmann::ordered_json config;  // the run's resolved TrainConfig
 };
 
 // Writes checkpoint-<state.global_step> in output_dir: `write_models(dir)` fills in the model
 // folders and optimizer file, then the trainer state is added and the folder published.
-std::filesystem::path save_checkpoint(const std::filesystem::path& output_dir, const TrainerState& state,
-                                      const std::function<void(const std::filesystem::path&)>& write_models);
+std::filesystem::path save_checkpoint(
+    const std::filesystem::path& output_dir, const TrainerState& state,
+    const std::function<void(const std::filesystem::path&)>& write_models);
 
 // Reads and range-checks checkpoint_dir/trainer_state.json; a damaged or edited field is a
 // ModelError (exit 3) naming the file.

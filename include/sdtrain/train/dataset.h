@@ -90,7 +90,9 @@ class DreamBoothDataset {
   const std::vector<std::string>& warnings() const { return warnings_; }
   // Photo i / class image i after the resize (uint8 [3, h, w]), before crop and flip: what
   // cache_latents encodes once.
-  const torch::Tensor& resized_instance(int64_t i) const { return instance_.at(static_cast<size_t>(i)); }
+  const torch::Tensor& resized_instance(int64_t i) const {
+    return instance_.at(static_cast<size_t>(i));
+  }
   const torch::Tensor& resized_class(int64_t i) const { return class_.at(static_cast<size_t>(i)); }
 
   // The sample order of epoch `epoch` (0-based): a permutation of [0, size()) from a CPU

@@ -34,7 +34,7 @@ LrScheduleOptions lr_schedule_options(const TrainConfig& config, int64_t total_s
 
 // Throws ConfigError for an unknown name or a combination diffusers rejects (polynomial with
 // learning_rate <= lr_end).
-void validate(const LrScheduleOptions& options);
+void check_lr_schedule(const LrScheduleOptions& options);
 
 // The learning rate for optimizer step `step` (0-based). Validates the options first.
 double learning_rate_at(const LrScheduleOptions& options, int64_t step);

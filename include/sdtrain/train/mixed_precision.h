@@ -8,13 +8,10 @@
 
 #include <string>
 
+#include "sdtrain/train/precision.h"
+
 namespace sdtrain::train {
 
-enum class Precision { fp32, fp16, bf16 };
-
-// "no" / "fp32" -> fp32, "fp16", "bf16" (TrainConfig.mixed_precision values).
-Precision parse_precision(const std::string& name);
-const char* to_string(Precision precision);
 // The dtype autocast computes in (fp32 for Precision::fp32).
 c10::ScalarType compute_dtype(Precision precision);
 

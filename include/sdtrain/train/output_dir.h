@@ -21,7 +21,8 @@ namespace sdtrain::train {
 // Throws ConfigError (exit 1) when output_dir is, contains the written parts of, or lies inside
 // the model folder, the instance folder or the class folder. `base_components` are the
 // subfolders of the model folder (unet, vae, ...) that an export writes into output_dir.
-void check_output_dir_is_not_an_input(const TrainConfig& config, const std::vector<std::string>& base_components);
+void check_output_dir_is_not_an_input(const TrainConfig& config,
+                                      const std::vector<std::string>& base_components);
 
 // output_dir/logs/metrics.jsonl: one JSON record per optimizer step.
 inline std::filesystem::path metrics_file(const std::filesystem::path& output_dir) {

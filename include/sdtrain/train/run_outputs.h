@@ -66,7 +66,8 @@ class RunOutputs {
 
   // samples/step-N.png: diffusers' validation (DPM-Solver++ 2M, 25 steps, guidance 7.5, the
   // run's seed) with the training modules, the EMA weights swapped in with use_ema.
-  void validate(int64_t step, TrainingModels& models, EMAModel* ema, Precision precision);
+  void sample_validation_images(int64_t step, TrainingModels& models, EMAModel* ema,
+                                Precision precision);
   // The final diffusers folder: the base's components with the trained ones replaced (the
   // EMA average for the UNet with use_ema, as diffusers' EMA scripts).
   void export_model(const TrainedSet& trained, TrainingModels& models, const EMAModel* ema);

@@ -11,70 +11,92 @@
 #include <utility>
 #include <vector>
 
+#include "sdtrain/train/precision.h"
+
 namespace sdtrain::train {
 
 struct TrainConfig {
-  // Model and data
+  // The user-facing keys are flat (diffusers' and JumpStart's names); the struct groups them by
+  // the piece of the trainer that reads them. Members keep the key names, so a key found in
+  // docs/configuration.md is found here as group.key.
   std::string pretrained_model_name_or_path;
   std::string variant;
-  std::string instance_data_dir;
-  std::string class_data_dir;
-  std::string output_dir = "dreambooth-model";
-  std::string instance_prompt;
-  std::string class_prompt;
-  int resolution = 512;
-  bool center_crop = false;
-  bool random_flip = false;
-  // Prior preservation
-  bool with_prior_preservation = false;
-  double prior_loss_weight = 1.0;
-  int num_class_images = 100;
-  int sample_batch_size = 4;
-  std::string prior_generation_precision = "auto";
-  std::string prior_generation_scheduler;
-  int prior_generation_steps = 50;
-  double prior_generation_guidance_scale = 7.5;
-  // Length and batch
-  int train_batch_size = 1;
-  int epochs = 20;
-  std::optional<int> max_steps;
-  int gradient_accumulation_steps = 1;
-  // Optimizer and schedule
-  double learning_rate = 2e-6;
-  bool scale_lr = false;
-  std::string lr_scheduler = "constant";
-  int lr_warmup_steps = 0;
-  int lr_num_cycles = 1;
-  double lr_power = 1.0;
-  std::string optimizer = "adamw";
-  bool use_8bit_adam = false;
-  double adam_beta1 = 0.9;
-  double adam_beta2 = 0.999;
-  double adam_weight_decay = 1e-2;
-  double adam_epsilon = 1e-8;
-  double max_grad_norm = 1.0;
-  // Precision and memory
-  std::string mixed_precision = "no";
-  bool gradient_checkpointing = false;
   bool train_text_encoder = false;
-  bool cache_latents = false;
-  bool allow_tf32 = false;
-  bool use_ema = false;
-  double ema_decay = 0.9999;
-  // Loss
-  bool offset_noise = false;
-  std::optional<double> snr_gamma;
-  // Checkpoints, validation, output
-  int checkpointing_steps = 500;
-  std::optional<int> checkpoints_total_limit;
-  std::string resume_from_checkpoint;
-  bool resume_reset_epoch = false;
-  std::vector<std::string> validation_prompts;
-  int validation_steps = 100;
-  int num_validation_images = 4;
-  std::string save_dtype = "fp32";
   int64_t seed = 0;
   std::string device = "auto";
+
+  struct Data {
+    std::string instance_data_dir;
+    std::string instance_prompt;
+    int resolution = 512;
+    bool center_crop = false;
+    bool random_flip = false;
+    bool cache_latents = false;
+  } data;
+
+  struct ClassImages {  // prior preservation
+    bool with_prior_preservation = false;
+    std::string class_data_dir;
+    std::string class_prompt;
+    double prior_loss_weight = 1.0;
+    int num_class_images = 100;
+    int sample_batch_size = 4;
+    std::string prior_generation_precision = "auto";  // pipeline::resolve_dtype's names
+    std::string prior_generation_scheduler;
+    int prior_generation_steps = 50;
+    double prior_generation_guidance_scale = 7.5;
+  } class_images;
+
+  struct Length {
+    int train_batch_size = 1;
+    int epochs = 20;
+    std::optional<int> max_steps;
+    int gradient_accumulation_steps = 1;
+  } length;
+
+  struct Optimizer {
+    std::string name = "adamw";  // key "optimizer"
+    bool use_8bit_adam = false;
+    double learning_rate = 2e-6;
+    bool scale_lr = false;
+    std::string lr_scheduler = "constant";
+    int lr_warmup_steps = 0;
+    int lr_num_cycles = 1;
+    double lr_power = 1.0;
+    double adam_beta1 = 0.9;
+    double adam_beta2 = 0.999;
+    double adam_weight_decay = 1e-2;
+    double adam_epsilon = 1e-8;
+    double max_grad_norm = 1.0;
+  } optimizer;
+
+  struct Compute {
+    Precision mixed_precision = Precision::fp32;  // key values "no", "fp16", "bf16"
+    bool gradient_checkpointing = false;
+    bool allow_tf32 = false;
+  } compute;
+
+  struct Ema {
+    bool use_ema = false;
+    double ema_decay = 0.9999;
+  } ema;
+
+  struct Loss {
+    bool offset_noise = false;
+    std::optional<double> snr_gamma;
+  } loss;
+
+  struct Outputs {  // checkpoints, validation and the exported model
+    std::string output_dir = "dreambooth-model";
+    int checkpointing_steps = 500;
+    std::optional<int> checkpoints_total_limit;
+    std::string resume_from_checkpoint;
+    bool resume_reset_epoch = false;
+    std::vector<std::string> validation_prompts;
+    int validation_steps = 100;
+    int num_validation_images = 4;
+    Precision save_dtype = Precision::fp32;  // key values "fp32", "fp16"
+  } outputs;
 
   // The optimizer actually used ("adamw" or "adamw8bit"), after use_8bit_adam.
   std::string resolved_optimizer() const;
@@ -100,7 +122,7 @@ TrainConfig load_train_config(const std::filesystem::path& config_file,
                               const std::vector<std::string>& overrides);
 
 // Cross-key checks that do not need the model or the data. Throws ConfigError.
-void validate(const TrainConfig& config);
+void check_config(const TrainConfig& config);
 
 // The valid key nearest to `unknown` (edit distance), or "" when none is close.
 std::string suggest_key(const std::string& unknown);

@@ -20,7 +20,7 @@ struct TrainOptions {
 };
 
 struct TrainSummary {
-  int64_t steps = 0;          // optimizer steps taken in total (including before a resume)
+  int64_t steps = 0;  // optimizer steps taken in total (including before a resume)
   int64_t steps_this_run = 0;
   int64_t skipped_steps = 0;  // fp16 steps skipped for inf/NaN gradients
   double seconds = 0;

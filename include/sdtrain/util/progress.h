@@ -12,7 +12,8 @@ namespace sdtrain {
 class Progress {
  public:
   // `start` is where a resumed loop begins; rates count only the work done in this process.
-  Progress(std::string label, int64_t total, int64_t start = 0, double plain_interval_seconds = 30.0);
+  Progress(std::string label, int64_t total, int64_t start = 0,
+           double plain_interval_seconds = 30.0);
   ~Progress();
   Progress(const Progress&) = delete;
   Progress& operator=(const Progress&) = delete;
