@@ -94,8 +94,8 @@ void parse_state_fields(const nlohmann::json& json, const fs::path& path, Traine
 
 }  // namespace
 
-fs::path save_checkpoint(const fs::path& output_dir, const TrainerState& state,
-                         const std::function<void(const fs::path&)>& write_models) {
+fs::path write_checkpoint_folder(const fs::path& output_dir, const TrainerState& state,
+                                 const std::function<void(const fs::path&)>& write_models) {
   const fs::path target = output_dir / ("checkpoint-" + std::to_string(state.global_step));
   StagedFolder staged(target);
   write_models(staged.path());

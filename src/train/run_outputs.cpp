@@ -117,7 +117,7 @@ void RunOutputs::save_checkpoint(const TrainerState& state, const CheckpointCont
     last_checkpoint_step_ = state.global_step;
     return;
   }
-  const fs::path path = train::save_checkpoint(output_dir_, state, [&](const fs::path& dir) {
+  const fs::path path = write_checkpoint_folder(output_dir_, state, [&](const fs::path& dir) {
     contents.trained.save(dir, base_);
     if (contents.ema) {
       fs::create_directories(dir / kCheckpointEmaDir);

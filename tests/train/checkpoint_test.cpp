@@ -35,7 +35,7 @@ void write_marker(const fs::path& dir) { std::ofstream(dir / "marker.txt") << "m
 TEST(Checkpoint, SavesAndRestoresTheTrainerStateExactly) {
   const fs::path out = testing::scratch_dir();
   const TrainerState state = sample_state(20);
-  const fs::path dir = save_checkpoint(out, state, write_marker);
+  const fs::path dir = write_checkpoint_folder(out, state, write_marker);
   EXPECT_EQ(dir, out / "checkpoint-20");
   EXPECT_TRUE(fs::exists(dir / "marker.txt"));
   const TrainerState read = read_trainer_state(dir);
@@ -56,8 +56,8 @@ TEST(Checkpoint, SavesAndRestoresTheTrainerStateExactly) {
 
 TEST(Checkpoint, AFailedSaveLeavesNoCheckpointAndKeepsThePreviousOne) {
   const fs::path out = testing::scratch_dir();
-  save_checkpoint(out, sample_state(10), write_marker);
-  EXPECT_THROW(save_checkpoint(out, sample_state(20),
+  write_checkpoint_folder(out, sample_state(10), write_marker);
+  EXPECT_THROW(write_checkpoint_folder(out, sample_state(20),
                                [](const fs::path&) { throw OutputError("No space left on device"); }),
                OutputError);
   EXPECT_FALSE(fs::exists(out / "checkpoint-20"));
@@ -70,7 +70,7 @@ TEST(Checkpoint, AFailedSaveLeavesNoCheckpointAndKeepsThePreviousOne) {
 
 TEST(Checkpoint, ListsByStepIgnoresPartialFoldersAndPrunesTheOldest) {
   const fs::path out = testing::scratch_dir();
-  for (int64_t step : {100, 20, 300}) save_checkpoint(out, sample_state(step), write_marker);
+  for (int64_t step : {100, 20, 300}) write_checkpoint_folder(out, sample_state(step), write_marker);
   fs::create_directories(out / ".checkpoint-400.partial");
   fs::create_directories(out / "checkpoint-500");  // no trainer_state.json: an interrupted copy
   auto listed = list_checkpoints(out);
@@ -86,8 +86,8 @@ TEST(Checkpoint, ListsByStepIgnoresPartialFoldersAndPrunesTheOldest) {
 TEST(Checkpoint, ResolvesLatestNamesAndPaths) {
   const fs::path out = testing::scratch_dir();
   EXPECT_FALSE(resolve_checkpoint(out, "latest").has_value());
-  save_checkpoint(out, sample_state(5), write_marker);
-  save_checkpoint(out, sample_state(15), write_marker);
+  write_checkpoint_folder(out, sample_state(5), write_marker);
+  write_checkpoint_folder(out, sample_state(15), write_marker);
   EXPECT_EQ(resolve_checkpoint(out, "latest").value(), out / "checkpoint-15");
   EXPECT_EQ(resolve_checkpoint(out, "checkpoint-5").value(), out / "checkpoint-5");
   EXPECT_EQ(resolve_checkpoint(out, (out / "checkpoint-5").string()).value(), out / "checkpoint-5");
@@ -117,7 +117,7 @@ TEST(Checkpoint, OutOfRangeOrDamagedTrainerStateFieldsAreRefusedNamingTheFile) {
       {"config", "[1, 2]"},        {"config", "null"},         {"dataset", "{\"instance_images\": 0}"}};
   for (const auto& [key, value] : edits) {
     const fs::path out = testing::scratch_dir();
-    const fs::path dir = save_checkpoint(out, sample_state(12), write_marker);
+    const fs::path dir = write_checkpoint_folder(out, sample_state(12), write_marker);
     edit_state(dir, key, value);
     try {
       read_trainer_state(dir);
@@ -133,8 +133,8 @@ TEST(Checkpoint, OutOfRangeOrDamagedTrainerStateFieldsAreRefusedNamingTheFile) {
 
 TEST(Checkpoint, LatestIsTheNewestWholeCheckpointAndANamedDamagedOneIsRefused) {
   const fs::path out = testing::scratch_dir();
-  save_checkpoint(out, sample_state(5), write_marker);
-  save_checkpoint(out, sample_state(15), write_marker);
+  write_checkpoint_folder(out, sample_state(5), write_marker);
+  write_checkpoint_folder(out, sample_state(15), write_marker);
   std::ofstream(out / "checkpoint-15" / "marker.txt") << "modelz";  // same size, one byte differs
   EXPECT_EQ(resolve_checkpoint(out, "latest").value(), out / "checkpoint-5");
   try {

@@ -50,7 +50,7 @@ struct TrainerState {
 
 // Writes checkpoint-<state.global_step> in output_dir: `write_models(dir)` fills in the model
 // folders and optimizer file, then the trainer state is added and the folder published.
-std::filesystem::path save_checkpoint(
+std::filesystem::path write_checkpoint_folder(
     const std::filesystem::path& output_dir, const TrainerState& state,
     const std::function<void(const std::filesystem::path&)>& write_models);
 

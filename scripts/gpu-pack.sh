@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run here, after scripts/build.sh: packs what one GPU session needs into .gl/ and .whl/
+# (git-ignored; the device tool carries them, `carry: [".gl", ".whl"]`, about 30 MiB):
+#   .gl/bin/        stripped sdtrain, test_train and test_optim (+ sdtrain_baseline when given)
+#   .gl/libs.tar.xz the Debian shared libraries they link that the GPU machine lacks
+#   .whl/           the diffusers wheel (the GPU machine has torch and transformers only)
+# Then, on the GPU machine: scripts/gpu-session.sh. See docs/gpu.md.
+#   scripts/gpu-pack.sh [BASELINE_SDTRAIN]   e.g. an sdtrain built from the previous commit
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/env.sh"
+cd "$root"
+rm -rf .gl/bin .gl/lib && mkdir -p .gl/bin .gl/lib .whl
+strip -o .gl/bin/sdtrain "$SDTRAIN_BUILD/sdtrain"
+for t in test_train test_optim; do strip -o ".gl/bin/$t" "$SDTRAIN_BUILD/tests/$t"; done
+if (($#)); then strip -o .gl/bin/sdtrain_baseline "$1"; fi
+# The Debian libraries they link (from /lib or /usr/lib), except glibc and the GCC runtime,
+# which the machine has; torch, CUDA and NCCL come from its own Python environment.
+for lib in $(ldd .gl/bin/* | awk '/=> \/(usr\/)?lib\// {print $3}' | sort -u); do
+  case "$(basename "$lib")" in
+    libc.so*|libm.so*|libdl.so*|librt.so*|libpthread.so*|libutil.so*|libstdc++*|libgcc_s*|ld-linux*) ;;
+    *) cp -L "$lib" .gl/lib/ ;;
+  esac
+done
+tar cJf .gl/libs.tar.xz -C .gl lib && rm -rf .gl/lib
+ls .whl/diffusers-*.whl >/dev/null 2>&1 || "$SDTRAIN_VENV/bin/pip" download -q --no-deps diffusers==0.42.1 -d .whl
+du -sh .gl/bin/* .gl/libs.tar.xz .whl

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Run on the GPU machine from the repository root, with .gl/ and .whl/ from scripts/gpu-pack.sh
+# carried over: no build there. Writes everything under $OUT (default /tmp/gpu-session):
+#   1. the GPU tests (CUDA kernels, the loss under sync debug mode) and the TrainedSet tests;
+#   2. the demo on the GPU (fp16, text encoder, min-SNR, offset noise), twice, and once with
+#      .gl/bin/sdtrain_baseline when packed: the hashes say whether the GPU run is
+#      deterministic and bit-identical to the baseline;
+#   3. a random-weight SD 2.1-base (tools/make_full_size_model.py) trained at 512, batch 1 +
+#      prior preservation, fp16, 8-bit AdamW, gradient checkpointing: s/step and peak memory
+#      from logs/metrics.jsonl, alternating the binaries twice. See docs/gpu.md.
+set -uo pipefail
+R="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; O="${OUT:-/tmp/gpu-session}"; mkdir -p "$O"
+exec > >(tee "$O/session.log") 2>&1
+date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+mkdir -p "$R/.gl/x" && tar xJf "$R/.gl/libs.tar.xz" -C "$R/.gl/x"
+SP=$(python3 -c 'import torch,os;print(os.path.dirname(os.path.dirname(torch.__file__)))')
+LP="$R/.gl/x/lib:$SP/torch/lib"; for d in "$SP"/nvidia/*/lib; do LP="$LP:$d"; done
+export LD_LIBRARY_PATH="$LP"
+B="$R/.gl/bin"; ldd "$B/sdtrain" | grep "not found"
+# The test binaries were built with the source tree at /work/main and the build in build/.
+mkdir -p /work; [ -e /work/main ] || ln -s "$R" /work/main
+mkdir -p "$R/build" && cp "$B/sdtrain" "$R/build/sdtrain"
+binaries=(sdtrain); [ -x "$B/sdtrain_baseline" ] && binaries+=(sdtrain_baseline)
+median() {  # file: median, p25 and peak memory of the steps after the first 10
+  python3 -c "import json,sys;r=[json.loads(l) for l in open(sys.argv[1])];s=sorted(x['seconds'] for x in r[10:]);print('median %.4f s  p25 %.4f s  peak %.2f GiB'%(s[len(s)//2],s[len(s)//4],max(x['peak_memory_bytes'] for x in r)/2**30))" "$1"
+}
+echo "== 1. GPU tests"
+for t in test_train test_optim; do
+  timeout 180 "$B/$t" --gtest_filter='*Cuda*:*CUDA*:*LossInputSampler*:*TrainedSet*' 2>&1 | grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) |Failure|error"
+done
+echo "== 2. demo on the GPU"
+for v in sdtrain sdtrain.again "${binaries[@]:1}"; do
+  timeout 120 "$B/${v%.again}" --config "$R/configs/demo.json" --overwrite --set output_dir=/tmp/demo-$v \
+    --set device=cuda --set mixed_precision=fp16 --set train_text_encoder=true --set snr_gamma=5 \
+    --set offset_noise=true --set max_steps=60 --set checkpointing_steps=30 --set validation_steps=30 \
+    > "$O/demo-$v.log" 2>&1
+  echo "$v rc $?"; (cd /tmp/demo-$v && sha256sum unet/*.safetensors text_encoder/*.safetensors checkpoint-30/optimizer.safetensors)
+done
+echo "== 3. random-weight SD 2.1-base, 512, batch 1 + prior, fp16, 8-bit AdamW, checkpointing"
+pip install -q --no-deps --target /tmp/diffusers "$R"/.whl/diffusers-*.whl && export PYTHONPATH=/tmp/diffusers
+[ -d /tmp/sd21 ] || timeout 240 python3 "$R/tools/make_full_size_model.py" /tmp/sd21 || exit 0
+mkdir -p /tmp/classes && cp "$R"/configs/demo/instance/robot* /tmp/classes/
+for round in 1 2; do
+  for v in "${binaries[@]}"; do
+    timeout 150 "$B/$v" --config "$R/configs/cat-g4dn-t4.json" --overwrite \
+      --set pretrained_model_name_or_path=/tmp/sd21 --set instance_data_dir="$R/configs/demo/instance" \
+      --set class_data_dir=/tmp/classes --set num_class_images=4 --set output_dir=/tmp/full-$v \
+      --set max_steps=80 --set checkpointing_steps=1000 --set validation_prompts=[] \
+      --set cache_latents=false --set save_dtype=fp16 --set device=cuda > "$O/full-$v-$round.log" 2>&1
+    echo "$v round $round rc $?: $(median /tmp/full-$v/logs/metrics.jsonl)"
+    cp /tmp/full-$v/logs/metrics.jsonl "$O/full-$v-$round.jsonl"
+  done
+done
+date
