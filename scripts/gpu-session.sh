@@ -7,7 +7,10 @@
 #      deterministic and bit-identical to the baseline;
 #   3. a random-weight SD 2.1-base (tools/make_full_size_model.py) trained at 512, batch 1 +
 #      prior preservation, fp16, 8-bit AdamW, gradient checkpointing: s/step and peak memory
-#      from logs/metrics.jsonl, alternating the binaries twice. See docs/gpu.md.
+#      from logs/metrics.jsonl, alternating the binaries twice;
+#   4. the same run profiled over steps 31-35 (SDTRAIN_PROFILE), with and without gradient
+#      checkpointing, tabulated by tools/summarize_trace.py.
+# Arguments pick sections: tests demo timing profile (default: all four). See docs/gpu.md.
 set -uo pipefail
 R="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; O="${OUT:-/tmp/gpu-session}"; mkdir -p "$O"
 exec > >(tee "$O/session.log") 2>&1
@@ -24,10 +27,13 @@ binaries=(sdtrain); [ -x "$B/sdtrain_baseline" ] && binaries+=(sdtrain_baseline)
 median() {  # file: median, p25 and peak memory of the steps after the first 10
   python3 -c "import json,sys;r=[json.loads(l) for l in open(sys.argv[1])];s=sorted(x['seconds'] for x in r[10:]);print('median %.4f s  p25 %.4f s  peak %.2f GiB'%(s[len(s)//2],s[len(s)//4],max(x['peak_memory_bytes'] for x in r)/2**30))" "$1"
 }
+tests() {
 echo "== 1. GPU tests"
 for t in test_train test_optim; do
   timeout 180 "$B/$t" --gtest_filter='*Cuda*:*CUDA*:*LossInputSampler*:*TrainedSet*' 2>&1 | grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) |Failure|error"
 done
+}
+demo() {
 echo "== 2. demo on the GPU"
 for v in sdtrain sdtrain.again "${binaries[@]:1}"; do
   timeout 120 "$B/${v%.again}" --config "$R/configs/demo.json" --overwrite --set output_dir=/tmp/demo-$v \
@@ -36,19 +42,42 @@ for v in sdtrain sdtrain.again "${binaries[@]:1}"; do
     > "$O/demo-$v.log" 2>&1
   echo "$v rc $?"; (cd /tmp/demo-$v && sha256sum unet/*.safetensors text_encoder/*.safetensors checkpoint-30/optimizer.safetensors)
 done
+}
+full_size_model() {
+  pip install -q --no-deps --target /tmp/diffusers "$R"/.whl/diffusers-*.whl && export PYTHONPATH=/tmp/diffusers
+  [ -d /tmp/sd21 ] || timeout 240 python3 "$R/tools/make_full_size_model.py" /tmp/sd21 || return 1
+  mkdir -p /tmp/classes && cp "$R"/configs/demo/instance/robot* /tmp/classes/
+}
+full_size_run() {  # binary output_dir [--set ...]: 80 steps at 512 of the T4 preset on /tmp/sd21
+  local bin=$1 out=$2; shift 2
+  timeout 150 "$B/$bin" --config "$R/configs/cat-g4dn-t4.json" --overwrite \
+    --set pretrained_model_name_or_path=/tmp/sd21 --set instance_data_dir="$R/configs/demo/instance" \
+    --set class_data_dir=/tmp/classes --set num_class_images=4 --set output_dir="$out" \
+    --set max_steps=80 --set checkpointing_steps=1000 --set validation_prompts=[] \
+    --set cache_latents=false --set save_dtype=fp16 --set device=cuda "$@"
+}
+timing() {
 echo "== 3. random-weight SD 2.1-base, 512, batch 1 + prior, fp16, 8-bit AdamW, checkpointing"
-pip install -q --no-deps --target /tmp/diffusers "$R"/.whl/diffusers-*.whl && export PYTHONPATH=/tmp/diffusers
-[ -d /tmp/sd21 ] || timeout 240 python3 "$R/tools/make_full_size_model.py" /tmp/sd21 || exit 0
-mkdir -p /tmp/classes && cp "$R"/configs/demo/instance/robot* /tmp/classes/
+full_size_model || return
 for round in 1 2; do
   for v in "${binaries[@]}"; do
-    timeout 150 "$B/$v" --config "$R/configs/cat-g4dn-t4.json" --overwrite \
-      --set pretrained_model_name_or_path=/tmp/sd21 --set instance_data_dir="$R/configs/demo/instance" \
-      --set class_data_dir=/tmp/classes --set num_class_images=4 --set output_dir=/tmp/full-$v \
-      --set max_steps=80 --set checkpointing_steps=1000 --set validation_prompts=[] \
-      --set cache_latents=false --set save_dtype=fp16 --set device=cuda > "$O/full-$v-$round.log" 2>&1
+    full_size_run "$v" /tmp/full-$v > "$O/full-$v-$round.log" 2>&1
     echo "$v round $round rc $?: $(median /tmp/full-$v/logs/metrics.jsonl)"
     cp /tmp/full-$v/logs/metrics.jsonl "$O/full-$v-$round.jsonl"
   done
+done
+}
+profile() {
+echo "== 4. where a step's time goes: steps 31-35 under the Kineto profiler"
+full_size_model || return
+for checkpointing in true false; do
+  SDTRAIN_PROFILE=30:5:/tmp/trace-$checkpointing.json full_size_run sdtrain /tmp/prof-$checkpointing \
+    --set max_steps=40 --set gradient_checkpointing=$checkpointing > "$O/profile-$checkpointing.log" 2>&1
+  echo "gradient_checkpointing $checkpointing rc $?: $(grep 'profile:' "$O/profile-$checkpointing.log")"
+  python3 "$R/tools/summarize_trace.py" /tmp/trace-$checkpointing.json --steps 5 | tee "$O/profile-$checkpointing.md"
+done
+}
+for section in "${@:-tests demo timing profile}"; do
+  for s in $section; do "$s"; done
 done
 date

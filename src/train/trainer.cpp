@@ -15,6 +15,7 @@
 #include "sdtrain/train/lr_schedule.h"
 #include "sdtrain/train/run_outputs.h"
 #include "sdtrain/train/run_setup.h"
+#include "sdtrain/train/step_profiler.h"
 #include "sdtrain/train/trained_set.h"
 #include "sdtrain/train/update.h"
 #include "sdtrain/util/error.h"
@@ -108,7 +109,8 @@ class TrainingRun {
         precision_(config_.compute.mixed_precision),
         folder_(config_.pretrained_model_name_or_path),
         generator_(at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(config_.seed))),
-        outputs_(plan, folder_, options.overwrite) {}
+        outputs_(plan, folder_, options.overwrite),
+        profiler_(StepProfiler::from_environment(device_)) {}
 
   TrainSummary run();
 
@@ -133,6 +135,7 @@ class TrainingRun {
   io::ModelFolder folder_;
   at::Generator generator_;  // every random draw of the run, in docs/training.md's order
   RunOutputs outputs_;
+  StepProfiler profiler_;  // SDTRAIN_PROFILE only
 
   std::optional<TrainingModels> models_;
   std::optional<TrainedSet> trained_;
@@ -247,6 +250,7 @@ void TrainingRun::resume() {
 void TrainingRun::train_loop() {
   check_interrupt();
   step_started_ = Clock::now();
+  profiler_.at_step_boundary(state_.global_step);
   while (state_.global_step < plan_.total_steps) {
     const std::vector<int64_t> indices = cursor_->next();
     const bool ends_step = window_.count() + 1 == config_.length.gradient_accumulation_steps ||
@@ -291,6 +295,7 @@ void TrainingRun::step() {
     outputs_.sample_validation_images(step, *models_, ema(), precision_);
   }
   check_interrupt();
+  profiler_.at_step_boundary(state_.global_step);
 }
 
 void TrainingRun::check_loss(double loss) const {
