@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <regex>
 #include <sstream>
 
 #include "sdtrain/util/error.h"
@@ -26,9 +27,19 @@ void sync_directory(const std::filesystem::path& directory) {
   }
 }
 
+std::filesystem::path temporary_path_for(const std::filesystem::path& target) {
+  std::filesystem::path temporary = target;
+  temporary += ".tmp." + std::to_string(::getpid());
+  return temporary;
+}
+
+bool is_temporary_file_name(const std::string& name) {
+  static const std::regex pattern(R"(.+\.tmp\.[0-9]+)");
+  return std::regex_match(name, pattern);
+}
+
 AtomicFile::AtomicFile(std::filesystem::path target) : target_(std::move(target)) {
-  temporary_ = target_;
-  temporary_ += ".tmp." + std::to_string(::getpid());
+  temporary_ = temporary_path_for(target_);
   file_ = std::fopen(temporary_.c_str(), "wb");
   if (!file_) {
     throw OutputError("cannot create " + temporary_.string() + ": " + errno_text() +
@@ -82,7 +93,8 @@ std::string read_file(const std::filesystem::path& path, ExitCode code) {
   return contents.str();
 }
 
-void copy_file_atomically(const std::filesystem::path& from, const std::filesystem::path& to, ExitCode code) {
+void copy_file_atomically(const std::filesystem::path& from, const std::filesystem::path& to,
+                          ExitCode code) {
   write_file_atomically(to, read_file(from, code));
 }
 

@@ -8,11 +8,12 @@
 #include <chrono>
 #include <cstring>
 #include <ctime>
-#include <regex>
 #include <system_error>
 #include <vector>
 
+#include "sdtrain/util/atomic_file.h"
 #include "sdtrain/util/error.h"
+#include "sdtrain/util/staged_folder.h"
 
 namespace fs = std::filesystem;
 
@@ -49,7 +50,8 @@ OutputLock::OutputLock(const fs::path& dir) {
   if (!error) fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (error || fd_ < 0) {
     const std::string reason = error ? error.message() : std::strerror(errno);
-    throw OutputError("cannot create " + path.string() + ": " + reason + " (choose a writable output_dir)");
+    throw OutputError("cannot create " + path.string() + ": " + reason +
+                      " (choose a writable output_dir)");
   }
   if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
     const int lock_errno = errno;
@@ -60,8 +62,8 @@ OutputLock::OutputLock(const fs::path& dir) {
       throw OutputError("cannot lock " + path.string() + ": " + std::strerror(lock_errno) +
                         " (the file system of output_dir must support flock)");
     }
-    throw ConfigError("output_dir " + dir.string() + " is in use by another sdtrain run (" + holder +
-                      "); wait for it to finish, stop it, or choose another output_dir");
+    throw ConfigError("output_dir " + dir.string() + " is in use by another sdtrain run (" +
+                      holder + "); wait for it to finish, stop it, or choose another output_dir");
   }
   const std::string text = holder_text() + "\n";
   if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, text.data(), text.size(), 0) < 0) {
@@ -74,22 +76,22 @@ OutputLock::~OutputLock() {
 }
 
 std::vector<fs::path> remove_leftovers(const fs::path& dir) {
-  static const std::regex temporary_file(R"(.+\.tmp\.[0-9]+)");
-  static const std::regex staging_folder(R"(\.(.+)\.partial(\.[0-9]+)?)");
-  static const std::regex replaced_folder(R"(\.(.+)\.old(\.[0-9]+)?)");
-  std::vector<fs::path> removed, staged, replaced;
+  std::vector<fs::path> removed, staged;
+  std::vector<std::pair<fs::path, fs::path>> replaced;  // (moved-aside folder, its original)
   std::error_code error;
-  for (auto it = fs::recursive_directory_iterator(dir, fs::directory_options::skip_permission_denied, error);
+  for (auto it = fs::recursive_directory_iterator(
+           dir, fs::directory_options::skip_permission_denied, error);
        !error && it != fs::recursive_directory_iterator(); it.increment(error)) {
     const std::string name = it->path().filename().string();
     const bool is_folder = it->is_directory(error) && !it->is_symlink(error);
-    if (is_folder && std::regex_match(name, staging_folder)) {
+    const std::optional<StagedLeftover> leftover = is_folder ? staged_leftover(name) : std::nullopt;
+    if (leftover && leftover->staging) {
       staged.push_back(it->path());
       it.disable_recursion_pending();
-    } else if (is_folder && std::regex_match(name, replaced_folder)) {
-      replaced.push_back(it->path());
+    } else if (leftover) {
+      replaced.emplace_back(it->path(), it->path().parent_path() / leftover->target_name);
       it.disable_recursion_pending();
-    } else if (!is_folder && std::regex_match(name, temporary_file)) {
+    } else if (!is_folder && is_temporary_file_name(name)) {
       removed.push_back(it->path());
     }
   }
@@ -101,11 +103,7 @@ std::vector<fs::path> remove_leftovers(const fs::path& dir) {
     fs::remove_all(folder, error);
     removed.push_back(folder);
   }
-  for (const auto& folder : replaced) {
-    std::smatch match;
-    const std::string name = folder.filename().string();
-    std::regex_match(name, match, replaced_folder);
-    const fs::path original = folder.parent_path() / match[1].str();
+  for (const auto& [folder, original] : replaced) {
     if (!fs::exists(original, error)) {
       fs::rename(folder, original, error);
       if (!error) continue;

@@ -12,6 +12,11 @@
 
 namespace sdtrain {
 
+// The temporary AtomicFile writes first: TARGET.tmp.PID beside the target, unique to the
+// process. is_temporary_file_name recognises one that a killed run left (remove_leftovers).
+std::filesystem::path temporary_path_for(const std::filesystem::path& target);
+bool is_temporary_file_name(const std::string& name);
+
 class AtomicFile {
  public:
   explicit AtomicFile(std::filesystem::path target);

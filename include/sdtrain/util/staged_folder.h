@@ -5,8 +5,20 @@
 // killed run are cleared by the next run into the folder (remove_leftovers, util/output_lock.h).
 
 #include <filesystem>
+#include <optional>
+#include <string>
 
 namespace sdtrain {
+
+// What a killed StagedFolder leaves beside its target, recognised by name: its staging folder
+// (".NAME.partial.PID", never a finished result) or the previous folder it moved aside while
+// publishing (".NAME.old.PID"). target_name is NAME. (Names without ".PID" come from sdtrain
+// 0.1.) std::nullopt for any other name.
+struct StagedLeftover {
+  bool staging = false;  // true: ".partial", false: ".old"
+  std::string target_name;
+};
+std::optional<StagedLeftover> staged_leftover(const std::string& folder_name);
 
 class StagedFolder {
  public:
