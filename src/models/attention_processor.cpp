@@ -23,10 +23,10 @@ AttentionImpl::AttentionImpl(const AttentionOptions& options_) : options(options
     group_norm = register_module("group_norm", torch::nn::GroupNorm(torch::nn::GroupNormOptions(
                                                    options.norm_num_groups(), options.query_dim()).eps(options.eps())));
   }
-  to_q = register_module("to_q", torch::nn::Linear(torch::nn::LinearOptions(options.query_dim(), inner).bias(options.bias())));
-  to_k = register_module("to_k", torch::nn::Linear(torch::nn::LinearOptions(context_dim, inner).bias(options.bias())));
-  to_v = register_module("to_v", torch::nn::Linear(torch::nn::LinearOptions(context_dim, inner).bias(options.bias())));
-  to_out_0 = torch::nn::Linear(torch::nn::LinearOptions(inner, options.query_dim()).bias(options.out_bias()));
+  to_q = register_module("to_q", LoRALinear(torch::nn::LinearOptions(options.query_dim(), inner).bias(options.bias())));
+  to_k = register_module("to_k", LoRALinear(torch::nn::LinearOptions(context_dim, inner).bias(options.bias())));
+  to_v = register_module("to_v", LoRALinear(torch::nn::LinearOptions(context_dim, inner).bias(options.bias())));
+  to_out_0 = LoRALinear(torch::nn::LinearOptions(inner, options.query_dim()).bias(options.out_bias()));
   to_out = register_module("to_out", torch::nn::ModuleList(to_out_0));
 }
 

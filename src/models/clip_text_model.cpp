@@ -83,10 +83,10 @@ CLIPAttentionImpl::CLIPAttentionImpl(const CLIPTextConfig& config)
     : num_heads_(config.num_attention_heads), head_dim_(config.head_dim()) {
   const int64_t d = config.hidden_size;
   // Registration order follows the reference (k, v, q, out) so parameters() iterates alike.
-  k_proj = register_module("k_proj", torch::nn::Linear(d, d));
-  v_proj = register_module("v_proj", torch::nn::Linear(d, d));
-  q_proj = register_module("q_proj", torch::nn::Linear(d, d));
-  out_proj = register_module("out_proj", torch::nn::Linear(d, d));
+  k_proj = register_module("k_proj", LoRALinear(torch::nn::LinearOptions(d, d)));
+  v_proj = register_module("v_proj", LoRALinear(torch::nn::LinearOptions(d, d)));
+  q_proj = register_module("q_proj", LoRALinear(torch::nn::LinearOptions(d, d)));
+  out_proj = register_module("out_proj", LoRALinear(torch::nn::LinearOptions(d, d)));
 }
 
 torch::Tensor CLIPAttentionImpl::forward(const torch::Tensor& hidden_states) {

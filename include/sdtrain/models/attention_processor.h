@@ -8,6 +8,8 @@
 
 #include <optional>
 
+#include "sdtrain/models/lora.h"
+
 namespace sdtrain::models {
 
 struct AttentionOptions {
@@ -49,13 +51,14 @@ class AttentionImpl : public torch::nn::Module {
 
   AttentionOptions options;
   torch::nn::GroupNorm group_norm{nullptr};  // VAE only
-  torch::nn::Linear to_q{nullptr};
-  torch::nn::Linear to_k{nullptr};
-  torch::nn::Linear to_v{nullptr};
+  // The projections can carry LoRA adapters (lora.h), as diffusers' LoRA targets them.
+  LoRALinear to_q{nullptr};
+  LoRALinear to_k{nullptr};
+  LoRALinear to_v{nullptr};
   // `to_out` is a ModuleList in diffusers: to_out.0 is this Linear; to_out.1 is a Dropout with no
   // weights (p = 0 in SD), not modelled.
   torch::nn::ModuleList to_out{nullptr};
-  torch::nn::Linear to_out_0{nullptr};  // == to_out[0]
+  LoRALinear to_out_0{nullptr};  // == to_out[0]
 };
 TORCH_MODULE(Attention);
 

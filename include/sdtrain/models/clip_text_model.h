@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "sdtrain/io/model_folder.h"
+#include "sdtrain/models/lora.h"
 #include "sdtrain/models/state_dict.h"
 
 namespace sdtrain::models {
@@ -70,10 +71,11 @@ class CLIPAttentionImpl : public torch::nn::Module {
   explicit CLIPAttentionImpl(const CLIPTextConfig& config);
   torch::Tensor forward(const torch::Tensor& hidden_states);  // [B, L, D] -> [B, L, D]
 
-  torch::nn::Linear q_proj{nullptr};
-  torch::nn::Linear k_proj{nullptr};
-  torch::nn::Linear v_proj{nullptr};
-  torch::nn::Linear out_proj{nullptr};
+  // The projections can carry LoRA adapters (lora.h), the text-encoder targets of diffusers.
+  LoRALinear q_proj{nullptr};
+  LoRALinear k_proj{nullptr};
+  LoRALinear v_proj{nullptr};
+  LoRALinear out_proj{nullptr};
 
  private:
   int64_t num_heads_;
