@@ -22,7 +22,6 @@ namespace sdtrain::train {
 namespace {
 
 constexpr const char* kStateFile = "trainer_state.json";
-constexpr const char* kRandomStatesFile = "random_states.safetensors";
 constexpr const char* kDamagedCheckpointFix =
     " (the checkpoint was damaged or edited by hand; resume from another checkpoint, or start "
     "again with "
@@ -99,7 +98,7 @@ fs::path write_checkpoint_folder(const fs::path& output_dir, const TrainerState&
   const fs::path target = output_dir / ("checkpoint-" + std::to_string(state.global_step));
   StagedFolder staged(target);
   write_models(staged.path());
-  io::save_safetensors(staged.path() / kRandomStatesFile,
+  io::save_safetensors(staged.path() / kCheckpointRandomStatesFile,
                        {{"cpu_generator", state.rng_state.contiguous()}});
   write_file_atomically(staged.path() / kStateFile, state_to_json(state).dump(2) + "\n");
   kill_point("checkpoint-files");
@@ -126,7 +125,7 @@ TrainerState read_trainer_state(const fs::path& checkpoint_dir) {
                      " in a folder named " + checkpoint_dir.filename().string() +
                      kDamagedCheckpointFix);
   }
-  io::SafetensorsFile random_states(checkpoint_dir / kRandomStatesFile);
+  io::SafetensorsFile random_states(checkpoint_dir / kCheckpointRandomStatesFile);
   state.rng_state = random_states.tensor("cpu_generator").clone();
   return state;
 }

@@ -21,12 +21,6 @@ namespace {
 
 constexpr const char* kConfigFile = "train_config.json";
 
-std::string format_number(double value, int precision) {
-  std::ostringstream out;
-  out << std::setprecision(precision) << value;
-  return out.str();
-}
-
 c10::ScalarType save_dtype(const TrainConfig& config) {
   return config.outputs.save_dtype == Precision::fp16 ? torch::kHalf : torch::kFloat;
 }

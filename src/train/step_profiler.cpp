@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <regex>
 
+#include "sdtrain/util/atomic_file.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/log.h"
 
@@ -90,7 +91,10 @@ void StepProfiler::stop() {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
   std::unique_ptr<profiler::ProfilerResult> result = profiler::disableProfiler();
   active_ = false;
-  result->save(trace_);
+  // Beside the target first, then renamed: a trace is either whole or absent.
+  const std::filesystem::path temporary = temporary_path_for(trace_);
+  result->save(temporary.string());
+  std::filesystem::rename(temporary, trace_);
   log::info(log::str("profile: steps ", first_ + 1, " to ", first_ + count_, " took ", seconds,
                      " s (", seconds / static_cast<double>(count_), " s/step); trace: ", trace_));
 }

@@ -31,12 +31,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::string format_number(double value, int precision = 4) {
-  std::ostringstream out;
-  out << std::setprecision(precision) << value;
-  return out.str();
-}
-
 // Where the run is in its data: the epoch and the micro-batch next in it (both in the
 // TrainerState, so checkpoints carry them), and that epoch's sample order.
 class EpochCursor {
@@ -161,6 +155,7 @@ void TrainingRun::set_up() {
   models_.emplace(load_training_models(folder_, config_, device_, precision_));
   trained_.emplace(models_->pipeline_modules(), trained_component_names(config_));
   dataset_.emplace(load_dataset(plan_));
+  state_.config = config_.to_json();  // what checkpoints record, and what a resume compares
   state_.dataset = {
       dataset_->num_instance_images(), dataset_->num_class_images(),
       (dataset_->size() + config_.length.train_batch_size - 1) / config_.length.train_batch_size};
@@ -193,6 +188,7 @@ void TrainingRun::set_up_update() {
   update.lr = lr_schedule_options(config_, plan_.total_steps);  // validated by plan_training
   update.max_grad_norm = config_.optimizer.max_grad_norm;
   update.precision = precision_;
+  update.recovery_hint = [this] { return outputs_.last_checkpoint_hint(); };
   options.lr = update.lr.learning_rate;
   options.beta1 = config_.optimizer.adam_beta1;
   options.beta2 = config_.optimizer.adam_beta2;
@@ -225,8 +221,7 @@ void TrainingRun::resume() {
   }
   TrainerState saved = read_trainer_state(*checkpoint);
   check_saved_position(saved, state_.dataset, config_.outputs.resume_reset_epoch, *checkpoint);
-  const nlohmann::ordered_json current = config_.to_json();
-  check_resumable_settings(saved, current, *checkpoint);
+  check_resumable_settings(saved, state_.config, *checkpoint);
   log::info(log::str("resuming from ", checkpoint->string(), " (step ", saved.global_step, ")"));
   trained_->load(*checkpoint, device_);
   update_->optimizer().load_state(io::SafetensorsFile(*checkpoint / kCheckpointOptimizerFile));
@@ -236,10 +231,10 @@ void TrainingRun::resume() {
     generator_.set_state(saved.rng_state);
   } catch (const c10::Error&) {
     throw ModelError(
-        (*checkpoint / "random_states.safetensors").string() +
+        (*checkpoint / kCheckpointRandomStatesFile).string() +
         ": \"cpu_generator\" is not a CPU generator state; resume from another checkpoint");
   }
-  saved.config = current;
+  saved.config = state_.config;
   saved.dataset = state_.dataset;
   state_ = saved;
   resumed_checkpoint_step_ = saved.global_step;
@@ -273,7 +268,7 @@ void TrainingRun::step() {
   StepRecord record;
   record.epoch = state_.epoch;
   record.loss = window_.take_mean();
-  record.update = update_->apply(state_.global_step, outputs_.last_checkpoint_hint());
+  record.update = update_->apply(state_.global_step);
   skipped_steps_ += record.update.skipped ? 1 : 0;
   state_.global_step += 1;
   kill_point("step");
@@ -309,7 +304,6 @@ void TrainingRun::save_checkpoint() {
   state_.loss_scale = scaler_->scale_value();
   state_.loss_scale_growth_tracker = scaler_->growth_tracker();
   state_.rng_state = generator_.get_state();
-  state_.config = config_.to_json();
   outputs_.save_checkpoint(state_, {*trained_, update_->optimizer(), ema()});
 }
 

@@ -35,7 +35,7 @@ UpdatePolicy::UpdatePolicy(const TrainedSet& trained, std::unique_ptr<optim::Opt
       options_(std::move(options)),
       reduction_(std::move(reduction)) {}
 
-UpdateResult UpdatePolicy::apply(int64_t global_step, const std::string& recovery_hint) {
+UpdateResult UpdatePolicy::apply(int64_t global_step) {
   const std::vector<torch::Tensor> gradients = trained_.gradients();
   // Reduced while still scaled, as DistributedDataParallel does during backward: every process
   // then unscales the same sums and agrees on whether the step is skipped.
@@ -56,7 +56,7 @@ UpdateResult UpdatePolicy::apply(int64_t global_step, const std::string& recover
                          to_string(options_.precision),
                          "): training diverged. Lower learning_rate, keep max_grad_norm at 1.0, "
                          "or use mixed_precision bf16/no.") +
-                    recovery_hint);
+                    (options_.recovery_hint ? options_.recovery_hint() : std::string()));
   } else {
     result.skipped = true;
   }

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <iomanip>
 #include <sstream>
 
 #include "sdtrain/util/log.h"
@@ -19,6 +20,12 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 }
 
 }  // namespace
+
+std::string format_number(double value, int precision) {
+  std::ostringstream out;
+  out << std::setprecision(precision) << value;
+  return out.str();
+}
 
 std::string format_gib(int64_t bytes) {
   char text[32];

@@ -29,6 +29,7 @@ namespace sdtrain::train {
 // File names inside checkpoint-N/ besides the trained components' folders.
 inline constexpr const char* kCheckpointOptimizerFile = "optimizer.safetensors";
 inline constexpr const char* kCheckpointEmaDir = "unet_ema";
+inline constexpr const char* kCheckpointRandomStatesFile = "random_states.safetensors";
 
 struct TrainerState {
   int64_t global_step = 0;     // optimizer steps taken

@@ -52,6 +52,8 @@ struct UpdateOptions {
   double max_grad_norm = 1.0;
   Precision precision = Precision::fp32;
   LrScheduleOptions lr;
+  // Appended to the divergence error (e.g. where the last good checkpoint is); asked only then.
+  std::function<std::string()> recovery_hint;
 };
 
 class UpdatePolicy {
@@ -64,8 +66,8 @@ class UpdatePolicy {
 
   // The step after `global_step` steps: applies the accumulated gradients and clears them.
   // Non-finite gradients skip the step under fp16 loss scaling; without it they mean the
-  // run diverged: Error(training_diverged) with `recovery_hint` appended to the message.
-  UpdateResult apply(int64_t global_step, const std::string& recovery_hint = "");
+  // run diverged: Error(training_diverged), with options.recovery_hint() appended.
+  UpdateResult apply(int64_t global_step);
 
   optim::Optimizer& optimizer() { return *optimizer_; }
   const optim::Optimizer& optimizer() const { return *optimizer_; }

@@ -48,6 +48,8 @@ class Progress {
 
 // "1h02m", "3m05s", "12s".
 std::string format_duration(double seconds);
+// `value` with `precision` significant digits, as std::ostream prints it ("0.1234", "2e-06").
+std::string format_number(double value, int precision = 4);
 // "9.35 GiB": bytes in GiB with two decimals.
 std::string format_gib(int64_t bytes);
 
