@@ -41,6 +41,66 @@ def instance_loss(config, scheduler, prediction, target, timesteps):
     return (loss.mean(dim=list(range(1, loss.dim()))) * weights).mean()
 
 
+def peft_key(component, name):
+    """sdtrain's key of a peft LoRA parameter: no adapter name, the text encoder under text_model."""
+    name = name.replace(".default", "")
+    if component == "text_encoder" and not name.startswith("text_model."):
+        name = "text_model." + name  # transformers 5's CLIPTextModel has no text_model module
+    return f"{component}.{name}"
+
+
+def add_lora_adapters(config, unet, text_encoder, train_text, dump):
+    """train_dreambooth_lora.py's adapters (peft LoraConfig, gaussian init), starting from the
+    values sdtrain drew (the dump's adapters-start.safetensors), so both runs start equal."""
+    from peft import LoraConfig
+
+    alpha = config["lora_alpha"] if config["lora_alpha"] is not None else config["lora_rank"]
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=config["lora_rank"], lora_alpha=alpha, init_lora_weights="gaussian",
+                                lora_dropout=config["lora_dropout"],
+                                target_modules=config["lora_unet_targets"]))
+    if train_text:
+        text_encoder.add_adapter(LoraConfig(r=config["lora_rank"], lora_alpha=alpha, init_lora_weights="gaussian",
+                                            lora_dropout=config["lora_dropout"],
+                                            target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    start = load_file(os.path.join(dump, "adapters-start.safetensors"))
+    used = 0
+    with torch.no_grad():
+        for component, model in (("unet", unet), ("text_encoder", text_encoder)):
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(start[peft_key(component, name)])
+                    param.requires_grad_(True)
+                    used += 1
+    if used != len(start):
+        raise SystemExit(f"the dump has {len(start)} adapter tensors, peft made {used}")
+
+
+def compare_adapters(output, unet, text_encoder, train_text, initial, initial_text, lr):
+    """The written pytorch_lora_weights.safetensors against the reference's trained adapters."""
+    written = load_file(os.path.join(output, "pytorch_lora_weights.safetensors"))
+    report = {}
+    for component, model, start in (("unet", unet, initial), ("text_encoder", text_encoder, initial_text)):
+        if component == "text_encoder" and not train_text:
+            continue
+        diff_sq, update_sq, count, max_update = 0.0, 0.0, 0, 0.0
+        for name, param in model.named_parameters():
+            if "lora_" not in name:
+                continue
+            count += 1
+            ours = written[peft_key(component, name)].float()
+            update = param.detach() - start[name]
+            diff_sq += (ours - param.detach()).double().pow(2).sum().item()
+            update_sq += update.double().pow(2).sum().item()
+            max_update = max(max_update, update.abs().max().item())
+        report[component] = {"tensors_compared": count, "max_abs_update": max_update,
+                             "relative_l2_diff": (diff_sq / update_sq) ** 0.5 if update_sq > 0 else 0.0,
+                             "tensors_written": sum(k.startswith(component + ".") for k in written),
+                             "tensors_expected": count}
+    return report
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="the base model folder")
@@ -57,13 +117,20 @@ def main():
     tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
     scheduler = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")
     train_text = config["train_text_encoder"]
+    lora = config.get("train_mode", "full") == "lora"
     unet.train()
     text_encoder.train(train_text)
     text_encoder.requires_grad_(train_text)
+    if lora:
+        add_lora_adapters(config, unet, text_encoder, train_text, args.dump)
     initial = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     initial_text = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
 
-    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
+    if lora:
+        params = [p for p in unet.parameters() if p.requires_grad] + \
+            ([p for p in text_encoder.parameters() if p.requires_grad] if train_text else [])
+    else:
+        params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     lr = config["learning_rate"]
     if config["scale_lr"]:
         lr *= config["gradient_accumulation_steps"] * config["train_batch_size"]
@@ -108,6 +175,10 @@ def main():
             optimizer.zero_grad()
 
     report = {"micro_batches": len(ours), "losses": ours, "reference_losses": reference, "lrs": lrs}
+    if lora:
+        report.update(compare_adapters(args.output, unet, text_encoder, train_text, initial, initial_text, lr))
+        print(json.dumps(report))
+        return
     trained = {"unet": (unet, "unet/diffusion_pytorch_model.safetensors")}
     if train_text:
         trained["text_encoder"] = (text_encoder, "text_encoder/model.safetensors")

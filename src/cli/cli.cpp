@@ -28,6 +28,9 @@ constexpr const char* kExamples = R"(Examples:
   sdtrain inspect path/to/stable-diffusion-2-1-base components, tensors, parameter totals
   sdtrain generate --model DIR --prompt "a photo of a cat" --scheduler euler --seed 1 --out out
                                                     text to image (samplers: docs/sampling.md)
+  sdtrain generate --model BASE --lora out/pytorch_lora_weights.safetensors:0.8 --prompt ...
+  sdtrain generate --model BASE --jobs jobs.jsonl   many prompts/adapters on one loaded base
+  sdtrain merge-lora --model BASE --lora FILE --out DIR   fold an adapter into a full model
 
 Exit codes: 0 success, 1 usage/config, 2 input data, 3 model, 4 out of GPU memory,
 5 output not writable, 130/143 interrupted (after saving a resumable checkpoint).
@@ -82,7 +85,7 @@ int run_inspect(const InspectArguments& args) {
 
 // `sdtrain --config X` means `sdtrain train --config X`.
 std::vector<std::string> with_default_command(int argc, char** argv) {
-  static const std::set<std::string> commands = {"train", "inspect", "generate", "config-reference"};
+  static const std::set<std::string> commands = {"train", "inspect", "generate", "merge-lora", "config-reference"};
   static const std::set<std::string> top_level = {"-h", "--help", "--version"};
   std::vector<std::string> args(argv + 1, argv + argc);
   if (!args.empty() && !commands.count(args[0]) && !top_level.count(args[0])) args.insert(args.begin(), "train");
@@ -121,6 +124,10 @@ int run(int argc, char** argv) {
   auto* generate = app.add_subcommand("generate", "Generate images from a prompt with a diffusers model folder");
   add_generate_options(*generate, generate_args);
 
+  MergeLoRAArguments merge_args;
+  auto* merge = app.add_subcommand("merge-lora", "Fold LoRA adapters into a base model, written as a diffusers folder");
+  add_merge_lora_options(*merge, merge_args);
+
   auto* reference = app.add_subcommand("config-reference", "Print the configuration keys as a Markdown table");
   reference->group("");  // hidden: it writes docs/configuration.md
 
@@ -137,6 +144,7 @@ int run(int argc, char** argv) {
     if (*train) return run_train(train_args);
     if (*reference) return print_config_reference();
     if (*generate) return run_generate(generate_args);
+    if (*merge) return run_merge_lora(merge_args);
     return run_inspect(inspect_args);
   } catch (const Error& e) {
     log::error(e.what());

@@ -3,11 +3,15 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <map>
+#include <nlohmann/json.hpp>
 
+#include "generate_support.h"
 #include "sdtrain/pipeline/stable_diffusion_pipeline.h"
 #include "sdtrain/schedulers/sampler.h"
 #include "sdtrain/util/error.h"
@@ -26,7 +30,8 @@ std::string scheduler_help() {
 }
 
 void check_arguments(const GenerateArguments& args) {
-  if (args.steps < 1) throw ConfigError("--steps must be at least 1, got " + std::to_string(args.steps));
+  if (args.steps < 1)
+    throw ConfigError("--steps must be at least 1, got " + std::to_string(args.steps));
   if (args.num_images < 1) throw ConfigError("--num-images must be at least 1");
   if (args.batch_size < 1) throw ConfigError("--batch-size must be at least 1");
   if (!std::isfinite(args.guidance_scale) || args.guidance_scale < 0) {
@@ -41,71 +46,92 @@ void check_arguments(const GenerateArguments& args) {
   }
 }
 
+}  // namespace
+
 void prepare_output(const fs::path& out) {
   std::error_code error;
   fs::create_directories(out, error);
   if (error || !fs::is_directory(out)) {
-    throw OutputError(out.string() + ": cannot create the output folder" + (error ? " (" + error.message() + ")" : "") +
-                      "; choose another --out");
+    throw OutputError(out.string() + ": cannot create the output folder" +
+                      (error ? " (" + error.message() + ")" : "") + "; choose another --out");
   }
-  if (::access(out.c_str(), W_OK) != 0) throw OutputError(out.string() + ": the output folder is not writable");
+  if (::access(out.c_str(), W_OK) != 0)
+    throw OutputError(out.string() + ": the output folder is not writable");
 }
 
 // Progress on stderr: a line redrawn in place on a terminal, a line per batch otherwise.
-void report(const pipeline::GenerationProgress& p) {
+void report_progress(const pipeline::GenerationProgress& p) {
   const bool tty = ::isatty(STDERR_FILENO) != 0;
   if (tty) {
-    std::fprintf(stderr, "\rimages %lld/%lld  step %lld/%lld", static_cast<long long>(p.images_done),
-                 static_cast<long long>(p.images), static_cast<long long>(p.step), static_cast<long long>(p.steps));
+    std::fprintf(stderr, "\rimages %lld/%lld  step %lld/%lld",
+                 static_cast<long long>(p.images_done), static_cast<long long>(p.images),
+                 static_cast<long long>(p.step), static_cast<long long>(p.steps));
     if (p.step == p.steps) std::fprintf(stderr, "\n");
     std::fflush(stderr);
   } else if (p.step == p.steps) {
-    log::info(log::str("sampled images ", p.images_done + 1, "..", p.images, " (", p.steps, " steps)"));
+    // This batch's own range: images 1..4, 5..8, ... of 16.
+    log::info(log::str("sampled images ", p.images_done + 1, "..", p.images_done + p.batch_images,
+                       " of ", p.images, " (", p.steps, " steps)"));
   }
 }
 
-}  // namespace
-
 std::string image_file_name(int64_t seed, int64_t index) {
   char name[64];
-  std::snprintf(name, sizeof name, "s%lld-%04lld.png", static_cast<long long>(seed), static_cast<long long>(index));
+  std::snprintf(name, sizeof name, "s%lld-%04lld.png", static_cast<long long>(seed),
+                static_cast<long long>(index));
   return name;
 }
 
 std::string grid_file_name(int64_t seed) { return "grid-s" + std::to_string(seed) + ".png"; }
 
 void add_generate_options(CLI::App& command, GenerateArguments& args) {
-  command.add_option("-m,--model", args.model, "Diffusers model folder (model_index.json, unet/, vae/, ...)")->required();
-  command.add_option("-p,--prompt", args.prompt, "Text prompt")->required();
-  command.add_option("-n,--negative-prompt", args.negative_prompt, "Negative prompt (the unconditional branch of guidance)");
+  command
+      .add_option("-m,--model", args.model,
+                  "Diffusers model folder (model_index.json, unet/, vae/, ...)")
+      ->required();
+  command.add_option("-p,--prompt", args.prompt, "Text prompt (required without --jobs)");
+  command.add_option("-n,--negative-prompt", args.negative_prompt,
+                     "Negative prompt (the unconditional branch of guidance)");
   command.add_option("--steps", args.steps, "Sampling steps")->capture_default_str();
-  command.add_option("-g,--guidance-scale", args.guidance_scale, "Classifier-free guidance scale (off at 1 or below)")
+  command
+      .add_option("-g,--guidance-scale", args.guidance_scale,
+                  "Classifier-free guidance scale (off at 1 or below)")
       ->capture_default_str();
   command.add_option("-s,--scheduler", args.scheduler, scheduler_help())->capture_default_str();
-  command.add_option("--seed", args.seed, "Seed of the CPU generator (as torch.Generator(\"cpu\").manual_seed)")
+  command
+      .add_option("--seed", args.seed,
+                  "Seed of the CPU generator (as torch.Generator(\"cpu\").manual_seed)")
       ->capture_default_str();
   command.add_option("--num-images", args.num_images, "Images to generate")->capture_default_str();
-  command.add_option("--batch-size", args.batch_size, "Images per UNet batch")->capture_default_str();
-  command.add_option("--width", args.width, "Image width, a multiple of 8 (default: the model's size)")
+  command.add_option("--batch-size", args.batch_size, "Images per UNet batch")
+      ->capture_default_str();
+  command
+      .add_option("--width", args.width, "Image width, a multiple of 8 (default: the model's size)")
       ->check(CLI::PositiveNumber);
-  command.add_option("--height", args.height, "Image height, a multiple of 8 (default: the model's size)")
+  command
+      .add_option("--height", args.height,
+                  "Image height, a multiple of 8 (default: the model's size)")
       ->check(CLI::PositiveNumber);
-  command.add_option("--dtype", args.dtype, "auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")->capture_default_str();
+  command.add_option("--dtype", args.dtype, "auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+      ->capture_default_str();
   command.add_option("--device", args.device, "auto, cpu, cuda or cuda:N")->capture_default_str();
   command.add_option("--variant", args.variant, "Weight file variant, e.g. fp16");
   command.add_option("-o,--out", args.out, "Output folder")->capture_default_str();
   command.add_flag("--grid", args.grid, "Also write all images as one grid image");
+  command.add_option(
+      "--lora", args.loras,
+      "LoRA adapter file[:scale] (diffusers or kohya layout); repeatable, several are folded "
+      "into the weights");
+  command
+      .add_option(
+          "--jobs", args.jobs,
+          "JSON-lines file of jobs {\"prompt\", \"seed\", \"num_images\", \"out\", \"lora\", "
+          "\"scale\"} run on one loaded base")
+      ->check(CLI::ExistingFile);
 }
 
-int run_generate(const GenerateArguments& args) {
-  check_arguments(args);
-  const torch::Device device = pipeline::resolve_device(args.device);
-  const c10::ScalarType dtype = pipeline::resolve_dtype(args.dtype, device);
-  const fs::path out = args.out;
-  prepare_output(out);
-
-  auto sd = pipeline::StableDiffusionPipeline::from_folder(args.model, {device, dtype, args.variant});
-  const std::string sampler = sd.sampler_name(args.scheduler);
+pipeline::GenerationOptions generation_options(const GenerateArguments& args,
+                                               const pipeline::StableDiffusionPipeline& sd) {
   pipeline::GenerationOptions options;
   options.prompts = {args.prompt};
   options.negative_prompt = args.negative_prompt;
@@ -117,38 +143,79 @@ int run_generate(const GenerateArguments& args) {
   options.height = args.height > 0 ? args.height : sd.default_height();
   options.num_images = args.num_images;
   options.batch_size = args.batch_size;
-  options.progress = report;
-  const std::string dtype_name = dtype == torch::kFloat32 ? "fp32" : dtype == torch::kFloat16 ? "fp16" : "bf16";
-  log::info(log::str("generating ", args.num_images, " image(s) ", options.width, "x", options.height, " with ", sampler,
-                     ", ", args.steps, " steps, guidance ", args.guidance_scale, ", seed ", args.seed, " on ",
-                     device.str(), " (", dtype_name, ")"));
-  const auto images = sd.generate(options);
+  options.progress = report_progress;
+  return options;
+}
 
+std::string dtype_name(c10::ScalarType dtype) {
+  return dtype == torch::kFloat32 ? "fp32" : dtype == torch::kFloat16 ? "fp16" : "bf16";
+}
+
+void write_images(const GenerateArguments& args, const pipeline::GenerationOptions& options,
+                  const std::vector<io::Image>& images, const std::string& sampler,
+                  c10::ScalarType dtype) {
+  const fs::path out = args.out;
   for (std::size_t i = 0; i < images.size(); ++i) {
     const fs::path path = out / image_file_name(args.seed, static_cast<int64_t>(i));
-    io::write_png(path, images[i],
-                  {{"prompt", args.prompt},
-                   {"negative_prompt", args.negative_prompt},
-                   {"steps", std::to_string(args.steps)},
-                   {"guidance_scale", log::str(args.guidance_scale)},
-                   {"scheduler", sampler},
-                   {"seed", std::to_string(args.seed)},
-                   {"image_index", std::to_string(i)},
-                   {"width", std::to_string(options.width)},
-                   {"height", std::to_string(options.height)},
-                   {"dtype", dtype_name},
-                   {"model", fs::absolute(args.model).lexically_normal().string()},
-                   {"software", std::string("sdtrain ") + SDTRAIN_VERSION}});
+    std::vector<std::pair<std::string, std::string>> text = {
+        {"prompt", args.prompt},
+        {"negative_prompt", args.negative_prompt},
+        {"steps", std::to_string(args.steps)},
+        {"guidance_scale", log::str(args.guidance_scale)},
+        {"scheduler", sampler},
+        {"seed", std::to_string(args.seed)},
+        {"image_index", std::to_string(i)},
+        {"width", std::to_string(options.width)},
+        {"height", std::to_string(options.height)},
+        {"dtype", dtype_name(dtype)},
+        {"model", fs::absolute(args.model).lexically_normal().string()},
+        {"software", std::string("sdtrain ") + SDTRAIN_VERSION}};
+    if (!args.loras.empty()) text.emplace_back("lora", nlohmann::json(args.loras).dump());
+    io::write_png(path, images[i], text);
     std::cout << path.string() << "\n";
   }
   if (args.grid) {
     const int columns = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(images.size()))));
     const fs::path path = out / grid_file_name(args.seed);
     io::write_png(path, io::make_image_grid(images, columns),
-                  {{"prompt", args.prompt}, {"seed", std::to_string(args.seed)}, {"scheduler", sampler},
+                  {{"prompt", args.prompt},
+                   {"seed", std::to_string(args.seed)},
+                   {"scheduler", sampler},
                    {"software", std::string("sdtrain ") + SDTRAIN_VERSION}});
     std::cout << path.string() << "\n";
   }
+}
+
+void generate_and_write(const GenerateArguments& args, pipeline::StableDiffusionPipeline& sd) {
+  prepare_output(args.out);
+  const pipeline::GenerationOptions options = generation_options(args, sd);
+  const std::string sampler = sd.sampler_name(args.scheduler);
+  const c10::ScalarType dtype = sd.settings().dtype;
+  log::info(log::str("generating ", args.num_images, " image(s) ", options.width, "x",
+                     options.height, " with ", sampler, ", ", args.steps, " steps, guidance ",
+                     args.guidance_scale, ", seed ", args.seed, " on ", sd.settings().device.str(),
+                     " (", dtype_name(dtype), ")"));
+  write_images(args, options, sd.generate(options), sampler, dtype);
+}
+
+int run_generate(const GenerateArguments& args) {
+  check_arguments(args);
+  if (args.jobs.empty() && args.prompt.empty())
+    throw ConfigError("--prompt is required (or --jobs FILE)");
+  std::vector<LoRAChoice> loras;
+  for (const auto& text : args.loras) loras.push_back(parse_lora_choice(text));
+  const torch::Device device = pipeline::resolve_device(args.device);
+  const c10::ScalarType dtype = pipeline::resolve_dtype(args.dtype, device);
+  if (args.jobs.empty()) prepare_output(args.out);
+
+  const auto started = std::chrono::steady_clock::now();
+  auto sd =
+      pipeline::StableDiffusionPipeline::from_folder(args.model, {device, dtype, args.variant});
+  log::info(log::str("loaded the base model ", args.model, " from disk in ",
+                     format_seconds(std::chrono::steady_clock::now() - started)));
+  if (!args.jobs.empty()) return run_generation_jobs(args, sd);
+  apply_loras(sd, loras);
+  generate_and_write(args, sd);
   return 0;
 }
 

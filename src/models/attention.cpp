@@ -3,7 +3,7 @@
 namespace sdtrain::models {
 
 GEGLUImpl::GEGLUImpl(int64_t dim_in, int64_t dim_out) {
-  proj = register_module("proj", torch::nn::Linear(dim_in, dim_out * 2));
+  proj = register_module("proj", LoRALinear(torch::nn::LinearOptions(dim_in, dim_out * 2)));
 }
 
 torch::Tensor GEGLUImpl::forward(const torch::Tensor& x) {
@@ -14,7 +14,7 @@ torch::Tensor GEGLUImpl::forward(const torch::Tensor& x) {
 FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t mult) {
   const int64_t inner = dim * mult;
   net_0 = GEGLU(dim, inner);
-  net_2 = torch::nn::Linear(inner, dim);
+  net_2 = LoRALinear(torch::nn::LinearOptions(inner, dim));
   net = register_module("net", torch::nn::ModuleList(net_0, torch::nn::Identity(), net_2));
 }
 

@@ -104,8 +104,8 @@ torch::Tensor CLIPAttentionImpl::forward(const torch::Tensor& hidden_states) {
 }
 
 CLIPMLPImpl::CLIPMLPImpl(const CLIPTextConfig& config) : activation_(config.hidden_act) {
-  fc1 = register_module("fc1", torch::nn::Linear(config.hidden_size, config.intermediate_size));
-  fc2 = register_module("fc2", torch::nn::Linear(config.intermediate_size, config.hidden_size));
+  fc1 = register_module("fc1", LoRALinear(torch::nn::LinearOptions(config.hidden_size, config.intermediate_size)));
+  fc2 = register_module("fc2", LoRALinear(torch::nn::LinearOptions(config.intermediate_size, config.hidden_size)));
 }
 
 torch::Tensor CLIPMLPImpl::forward(const torch::Tensor& hidden_states) {

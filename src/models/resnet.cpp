@@ -7,14 +7,14 @@ namespace F = torch::nn::functional;
 ResnetBlock2DImpl::ResnetBlock2DImpl(const ResnetBlock2DOptions& options_) : options(options_) {
   const int64_t in = options.in_channels(), out = options.out_channels();
   norm1 = register_module("norm1", torch::nn::GroupNorm(torch::nn::GroupNormOptions(options.groups(), in).eps(options.eps())));
-  conv1 = register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(in, out, 3).padding(1)));
+  conv1 = register_module("conv1", LoRAConv2d(torch::nn::Conv2dOptions(in, out, 3).padding(1)));
   if (options.temb_channels() > 0) {
-    time_emb_proj = register_module("time_emb_proj", torch::nn::Linear(options.temb_channels(), out));
+    time_emb_proj = register_module("time_emb_proj", LoRALinear(torch::nn::LinearOptions(options.temb_channels(), out)));
   }
   norm2 = register_module("norm2", torch::nn::GroupNorm(torch::nn::GroupNormOptions(options.groups(), out).eps(options.eps())));
-  conv2 = register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(out, out, 3).padding(1)));
+  conv2 = register_module("conv2", LoRAConv2d(torch::nn::Conv2dOptions(out, out, 3).padding(1)));
   if (in != out) {
-    conv_shortcut = register_module("conv_shortcut", torch::nn::Conv2d(torch::nn::Conv2dOptions(in, out, 1)));
+    conv_shortcut = register_module("conv_shortcut", LoRAConv2d(torch::nn::Conv2dOptions(in, out, 1)));
   }
 }
 
@@ -35,7 +35,7 @@ torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Te
 
 Downsample2DImpl::Downsample2DImpl(int64_t channels, int64_t padding_) : padding(padding_) {
   conv = register_module(
-      "conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, channels, 3).stride(2).padding(padding)));
+      "conv", LoRAConv2d(torch::nn::Conv2dOptions(channels, channels, 3).stride(2).padding(padding)));
 }
 
 torch::Tensor Downsample2DImpl::forward(const torch::Tensor& x) {
@@ -47,7 +47,7 @@ torch::Tensor Downsample2DImpl::forward(const torch::Tensor& x) {
 }
 
 Upsample2DImpl::Upsample2DImpl(int64_t channels) {
-  conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, channels, 3).padding(1)));
+  conv = register_module("conv", LoRAConv2d(torch::nn::Conv2dOptions(channels, channels, 3).padding(1)));
 }
 
 torch::Tensor Upsample2DImpl::forward(const torch::Tensor& x,

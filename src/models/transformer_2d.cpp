@@ -9,9 +9,9 @@ Transformer2DModelImpl::Transformer2DModelImpl(const Transformer2DModelOptions& 
   const int64_t inner = options.num_attention_heads() * options.attention_head_dim();
   norm = register_module("norm", torch::nn::GroupNorm(torch::nn::GroupNormOptions(options.norm_num_groups(), in).eps(1e-6)));
   if (options.use_linear_projection()) {
-    proj_in_linear = register_module("proj_in", torch::nn::Linear(in, inner));
+    proj_in_linear = register_module("proj_in", LoRALinear(torch::nn::LinearOptions(in, inner)));
   } else {
-    proj_in_conv = register_module("proj_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(in, inner, 1)));
+    proj_in_conv = register_module("proj_in", LoRAConv2d(torch::nn::Conv2dOptions(in, inner, 1)));
   }
   transformer_blocks = register_module("transformer_blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < options.num_layers(); ++i) {
@@ -22,9 +22,9 @@ Transformer2DModelImpl::Transformer2DModelImpl(const Transformer2DModelOptions& 
     blocks.push_back(block);
   }
   if (options.use_linear_projection()) {
-    proj_out_linear = register_module("proj_out", torch::nn::Linear(inner, in));
+    proj_out_linear = register_module("proj_out", LoRALinear(torch::nn::LinearOptions(inner, in)));
   } else {
-    proj_out_conv = register_module("proj_out", torch::nn::Conv2d(torch::nn::Conv2dOptions(inner, in, 1)));
+    proj_out_conv = register_module("proj_out", LoRAConv2d(torch::nn::Conv2dOptions(inner, in, 1)));
   }
 }
 

@@ -186,7 +186,7 @@ torch::Tensor StableDiffusionPipeline::generate_batch(const GenerationOptions& o
       prediction = halves[0] + options.guidance_scale * (halves[1] - halves[0]);
     }
     latents = sampler->step(prediction, i, latents, noise);
-    if (options.progress) options.progress({images_done, options.num_images, i + 1, sampler->num_steps()});
+    if (options.progress) options.progress({images_done, options.num_images, i + 1, sampler->num_steps(), count});
   }
 
   torch::Tensor image = vae_->decode(latents / vae_->config().scaling_factor);  // [B, 3, H, W]

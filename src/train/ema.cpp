@@ -23,24 +23,30 @@ std::string number_text(double value) {
   return out.str();
 }
 
-// The module's parameters in the shadow's order; a different module is a programming error.
-std::vector<torch::Tensor> matching_parameters(const torch::nn::Module& module,
+io::NamedTensors parameters_of(const torch::nn::Module& module) {
+  io::NamedTensors named;
+  for (const auto& item : module.named_parameters(/*recurse=*/true))
+    named.emplace_back(item.key(), item.value());
+  return named;
+}
+
+// The parameters in the shadow's order; a different set is a programming error.
+std::vector<torch::Tensor> matching_parameters(const io::NamedTensors& named,
                                                const io::NamedTensors& shadow) {
-  auto named = module.named_parameters(/*recurse=*/true);
   if (named.size() != shadow.size()) {
     throw std::invalid_argument("EMAModel: the module has " + std::to_string(named.size()) +
                                 " parameters, the EMA shadows " + std::to_string(shadow.size()));
   }
   std::vector<torch::Tensor> parameters;
   for (std::size_t i = 0; i < shadow.size(); ++i) {
-    const auto& item = named[i];
-    if (item.key() != shadow[i].first || item.value().sizes() != shadow[i].second.sizes()) {
+    const auto& [key, value] = named[i];
+    if (key != shadow[i].first || value.sizes() != shadow[i].second.sizes()) {
       throw std::invalid_argument("EMAModel: parameter " + std::to_string(i) + " is \"" +
-                                  item.key() + "\" " + shape_text(item.value().sizes()) +
+                                  key + "\" " + shape_text(value.sizes()) +
                                   ", the EMA has \"" + shadow[i].first + "\" " +
                                   shape_text(shadow[i].second.sizes()));
     }
-    parameters.push_back(item.value());
+    parameters.push_back(value);
   }
   return parameters;
 }
@@ -58,16 +64,23 @@ double ema_decay_at(const EMAOptions& o, int64_t optimization_step) {
 }
 
 EMAModel::EMAModel(const torch::nn::Module& module, EMAOptions options, torch::Device device)
+    : EMAModel(parameters_of(module), options, device) {}
+
+EMAModel::EMAModel(const io::NamedTensors& parameters, EMAOptions options, torch::Device device)
     : options_(options), device_(device) {
   torch::NoGradGuard no_grad;
-  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
-    shadow_.emplace_back(item.key(),
-                         item.value().detach().to(device_, torch::kFloat32, false, /*copy=*/true));
+  for (const auto& [key, value] : parameters) {
+    shadow_.emplace_back(key, value.detach().to(device_, torch::kFloat32, false, /*copy=*/true));
   }
 }
 
-void EMAModel::step(const torch::nn::Module& module) {
-  auto parameters = matching_parameters(module, shadow_);
+void EMAModel::step(const torch::nn::Module& module) { step(parameters_of(module)); }
+void EMAModel::copy_to(torch::nn::Module& module) const { copy_to(parameters_of(module)); }
+void EMAModel::store(const torch::nn::Module& module) { store(parameters_of(module)); }
+void EMAModel::restore(torch::nn::Module& module) { restore(parameters_of(module)); }
+
+void EMAModel::step(const io::NamedTensors& named) {
+  auto parameters = matching_parameters(named, shadow_);
   ++optimization_step_;
   current_decay_ = ema_decay_at(options_, optimization_step_);
   double one_minus_decay = 1.0 - current_decay_;
@@ -85,25 +98,25 @@ void EMAModel::step(const torch::nn::Module& module) {
   }
 }
 
-void EMAModel::copy_to(torch::nn::Module& module) const {
-  auto parameters = matching_parameters(module, shadow_);
+void EMAModel::copy_to(const io::NamedTensors& named) const {
+  auto parameters = matching_parameters(named, shadow_);
   torch::NoGradGuard no_grad;
   for (std::size_t i = 0; i < parameters.size(); ++i)
     parameters[i].detach().copy_(shadow_[i].second);
 }
 
-void EMAModel::store(const torch::nn::Module& module) {
-  auto parameters = matching_parameters(module, shadow_);
+void EMAModel::store(const io::NamedTensors& named) {
+  auto parameters = matching_parameters(named, shadow_);
   stored_.clear();
   for (const auto& parameter : parameters)
     stored_.push_back(
         parameter.detach().to(torch::TensorOptions().device(torch::kCPU), false, /*copy=*/true));
 }
 
-void EMAModel::restore(torch::nn::Module& module) {
+void EMAModel::restore(const io::NamedTensors& named) {
   if (stored_.empty() && !shadow_.empty())
     throw std::logic_error("EMAModel::restore() without a store()");
-  auto parameters = matching_parameters(module, shadow_);
+  auto parameters = matching_parameters(named, shadow_);
   torch::NoGradGuard no_grad;
   for (std::size_t i = 0; i < parameters.size(); ++i) parameters[i].detach().copy_(stored_[i]);
   stored_.clear();  // diffusers frees the stored copy too

@@ -34,7 +34,8 @@ std::string first_component_below(const fs::path& inner, const fs::path& outer) 
 }
 
 bool written_by_a_run(const std::string& name, const std::vector<std::string>& base_components) {
-  if (name.empty() || name == "logs" || name == "samples" || name == "model_index.json")
+  if (name.empty() || name == "logs" || name == "samples" || name == "model_index.json" ||
+      name == kLoRAWeightsFile || name == kLoRAKohyaFile)
     return true;
   if (name.starts_with("checkpoint-")) return true;
   return std::find(base_components.begin(), base_components.end(), name) != base_components.end();
@@ -43,7 +44,8 @@ bool written_by_a_run(const std::string& name, const std::vector<std::string>& b
 // A published (or half-published) model: what a fresh start would write over.
 bool holds_model_files(const fs::path& output_dir) {
   std::error_code ignored;
-  for (const char* name : {"model_index.json", "unet", "text_encoder", "vae"}) {
+  for (const char* name :
+       {"model_index.json", "unet", "text_encoder", "vae", kLoRAWeightsFile, kLoRAKohyaFile}) {
     if (fs::exists(output_dir / name, ignored)) return true;
   }
   return false;
@@ -86,8 +88,7 @@ void check_output_dir_is_not_an_input(const TrainConfig& config,
 bool output_dir_holds_a_run(const fs::path& output_dir) {
   std::error_code ignored;
   const fs::path metrics = metrics_file(output_dir);
-  return !list_checkpoints(output_dir).empty() ||
-         fs::exists(output_dir / "model_index.json", ignored) ||
+  return !list_checkpoints(output_dir).empty() || holds_model_files(output_dir) ||
          (fs::is_regular_file(metrics, ignored) && fs::file_size(metrics, ignored) > 0);
 }
 
@@ -132,7 +133,8 @@ void prepare_output_dir(const TrainConfig& config, bool overwrite) {
       throw OutputError("--overwrite: cannot remove " + checkpoint.string() + ": " +
                         error.message());
   }
-  for (const fs::path& file : {metrics_file(output_dir), output_dir / "model_index.json"}) {
+  for (const fs::path& file : {metrics_file(output_dir), output_dir / "model_index.json",
+                               output_dir / kLoRAWeightsFile, output_dir / kLoRAKohyaFile}) {
     fs::remove(file, error);
     if (error)
       throw OutputError("--overwrite: cannot remove " + file.string() + ": " + error.message());

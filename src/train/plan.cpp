@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <set>
 #include <sstream>
 
 #include "sdtrain/io/model_folder.h"
+#include "sdtrain/models/lora_adapters.h"
 #include "sdtrain/optim/optimizer.h"
 #include "sdtrain/train/lr_schedule.h"
 #include "sdtrain/train/output_dir.h"
@@ -38,15 +40,46 @@ std::string resolve_device(const std::string& requested) {
   return requested;
 }
 
+// The layers a LoRA run gives adapters in component `name` (none in a full run).
+std::vector<std::string> adapter_targets(const TrainConfig& c, const std::string& name) {
+  if (c.lora.train_mode != TrainMode::lora) return {};
+  if (name == "unet") return c.lora.lora_unet_targets;
+  if (name == "text_encoder" && c.train_text_encoder) return models::text_encoder_adapter_targets();
+  return {};
+}
+
+// An adapter on the layer of weight `tensor` [out, in(, kh, kw)]: A [r, in(, kh, kw)], B [out, r].
+void add_adapter_sizes(const io::TensorEntry& tensor, int64_t rank, ComponentSize& size) {
+  const auto& shape = tensor.shape;
+  const int64_t kernel = shape.size() == 4 ? shape[2] * shape[3] : 1;
+  size.adapter_tensor_sizes.push_back(rank * shape[1] * kernel);
+  size.adapter_tensor_sizes.push_back(shape[0] * rank);
+}
+
 ComponentSize measure_component(const io::ModelFolder& folder, const std::string& name,
-                                const std::string& variant) {
+                                const TrainConfig& config) {
   folder.config(name);  // must exist and parse
-  ComponentSize size{name, 0, {}};
-  for (const auto& header : io::read_weight_headers(folder.weights(name, variant))) {
+  ComponentSize size{name, 0, {}, {}};
+  const std::vector<std::string> targets = adapter_targets(config, name);
+  std::set<std::string> matched;
+  for (const auto& header : io::read_weight_headers(folder.weights(name, config.variant))) {
     for (const auto& tensor : header.tensors) {
       size.parameters += tensor.numel();
       size.tensor_sizes.push_back(tensor.numel());
+      const bool weight = tensor.name.ends_with(".weight") && tensor.shape.size() >= 2;
+      const std::string layer = tensor.name.substr(0, tensor.name.size() - 7);
+      for (const auto& target : targets) {
+        if (!weight || !models::is_targeted(layer, {target})) continue;
+        matched.insert(target);
+        add_adapter_sizes(tensor, config.lora.lora_rank, size);
+        break;
+      }
     }
+  }
+  for (const auto& target : targets) {
+    if (!matched.count(target))
+      throw ConfigError("\"lora_unet_targets\": \"" + target + "\" names no layer of " +
+                        folder.root().string() + "/" + name + "; remove it");
   }
   return size;
 }
@@ -70,7 +103,7 @@ std::vector<ComponentSize> check_model(const TrainConfig& config,
   check_tokenizer(folder);
   std::vector<ComponentSize> sizes;
   for (const char* name : {"unet", "text_encoder", "vae"})
-    sizes.push_back(measure_component(folder, name, config.variant));
+    sizes.push_back(measure_component(folder, name, config));
   return sizes;
 }
 
@@ -160,8 +193,19 @@ TrainingPlan plan_training(const TrainConfig& config) {
   bool gpu = plan.device != "cpu";
   int64_t frozen_bytes_per_parameter = gpu || c.compute.mixed_precision != Precision::fp32 ? 2 : 4;
   const std::vector<std::string> trained = trained_component_names(c);
+  const bool lora = c.lora.train_mode == TrainMode::lora;
   for (const auto& component : plan.components) {
-    if (std::find(trained.begin(), trained.end(), component.name) != trained.end()) {
+    if (lora) {  // the base frozen (half on a GPU), the adapters trained in fp32
+      plan.memory.frozen_weights += frozen_bytes_per_parameter * component.parameters;
+      int64_t adapter_parameters = 0;
+      for (int64_t n : component.adapter_tensor_sizes) adapter_parameters += n;
+      plan.memory.trained_weights += 4 * adapter_parameters;
+      plan.memory.gradients += 4 * adapter_parameters;
+      plan.memory.optimizer_state +=
+          (c.resolved_optimizer() == "adamw8bit"
+               ? optim::adamw8bit_state_bytes(component.adapter_tensor_sizes)
+               : optim::adamw_state_bytes(component.adapter_tensor_sizes));
+    } else if (std::find(trained.begin(), trained.end(), component.name) != trained.end()) {
       plan.memory.trained_weights += 4 * component.parameters;
       plan.memory.gradients += 4 * component.parameters;
       plan.memory.optimizer_state += (c.resolved_optimizer() == "adamw8bit"
@@ -198,6 +242,14 @@ std::string format_plan(const TrainingPlan& plan) {
       << " epochs x " << plan.steps_per_epoch << " steps (" << plan.dataset_length
       << " samples/epoch, batch " << c.length.train_batch_size << ", accumulation "
       << c.length.gradient_accumulation_steps << ")\n";
+  if (c.lora.train_mode == TrainMode::lora) {
+    int64_t adapters = 0;
+    for (const auto& component : plan.components)
+      for (int64_t n : component.adapter_tensor_sizes) adapters += n;
+    out << "  training:         LoRA adapters (rank " << c.lora.lora_rank << ", alpha "
+        << c.lora.alpha() << ") on the UNet" << (c.train_text_encoder ? " and text encoder" : "")
+        << ": " << adapters << " parameters; the base frozen\n";
+  }
   out << "  optimizer:        " << c.resolved_optimizer() << ", lr " << c.optimizer.learning_rate
       << " (" << c.optimizer.lr_scheduler << ", warmup " << c.optimizer.lr_warmup_steps << ")\n";
   out << "  memory estimate (" << plan.device

@@ -6,6 +6,7 @@
 #include "sdtrain/export/diffusers_folder.h"
 #include "sdtrain/io/image.h"
 #include "sdtrain/io/safetensors.h"
+#include "sdtrain/models/lora_file.h"
 #include "sdtrain/pipeline/stable_diffusion_pipeline.h"
 #include "sdtrain/train/output_dir.h"
 #include "sdtrain/util/atomic_file.h"
@@ -135,13 +136,15 @@ std::string RunOutputs::last_checkpoint_hint() const {
   return " The last good checkpoint is " + last.string() + ".";
 }
 
-void RunOutputs::sample_validation_images(int64_t step, TrainingModels& models, EMAModel* ema,
+void RunOutputs::sample_validation_images(int64_t step, TrainingModels& models,
+                                          const TrainedSet& trained, EMAModel* ema,
                                           Precision precision) {
   if (!main_ || config_.outputs.validation_prompts.empty() || config_.outputs.validation_steps <= 0)
     return;
+  const io::NamedTensors averaged = trained.component_parameters("unet");
   if (ema) {
-    ema->store(*models.unet);
-    ema->copy_to(*models.unet);
+    ema->store(averaged);
+    ema->copy_to(averaged);
   }
   pipeline::PipelineSettings settings;
   settings.device = models.unet->parameters().front().device();
@@ -164,7 +167,7 @@ void RunOutputs::sample_validation_images(int64_t step, TrainingModels& models, 
     AutocastGuard autocast(settings.device.type(), precision);
     images = sampler.generate(options);
   }
-  if (ema) ema->restore(*models.unet);
+  if (ema) ema->restore(averaged);
   const fs::path path = output_dir_ / "samples" / ("step-" + std::to_string(step) + ".png");
   fs::create_directories(path.parent_path());
   io::write_png(path, io::make_image_grid(images, config_.outputs.num_validation_images),
@@ -178,7 +181,8 @@ void RunOutputs::sample_validation_images(int64_t step, TrainingModels& models, 
 void RunOutputs::export_model(const TrainedSet& trained, TrainingModels& models,
                               const EMAModel* ema) {
   if (!main_) return;
-  if (ema) ema->copy_to(*models.unet);
+  if (ema) ema->copy_to(trained.component_parameters("unet"));
+  if (trained.part() == TrainedPart::adapters) return export_adapters(models);
   exporter::PipelineExport job;
   job.base = &base_;
   job.base_variant = config_.variant;
@@ -187,6 +191,43 @@ void RunOutputs::export_model(const TrainedSet& trained, TrainingModels& models,
   exporter::export_pipeline(job, output_dir_);
   log::info("wrote the fine-tuned model to " + output_dir_.string() +
             " (StableDiffusionPipeline.from_pretrained)");
+}
+
+void RunOutputs::export_adapters(TrainingModels& models) {
+  const auto& lora = config_.lora;
+  std::map<std::string, models::ComponentAdapters> adapters;
+  models::LoRAWriteOptions options;
+  adapters["unet"] = models::attached_adapter_weights(*models.unet);
+  options.components["unet"] = {lora.lora_rank, lora.alpha(), lora.lora_dropout,
+                                lora.lora_unet_targets};
+  if (config_.train_text_encoder) {
+    adapters["text_encoder"] = models::attached_adapter_weights(*models.text_encoder);
+    options.components["text_encoder"] = {lora.lora_rank, lora.alpha(), lora.lora_dropout,
+                                          models::text_encoder_adapter_targets()};
+  }
+  options.metadata = {{"sdtrain_version", SDTRAIN_VERSION},
+                      {"sdtrain_base_model", config_.pretrained_model_name_or_path},
+                      {"sdtrain_instance_prompt", config_.data.instance_prompt},
+                      {"sdtrain_lora_rank", std::to_string(lora.lora_rank)},
+                      {"sdtrain_lora_alpha", format_number(lora.alpha())}};
+  options.dtype = save_dtype(config_);
+  for (const auto& format : lora.lora_formats) {
+    const bool kohya = format == "kohya";
+    const fs::path path = output_dir_ / (kohya ? kLoRAKohyaFile : kLoRAWeightsFile);
+    kohya ? models::write_kohya_lora(path, adapters, options)
+          : models::write_diffusers_lora(path, adapters, options);
+    log::info("wrote the LoRA adapters to " + path.string() +
+              (kohya ? " (kohya layout: AUTOMATIC1111, ComfyUI)"
+                     : " (StableDiffusionPipeline.load_lora_weights)"));
+  }
+}
+
+void RunOutputs::dump_trained_start(const fs::path& dump_dir, const TrainedSet& trained) {
+  // A full run starts from the base weights, which the replay reads itself; adapters start
+  // from a random draw, which the replay needs.
+  if (dump_dir.empty() || trained.part() != TrainedPart::adapters) return;
+  fs::create_directories(dump_dir);
+  io::save_safetensors(dump_dir / "adapters-start.safetensors", trained.named_parameters());
 }
 
 void RunOutputs::dump_micro_batch(const fs::path& dump_dir, int64_t micro_index,

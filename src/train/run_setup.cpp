@@ -1,5 +1,6 @@
 #include "sdtrain/train/run_setup.h"
 
+#include "sdtrain/models/lora_adapters.h"
 #include "sdtrain/pipeline/class_images.h"
 #include "sdtrain/pipeline/stable_diffusion_pipeline.h"
 #include "sdtrain/train/interrupt.h"
@@ -63,22 +64,51 @@ std::vector<PipelineModule> TrainingModels::pipeline_modules() const {
           {"vae", "diffusion_pytorch_model", vae.ptr(), {}}};
 }
 
+namespace {
+
+// train_dreambooth_lora.py: adapters on the UNet's attention projections (here
+// lora_unet_targets) and, with train_text_encoder, on the text encoder's; initialised from a
+// generator of their own seeded with `seed`, so the run's other draws (data order, noise,
+// timesteps) are those of a full run with the same seed.
+void attach_training_adapters(TrainingModels& models, const TrainConfig& config) {
+  const models::LoRAOptions options{config.lora.lora_rank, config.lora.alpha(),
+                                    config.lora.lora_dropout};
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(config.seed));
+  const int64_t unet =
+      models::attach_adapters(*models.unet, config.lora.lora_unet_targets, options, generator);
+  int64_t text = 0;
+  if (config.train_text_encoder) {
+    text = models::attach_adapters(*models.text_encoder, models::text_encoder_adapter_targets(),
+                                   options, generator);
+  }
+  log::info(
+      log::str("LoRA rank ", options.rank, ", alpha ", options.alpha, ": ", unet, " UNet adapters",
+               config.train_text_encoder ? log::str(", ", text, " text-encoder adapters") : ""));
+}
+
+}  // namespace
+
 TrainingModels load_training_models(const io::ModelFolder& base, const TrainConfig& config,
                                     torch::Device device, Precision precision) {
   // train_dreambooth.py keeps the trained models in fp32 (master weights) and casts the frozen
-  // VAE and text encoder to the mixed-precision dtype; on the CPU everything stays fp32.
+  // VAE and text encoder to the mixed-precision dtype; on the CPU everything stays fp32. In a
+  // LoRA run the base weights are all frozen, so all take the mixed-precision dtype and only
+  // the adapters are fp32 (train_dreambooth_lora.py's cast_training_params).
   const c10::ScalarType frozen = device.is_cuda() ? compute_dtype(precision) : torch::kFloat;
+  const bool lora = config.lora.train_mode == TrainMode::lora;
   const std::string& variant = config.variant;
   log::info("loading " + base.root().string() +
             (variant.empty() ? "" : " (variant " + variant + ")"));
-  const c10::ScalarType text_dtype = config.train_text_encoder ? torch::kFloat : frozen;
+  const c10::ScalarType text_dtype = config.train_text_encoder && !lora ? torch::kFloat : frozen;
+  const c10::ScalarType unet_dtype = lora ? frozen : torch::kFloat;
   TrainingModels models{text::CLIPTokenizer::from_folder(base.require("tokenizer").dir),
                         models::load_text_encoder(base, {text_dtype, device}, variant),
                         models::load_vae(base, {frozen, device}, variant),
-                        models::load_unet(base, {torch::kFloat, device}, variant),
+                        models::load_unet(base, {unet_dtype, device}, variant),
                         schedulers::NoiseSchedule(schedulers::SchedulerConfig::from_json(
                             base.config("scheduler"), base.config_path("scheduler").string())),
                         frozen};
+  if (lora) attach_training_adapters(models, config);
   if (config.compute.gradient_checkpointing) {
     models.unet->set_gradient_checkpointing(true);
     if (config.train_text_encoder) models.text_encoder->set_gradient_checkpointing(true);

@@ -4,6 +4,8 @@
 #include <stdexcept>
 
 #include "sdtrain/export/diffusers_folder.h"
+#include "sdtrain/models/lora_adapters.h"
+#include "sdtrain/util/error.h"
 
 namespace fs = std::filesystem;
 
@@ -17,8 +19,13 @@ std::vector<std::string> trained_component_names(const TrainConfig& config) {
   return names;
 }
 
+TrainedPart trained_part(const TrainConfig& config) {
+  return config.lora.train_mode == TrainMode::lora ? TrainedPart::adapters : TrainedPart::weights;
+}
+
 TrainedSet::TrainedSet(const std::vector<PipelineModule>& modules,
-                       const std::vector<std::string>& trained) {
+                       const std::vector<std::string>& trained, TrainedPart part)
+    : part_(part) {
   for (const auto& name : trained) {
     auto found = std::find_if(modules.begin(), modules.end(),
                               [&](const PipelineModule& m) { return m.name == name; });
@@ -26,10 +33,10 @@ TrainedSet::TrainedSet(const std::vector<PipelineModule>& modules,
     components_.push_back(*found);
   }
   for (const auto& m : modules) {
-    const bool train = trains(m.name);
-    m.module->train(train);
-    for (auto& parameter : m.module->parameters()) parameter.set_requires_grad(train);
+    m.module->train(trains(m.name));
+    for (auto& parameter : m.module->parameters()) parameter.set_requires_grad(false);
   }
+  for (auto& parameter : parameters()) parameter.set_requires_grad(true);
 }
 
 bool TrainedSet::trains(const std::string& name) const {
@@ -37,21 +44,30 @@ bool TrainedSet::trains(const std::string& name) const {
                      [&](const PipelineModule& m) { return m.name == name; });
 }
 
+io::NamedTensors TrainedSet::component_parameters(const std::string& name) const {
+  io::NamedTensors named;
+  for (const auto& component : components_) {
+    if (component.name != name) continue;
+    for (const auto& item : component.module->named_parameters()) {
+      if (part_ == TrainedPart::weights || models::is_adapter_key(item.key()))
+        named.emplace_back(item.key(), item.value());
+    }
+  }
+  return named;
+}
+
 optim::NamedParameters TrainedSet::named_parameters() const {
   optim::NamedParameters named;
   for (const auto& component : components_) {
-    for (const auto& item : component.module->named_parameters()) {
-      named.emplace_back(component.name + "." + item.key(), item.value());
-    }
+    for (const auto& [key, value] : component_parameters(component.name))
+      named.emplace_back(component.name + "." + key, value);
   }
   return named;
 }
 
 std::vector<torch::Tensor> TrainedSet::parameters() const {
   std::vector<torch::Tensor> tensors;
-  for (const auto& component : components_) {
-    for (const auto& parameter : component.module->parameters()) tensors.push_back(parameter);
-  }
+  for (const auto& item : named_parameters()) tensors.push_back(item.second);
   return tensors;
 }
 
@@ -68,6 +84,7 @@ int64_t TrainedSet::bytes() const {
 }
 
 void TrainedSet::save(const fs::path& dir, const io::ModelFolder& base) const {
+  if (part_ == TrainedPart::adapters) return save_adapters(dir / kLoRAWeightsFile);
   for (const auto& component : components_) {
     exporter::write_model_component(dir / component.name, base.config_path(component.name),
                                     models::state_dict(*component.module),
@@ -76,6 +93,7 @@ void TrainedSet::save(const fs::path& dir, const io::ModelFolder& base) const {
 }
 
 void TrainedSet::load(const fs::path& dir, torch::Device device) {
+  if (part_ == TrainedPart::adapters) return load_adapters(dir / kLoRAWeightsFile, device);
   const models::LoadOptions fp32{torch::kFloat, device};
   for (auto& component : components_) {
     models::load_state_dict(*component.module,
@@ -90,6 +108,32 @@ std::map<std::string, io::NamedTensors> TrainedSet::weights() const {
     trained[component.name] = models::state_dict(*component.module);
   }
   return trained;
+}
+
+// The diffusers LoRA layout ("unet.<layer>.lora_A.weight"): named_parameters() exactly.
+void TrainedSet::save_adapters(const fs::path& file) const {
+  io::save_safetensors(file, named_parameters());
+}
+
+void TrainedSet::load_adapters(const fs::path& file, torch::Device device) {
+  if (!fs::exists(file))
+    throw ModelError(file.string() + ": missing; the checkpoint is incomplete");
+  const io::SafetensorsFile saved(file);
+  const optim::NamedParameters expected = named_parameters();
+  if (saved.tensors().size() != expected.size()) {
+    throw ModelError(file.string() + ": holds " + std::to_string(saved.tensors().size()) +
+                     " adapter tensors, the run trains " + std::to_string(expected.size()) +
+                     " (were lora_unet_targets, lora_rank or train_text_encoder changed?)");
+  }
+  torch::NoGradGuard no_grad;
+  for (const auto& [name, parameter] : expected) {
+    const io::TensorEntry* entry = saved.find(name);
+    if (!entry || c10::IntArrayRef(entry->shape) != parameter.sizes()) {
+      throw ModelError(file.string() + ": \"" + name + "\" is " +
+                       (entry ? "of another shape" : "missing") + " (the run's adapters differ)");
+    }
+    parameter.set_data(saved.tensor(name).to(device, torch::kFloat).clone());
+  }
 }
 
 }  // namespace sdtrain::train

@@ -153,7 +153,9 @@ class TrainingRun {
 void TrainingRun::set_up() {
   generate_class_images(plan_, folder_, device_);
   models_.emplace(load_training_models(folder_, config_, device_, precision_));
-  trained_.emplace(models_->pipeline_modules(), trained_component_names(config_));
+  trained_.emplace(models_->pipeline_modules(), trained_component_names(config_),
+                   trained_part(config_));
+  outputs_.dump_trained_start(options_.dump_dir, *trained_);
   dataset_.emplace(load_dataset(plan_));
   state_.config = config_.to_json();  // what checkpoints record, and what a resume compares
   state_.dataset = {
@@ -202,11 +204,10 @@ void TrainingRun::set_up_update() {
   if (config_.ema.use_ema) {
     EMAOptions ema_options;
     ema_options.decay = config_.ema.ema_decay;
-    // The shadow weights stay on the CPU: 4 bytes per UNet parameter out of GPU memory.
-    ema_.emplace(*models_->unet, ema_options, torch::kCPU);
+    // The shadow weights stay on the CPU: 4 bytes per trained UNet parameter out of GPU memory.
+    ema_.emplace(trained_->component_parameters("unet"), ema_options, torch::kCPU);
   }
-  update_.emplace(*trained_, std::move(optimizer), *scaler_, ema(), models_->unet.ptr().get(),
-                  update);
+  update_.emplace(*trained_, std::move(optimizer), *scaler_, ema(), update);
 }
 
 void TrainingRun::resume() {
@@ -287,7 +288,7 @@ void TrainingRun::step() {
     save_checkpoint();
   }
   if (config_.outputs.validation_steps > 0 && step % config_.outputs.validation_steps == 0) {
-    outputs_.sample_validation_images(step, *models_, ema(), precision_);
+    outputs_.sample_validation_images(step, *models_, *trained_, ema(), precision_);
   }
   check_interrupt();
   profiler_.at_step_boundary(state_.global_step);

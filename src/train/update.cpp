@@ -25,13 +25,12 @@ double clip_gradient_norm(const std::vector<torch::Tensor>& gradients, double ma
 }
 
 UpdatePolicy::UpdatePolicy(const TrainedSet& trained, std::unique_ptr<optim::Optimizer> optimizer,
-                           LossScaler& scaler, EMAModel* ema, torch::nn::Module* ema_module,
+                           LossScaler& scaler, EMAModel* ema,
                            UpdateOptions options, std::unique_ptr<GradientReduction> reduction)
     : trained_(trained),
       optimizer_(std::move(optimizer)),
       scaler_(scaler),
       ema_(ema),
-      ema_module_(ema_module),
       options_(std::move(options)),
       reduction_(std::move(reduction)) {}
 
@@ -49,7 +48,8 @@ UpdateResult UpdatePolicy::apply(int64_t global_step) {
     result.grad_norm = clip_gradient_norm(gradients, options_.max_grad_norm);
     optimizer_->set_lr(result.lr);
     optimizer_->step();
-    if (ema_) ema_->step(*ema_module_);
+    // diffusers' EMA averages the UNet (its trained part: every weight, or its adapters).
+    if (ema_) ema_->step(trained_.component_parameters("unet"));
   } else if (!scaler_.enabled()) {
     throw Error(ExitCode::training_diverged,
                 log::str("the gradients became inf/NaN at step ", global_step + 1, " (",

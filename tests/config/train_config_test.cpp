@@ -141,6 +141,40 @@ TEST(TrainConfig, Use8bitAdamSelectsTheOptimizer) {
   EXPECT_EQ(both.resolved_optimizer(), "adamw8bit");
 }
 
+TEST(TrainConfig, LoRAKeysDefaultAsDiffusersAndAreCheckedOnce) {
+  auto config = load_train_config(write_config("{" + kMinimal + R"(, "train_mode": "lora"})"), {});
+  EXPECT_EQ(config.lora.train_mode, TrainMode::lora);
+  EXPECT_EQ(config.lora.lora_rank, 4);
+  EXPECT_DOUBLE_EQ(config.lora.alpha(), 4.0);  // null alpha: the rank
+  EXPECT_DOUBLE_EQ(config.optimizer.learning_rate, 5e-4);  // train_dreambooth_lora.py's default
+  EXPECT_EQ(config.lora.lora_unet_targets, (std::vector<std::string>{"to_q", "to_k", "to_v", "to_out.0"}));
+  EXPECT_EQ(config.lora.lora_formats, (std::vector<std::string>{"diffusers"}));
+  auto given = load_train_config(
+      write_config("{" + kMinimal + R"(, "train_mode": "lora", "learning_rate": 1e-4, "lora_rank": "16", "lora_alpha": 8})"), {});
+  EXPECT_DOUBLE_EQ(given.optimizer.learning_rate, 1e-4);
+  EXPECT_EQ(given.lora.lora_rank, 16);
+  EXPECT_DOUBLE_EQ(given.lora.alpha(), 8.0);
+  EXPECT_DOUBLE_EQ(load_train_config(write_config("{" + kMinimal + "}"), {}).optimizer.learning_rate, 2e-6);
+}
+
+TEST(TrainConfig, LoRAMistakesAreErrorsNamingTheKey) {
+  // A lora_* key in a full run would do nothing.
+  EXPECT_NE(config_error("{" + kMinimal + R"(, "lora_rank": 8})").find("train_mode"), std::string::npos);
+  EXPECT_NE(config_error("{" + kMinimal + "}", {"lora_rank=8"}).find("\"lora_rank\" applies to LoRA"), std::string::npos);
+  EXPECT_NE(config_error("{" + kMinimal + R"(, "train_mode": "lora", "lora_unet_targets": ["to_q", "attn"]})").find("item 1"),
+            std::string::npos);
+  EXPECT_NE(config_error("{" + kMinimal + R"(, "train_mode": "lora", "lora_unet_targets": []})").find("at least one"),
+            std::string::npos);
+  EXPECT_NE(config_error("{" + kMinimal + R"(, "train_mode": "lora", "lora_formats": ["kohya", "kohya"]})").find("twice"),
+            std::string::npos);
+  EXPECT_NE(config_error("{" + kMinimal + R"(, "train_mode": "lora", "lora_rank": 0})").find("lora_rank"), std::string::npos);
+  EXPECT_NE(config_error("{" + kMinimal + R"(, "train_mode": "partial"})").find("\"full\", \"lora\""), std::string::npos);
+  EXPECT_NE(config_error("{" + kMinimal +
+                         R"(, "train_mode": "lora", "lora_dropout": 0.1, "gradient_checkpointing": true})")
+                .find("lora_dropout"),
+            std::string::npos);
+}
+
 TEST(TrainConfig, ResolvedConfigRoundTripsThroughJson) {
   auto config = load_train_config(write_config("{" + kMinimal + R"(, "max_steps": 7, "snr_gamma": 5.0})"), {});
   auto dir = sdtrain::testing::scratch_dir();

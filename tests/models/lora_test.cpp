@@ -8,6 +8,7 @@
 #include <torch/torch.h>
 
 #include "sdtrain/io/safetensors.h"
+#include "sdtrain/models/lora_adapters.h"
 #include "sdtrain/models/attention_processor.h"
 #include "sdtrain/train/mixed_precision.h"
 #include "test_support.h"
@@ -102,6 +103,51 @@ TEST(LoRALinear, AdapterKeysAreDiffusersLoraKeys) {
   EXPECT_EQ(adapter_keys,
             (std::vector<std::string>{"to_q.lora_A.weight", "to_q.lora_B.weight",
                                       "to_out.0.lora_A.weight", "to_out.0.lora_B.weight"}));
+}
+
+// A conv adapter: A with the base's kernel, stride and padding, B 1x1, as peft and kohya's LoCon.
+TEST(LoRAConv2d, AdapterShapesFollowTheBaseKernelAndStartAtZeroOutput) {
+  torch::manual_seed(2);
+  LoRAConv2d conv(torch::nn::Conv2dOptions(6, 10, 3).stride(2).padding(1));
+  const torch::Tensor x = torch::randn({2, 6, 9, 9});
+  torch::NoGradGuard no_grad;
+  const torch::Tensor before = conv(x);
+  conv->attach_adapter({3, 6.0, 0.0}, at::make_generator<at::CPUGeneratorImpl>(4));
+  EXPECT_EQ(conv->lora_A->weight.sizes(), (std::vector<int64_t>{3, 6, 3, 3}));
+  EXPECT_EQ(conv->lora_B->weight.sizes(), (std::vector<int64_t>{10, 3, 1, 1}));
+  EXPECT_TRUE(torch::equal(conv(x), before));
+  conv->lora_B->weight.normal_();
+  EXPECT_FALSE(torch::allclose(conv(x), before));
+  conv->remove_adapter();
+  EXPECT_FALSE(conv->has_adapter());
+  EXPECT_TRUE(torch::equal(conv(x), before));
+  EXPECT_EQ(conv->named_parameters().size(), 2u);  // weight, bias: the base again
+}
+
+// Folding W += m·alpha/r·B·A computes what the unfolded adapter computes: the same sums in
+// another order, so float32 round-off apart (measured ~1e-7 relative; 1e-5 allows another
+// CPU's blocking). A wrong scale or transposition is off by order 1.
+TEST(LoRAAdapters, MergedLayersComputeWhatTheAdaptersComputed) {
+  torch::manual_seed(8);
+  torch::nn::Sequential model(LoRALinear(torch::nn::LinearOptions(12, 7)),
+                              LoRAConv2d(torch::nn::Conv2dOptions(7, 5, 3).padding(1)));
+  EXPECT_EQ(attach_adapters(*model.ptr(), {"0", "1"}, {2, 5.0, 0.0}, at::make_generator<at::CPUGeneratorImpl>(1)), 2);
+  EXPECT_THROW(attach_adapters(*model.ptr(), {"2"}, {2, 5.0, 0.0}, at::make_generator<at::CPUGeneratorImpl>(1)),
+               std::invalid_argument);
+  torch::NoGradGuard no_grad;
+  for (auto& [key, value] : adapter_parameters(*model.ptr())) value.normal_();
+  set_adapter_multiplier(*model.ptr(), 0.7);
+  auto run = [&](const torch::Tensor& x) {
+    auto linear = model[0]->as<LoRALinear>();
+    auto conv = model[1]->as<LoRAConv2d>();
+    return conv->forward(linear->forward(x).permute({0, 3, 1, 2}));
+  };
+  const torch::Tensor x = torch::randn({2, 4, 4, 12});
+  const torch::Tensor adapted = run(x);
+  merge_adapters(*model.ptr());
+  EXPECT_TRUE(attached_adapters(*model.ptr()).empty());
+  const torch::Tensor merged = run(x);
+  EXPECT_LT(((merged - adapted).abs().max() / adapted.abs().max()).item<double>(), 1e-5);
 }
 
 }  // namespace

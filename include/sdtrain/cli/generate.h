@@ -34,12 +34,33 @@ struct GenerateArguments {
   std::string variant;
   std::string out = "generated";
   bool grid = false;
+  std::vector<std::string> loras;  // "FILE[:SCALE]", either LoRA layout (docs/lora.md)
+  std::string jobs;                // JOBS.jsonl: many requests on one loaded base
 };
 
 // Registers the subcommand's options on `command`.
 void add_generate_options(CLI::App& command, GenerateArguments& args);
-// Validates, loads the model, writes the images; throws sdtrain::Error.
+// Validates, loads the model, writes the images; throws sdtrain::Error. With --jobs, runs every
+// job and returns 0, or the exit code of the first job that failed (each failure is logged
+// with its line number; the other jobs still run).
 int run_generate(const GenerateArguments& args);
+
+// A LoRA file and the multiplier of its output ("FILE[:SCALE]", scale 1 when absent).
+struct LoRAChoice {
+  std::string file;
+  double scale = 1.0;
+};
+LoRAChoice parse_lora_choice(const std::string& text);
+
+// `sdtrain merge-lora`: the base with the adapters folded into its weights, a diffusers folder.
+struct MergeLoRAArguments {
+  std::string model;
+  std::vector<std::string> loras;
+  std::string out;
+  std::string dtype = "fp32";
+};
+void add_merge_lora_options(CLI::App& command, MergeLoRAArguments& args);
+int run_merge_lora(const MergeLoRAArguments& args);
 
 // File names: <out>/s<seed>-<index, 4 digits>.png and <out>/grid-s<seed>.png.
 std::string image_file_name(int64_t seed, int64_t index);

@@ -15,7 +15,7 @@ class GEGLUImpl : public torch::nn::Module {
   GEGLUImpl(int64_t dim_in, int64_t dim_out);
   torch::Tensor forward(const torch::Tensor& x);  // [.., dim_in] -> [.., dim_out]
 
-  torch::nn::Linear proj{nullptr};
+  LoRALinear proj{nullptr};
 };
 TORCH_MODULE(GEGLU);
 
@@ -28,7 +28,7 @@ class FeedForwardImpl : public torch::nn::Module {
 
   torch::nn::ModuleList net{nullptr};
   GEGLU net_0{nullptr};
-  torch::nn::Linear net_2{nullptr};
+  LoRALinear net_2{nullptr};
 };
 TORCH_MODULE(FeedForward);
 

@@ -88,8 +88,8 @@ class CLIPMLPImpl : public torch::nn::Module {
   explicit CLIPMLPImpl(const CLIPTextConfig& config);
   torch::Tensor forward(const torch::Tensor& hidden_states);  // [B, L, D] -> [B, L, D]
 
-  torch::nn::Linear fc1{nullptr};
-  torch::nn::Linear fc2{nullptr};
+  LoRALinear fc1{nullptr};
+  LoRALinear fc2{nullptr};
 
  private:
   CLIPActivation activation_;

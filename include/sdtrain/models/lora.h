@@ -1,12 +1,15 @@
 #pragma once
-// A linear layer that can carry a LoRA adapter (Hu et al. 2021, "LoRA: Low-Rank Adaptation"),
-// computed as peft's LoraLayer does for nn.Linear, which diffusers' train_dreambooth_lora.py
+// Layers that can carry a LoRA adapter (Hu et al. 2021, "LoRA: Low-Rank Adaptation"), computed as
+// peft's LoraLayer does for nn.Linear and nn.Conv2d, which diffusers' train_dreambooth_lora.py
 // trains:
-//   y = W x + b + (alpha / r) · B(A(dropout(x))),   A: [r, in], B: [out, r]
-// Without an adapter it is torch::nn::Linear exactly: the same parameters under the same names
-// ("weight", "bias") and the same forward, so strict base loading and parity are unchanged.
-// attach_adapter() adds lora_A / lora_B as members, so their keys are "<linear>.lora_A.weight"
-// and "<linear>.lora_B.weight", the layout of diffusers' LoRA files.
+//   y = base(x) + m · (alpha / r) · B(A(dropout(x)))
+// Linear: A = Linear(in, r), B = Linear(r, out). Conv2d: A = Conv2d(in, r) with the base's
+// kernel, stride and padding, B = Conv2d(r, out, 1x1) (kohya's LoCon has the same shapes).
+// m is the multiplier a user gives at inference (`generate --lora FILE:SCALE`), 1 in training.
+// Without an adapter each layer is its torch::nn counterpart exactly: the same parameters under
+// the same names ("weight", "bias") and the same forward, so strict base loading and parity are
+// unchanged. attach_adapter() adds lora_A / lora_B as members, so their keys are
+// "<layer>.lora_A.weight" and "<layer>.lora_B.weight", the layout of diffusers' LoRA files.
 
 #include <torch/torch.h>
 
@@ -18,18 +21,59 @@ struct LoRAOptions {
   double dropout = 0.0;
 };
 
-class LoRALinearImpl : public torch::nn::LinearImpl {
+// What every adapter-capable layer offers, whatever its base type: the seam the adapter walkers
+// (lora_adapters.h) use.
+class LoRAHost {
  public:
-  explicit LoRALinearImpl(const torch::nn::LinearOptions& options)
-      : torch::nn::LinearImpl(options) {}
-
+  virtual ~LoRAHost() = default;
   // Adds an adapter initialised as train_dreambooth_lora.py does (peft's "gaussian"): A drawn
   // from a normal distribution with standard deviation 1/r, B = 0, so the output is unchanged
   // until B trains. The adapter is float32 (it is trained) on the base weight's device.
   // Throws std::logic_error when one is attached already.
-  void attach_adapter(const LoRAOptions& options, at::Generator generator);
-  bool has_adapter() const { return !lora_A.is_empty(); }
-  double adapter_scale() const { return scale_; }
+  virtual void attach_adapter(const LoRAOptions& options, at::Generator generator) = 0;
+  // Unregisters lora_A / lora_B: the layer is its base again (adapters swapped between jobs).
+  virtual void remove_adapter() = 0;
+  virtual bool has_adapter() const = 0;
+  virtual torch::nn::Module& adapter_A() = 0;
+  virtual torch::nn::Module& adapter_B() = 0;
+  virtual const LoRAOptions& adapter_options() const = 0;
+  // m above; 1 unless a user scales the adapter at inference.
+  virtual void set_adapter_multiplier(double multiplier) = 0;
+  // alpha / r · m.
+  virtual double adapter_scale() const = 0;
+};
+
+// The adapter's settings, shared by both layer kinds.
+class LoRAState {
+ public:
+  void set(const LoRAOptions& options) {
+    options_ = options;
+    multiplier_ = 1.0;
+  }
+  const LoRAOptions& options() const { return options_; }
+  void set_multiplier(double multiplier) { multiplier_ = multiplier; }
+  double scale() const { return options_.alpha / static_cast<double>(options_.rank) * multiplier_; }
+  // dropout(x) in the adapter's dtype, as peft computes the adapter branch.
+  torch::Tensor adapter_input(const torch::Tensor& x, c10::ScalarType dtype, bool training) const;
+
+ private:
+  LoRAOptions options_;
+  double multiplier_ = 1.0;
+};
+
+class LoRALinearImpl : public torch::nn::LinearImpl, public LoRAHost {
+ public:
+  explicit LoRALinearImpl(const torch::nn::LinearOptions& options)
+      : torch::nn::LinearImpl(options) {}
+
+  void attach_adapter(const LoRAOptions& options, at::Generator generator) override;
+  void remove_adapter() override;
+  bool has_adapter() const override { return !lora_A.is_empty(); }
+  torch::nn::Module& adapter_A() override { return *lora_A; }
+  torch::nn::Module& adapter_B() override { return *lora_B; }
+  const LoRAOptions& adapter_options() const override { return state_.options(); }
+  void set_adapter_multiplier(double multiplier) override { state_.set_multiplier(multiplier); }
+  double adapter_scale() const override { return state_.scale(); }
 
   torch::Tensor forward(const torch::Tensor& input);
 
@@ -37,9 +81,32 @@ class LoRALinearImpl : public torch::nn::LinearImpl {
   torch::nn::Linear lora_B{nullptr};
 
  private:
-  double scale_ = 0.0;
-  double dropout_ = 0.0;
+  LoRAState state_;
 };
 TORCH_MODULE(LoRALinear);
+
+class LoRAConv2dImpl : public torch::nn::Conv2dImpl, public LoRAHost {
+ public:
+  explicit LoRAConv2dImpl(const torch::nn::Conv2dOptions& options)
+      : torch::nn::Conv2dImpl(options) {}
+
+  void attach_adapter(const LoRAOptions& options, at::Generator generator) override;
+  void remove_adapter() override;
+  bool has_adapter() const override { return !lora_A.is_empty(); }
+  torch::nn::Module& adapter_A() override { return *lora_A; }
+  torch::nn::Module& adapter_B() override { return *lora_B; }
+  const LoRAOptions& adapter_options() const override { return state_.options(); }
+  void set_adapter_multiplier(double multiplier) override { state_.set_multiplier(multiplier); }
+  double adapter_scale() const override { return state_.scale(); }
+
+  torch::Tensor forward(const torch::Tensor& input);
+
+  torch::nn::Conv2d lora_A{nullptr};
+  torch::nn::Conv2d lora_B{nullptr};
+
+ private:
+  LoRAState state_;
+};
+TORCH_MODULE(LoRAConv2d);
 
 }  // namespace sdtrain::models

@@ -7,6 +7,8 @@
 
 #include <optional>
 
+#include "sdtrain/models/lora.h"
+
 namespace sdtrain::models {
 
 struct ResnetBlock2DOptions {
@@ -33,11 +35,11 @@ class ResnetBlock2DImpl : public torch::nn::Module {
 
   ResnetBlock2DOptions options;
   torch::nn::GroupNorm norm1{nullptr};
-  torch::nn::Conv2d conv1{nullptr};
-  torch::nn::Linear time_emb_proj{nullptr};  // absent when temb_channels == 0
+  LoRAConv2d conv1{nullptr};
+  LoRALinear time_emb_proj{nullptr};  // absent when temb_channels == 0
   torch::nn::GroupNorm norm2{nullptr};
-  torch::nn::Conv2d conv2{nullptr};
-  torch::nn::Conv2d conv_shortcut{nullptr};  // present only when in_channels != out_channels
+  LoRAConv2d conv2{nullptr};
+  LoRAConv2d conv_shortcut{nullptr};  // present only when in_channels != out_channels
 };
 TORCH_MODULE(ResnetBlock2D);
 
@@ -49,7 +51,7 @@ class Downsample2DImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x);  // [B, C, H, W] -> [B, C, ceil(H/2), ceil(W/2)]
 
   int64_t padding;
-  torch::nn::Conv2d conv{nullptr};
+  LoRAConv2d conv{nullptr};
 };
 TORCH_MODULE(Downsample2D);
 
@@ -62,7 +64,7 @@ class Upsample2DImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x,
                         const std::optional<std::vector<int64_t>>& output_size = std::nullopt);
 
-  torch::nn::Conv2d conv{nullptr};
+  LoRAConv2d conv{nullptr};
 };
 TORCH_MODULE(Upsample2D);
 

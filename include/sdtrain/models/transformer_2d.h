@@ -38,12 +38,12 @@ class Transformer2DModelImpl : public torch::nn::Module {
   torch::nn::GroupNorm norm{nullptr};
   // Exactly one of each pair exists, registered as "proj_in" / "proj_out" (the key is the same
   // in both checkpoints; only the weight shape differs: [C, C] or [C, C, 1, 1]).
-  torch::nn::Linear proj_in_linear{nullptr};
-  torch::nn::Conv2d proj_in_conv{nullptr};
+  LoRALinear proj_in_linear{nullptr};
+  LoRAConv2d proj_in_conv{nullptr};
   torch::nn::ModuleList transformer_blocks{nullptr};
   std::vector<BasicTransformerBlock> blocks;  // == transformer_blocks, typed
-  torch::nn::Linear proj_out_linear{nullptr};
-  torch::nn::Conv2d proj_out_conv{nullptr};
+  LoRALinear proj_out_linear{nullptr};
+  LoRAConv2d proj_out_conv{nullptr};
 };
 TORCH_MODULE(Transformer2DModel);
 

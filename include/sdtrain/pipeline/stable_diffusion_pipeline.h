@@ -34,6 +34,7 @@ struct GenerationProgress {
   int64_t images = 0;       // images asked for
   int64_t step = 0;         // steps done in the current batch
   int64_t steps = 0;        // steps per batch
+  int64_t batch_images = 0;  // images in the current batch
 };
 
 struct GenerationOptions {
@@ -94,6 +95,9 @@ class StableDiffusionPipeline {
   static std::vector<io::Image> to_images(const torch::Tensor& images);
 
   int64_t default_width() const;
+  // The loaded models, for adapters applied onto them (generate --lora).
+  models::UNet2DConditionModel& unet() { return unet_; }
+  models::CLIPTextModel& text_encoder() { return text_encoder_; }
   int64_t default_height() const { return default_width(); }
   const PipelineSettings& settings() const { return settings_; }
   const schedulers::SchedulerConfig& scheduler_config() const { return scheduler_config_; }

@@ -38,6 +38,10 @@ class EMAModel {
   // Shadows every parameter of `module` (named_parameters order, float32 on `device`).
   EMAModel(const torch::nn::Module& module, EMAOptions options = {},
            torch::Device device = torch::kCPU);
+  // Shadows the given parameters (a LoRA run: the UNet's adapters), under their names. The
+  // calls below then take the same names in the same order.
+  EMAModel(const io::NamedTensors& parameters, EMAOptions options = {},
+           torch::Device device = torch::kCPU);
 
   // One EMA step with the module's current parameters; parameters that do not require a
   // gradient are copied, as EMAModel does.
@@ -48,6 +52,10 @@ class EMAModel {
   // parameters, copy_to() puts the shadow in, restore() brings the stored values back.
   void store(const torch::nn::Module& module);
   void restore(torch::nn::Module& module);
+  void step(const io::NamedTensors& parameters);
+  void copy_to(const io::NamedTensors& parameters) const;
+  void store(const io::NamedTensors& parameters);
+  void restore(const io::NamedTensors& parameters);
 
   int64_t optimization_step() const { return optimization_step_; }
   double current_decay() const { return current_decay_; }  // decay of the last step()

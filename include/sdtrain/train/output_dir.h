@@ -24,6 +24,11 @@ namespace sdtrain::train {
 void check_output_dir_is_not_an_input(const TrainConfig& config,
                                       const std::vector<std::string>& base_components);
 
+// A LoRA run's adapters in the diffusers layout (also each checkpoint's adapter file), and in
+// the kohya layout of lora_formats "kohya" (models/lora_file.h).
+inline constexpr const char* kLoRAWeightsFile = "pytorch_lora_weights.safetensors";
+inline constexpr const char* kLoRAKohyaFile = "lora_kohya.safetensors";
+
 // output_dir/logs/metrics.jsonl: one JSON record per optimizer step.
 inline std::filesystem::path metrics_file(const std::filesystem::path& output_dir) {
   return output_dir / "logs" / "metrics.jsonl";

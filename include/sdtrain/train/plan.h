@@ -15,6 +15,8 @@ struct ComponentSize {
   std::string name;
   int64_t parameters = 0;
   std::vector<int64_t> tensor_sizes;  // element count of each tensor
+  // train_mode "lora": element count of each adapter tensor the run adds (A and B per layer).
+  std::vector<int64_t> adapter_tensor_sizes;
 };
 
 struct MemoryEstimate {

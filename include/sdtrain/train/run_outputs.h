@@ -66,18 +66,22 @@ class RunOutputs {
 
   // samples/step-N.png: diffusers' validation (DPM-Solver++ 2M, 25 steps, guidance 7.5, the
   // run's seed) with the training modules, the EMA weights swapped in with use_ema.
-  void sample_validation_images(int64_t step, TrainingModels& models, EMAModel* ema,
-                                Precision precision);
-  // The final diffusers folder: the base's components with the trained ones replaced (the
-  // EMA average for the UNet with use_ema, as diffusers' EMA scripts).
+  void sample_validation_images(int64_t step, TrainingModels& models, const TrainedSet& trained,
+                                EMAModel* ema, Precision precision);
+  // The final model (the EMA average for the UNet with use_ema, as diffusers' EMA scripts).
+  // Full: a diffusers folder, the base's components with the trained ones replaced. LoRA: the
+  // adapter files of lora_formats (pytorch_lora_weights.safetensors, lora_kohya.safetensors).
   void export_model(const TrainedSet& trained, TrainingModels& models, const EMAModel* ema);
 
   // Tests only (TrainOptions::dump_dir): a micro-batch's inputs and loss, for replay with
   // diffusers by tools/dreambooth_reference.py.
   void dump_micro_batch(const std::filesystem::path& dump_dir, int64_t micro_index,
                         const LossInputs& inputs, const torch::Tensor& loss, bool sync);
+  // Tests only: a LoRA run's adapters before the first step (adapters-start.safetensors).
+  void dump_trained_start(const std::filesystem::path& dump_dir, const TrainedSet& trained);
 
  private:
+  void export_adapters(TrainingModels& models);
   void write_metrics(const StepRecord& record);
 
   const TrainingPlan& plan_;

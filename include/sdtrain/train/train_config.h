@@ -15,6 +15,9 @@
 
 namespace sdtrain::train {
 
+// What a run trains: every weight of the trained models, or LoRA adapters beside frozen ones.
+enum class TrainMode { full, lora };
+
 struct TrainConfig {
   // The user-facing keys are flat (diffusers' and JumpStart's names); the struct groups them by
   // the piece of the trainer that reads them. Members keep the key names, so a key found in
@@ -85,6 +88,16 @@ struct TrainConfig {
     bool offset_noise = false;
     std::optional<double> snr_gamma;
   } loss;
+
+  struct Lora {  // train_mode "lora": the adapters and the files they are written to
+    TrainMode train_mode = TrainMode::full;
+    int lora_rank = 4;                 // diffusers' default
+    std::optional<double> lora_alpha;  // null: the rank (a scale of 1), as diffusers
+    double lora_dropout = 0.0;
+    std::vector<std::string> lora_unet_targets = {"to_q", "to_k", "to_v", "to_out.0"};
+    std::vector<std::string> lora_formats = {"diffusers"};  // and/or "kohya"
+    double alpha() const { return lora_alpha.value_or(static_cast<double>(lora_rank)); }
+  } lora;
 
   struct Outputs {  // checkpoints, validation and the exported model
     std::string output_dir = "dreambooth-model";

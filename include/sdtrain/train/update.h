@@ -60,7 +60,7 @@ class UpdatePolicy {
  public:
   // Throws ConfigError for a learning-rate schedule that cannot be built.
   UpdatePolicy(const TrainedSet& trained, std::unique_ptr<optim::Optimizer> optimizer,
-               LossScaler& scaler, EMAModel* ema, torch::nn::Module* ema_module,
+               LossScaler& scaler, EMAModel* ema,
                UpdateOptions options,
                std::unique_ptr<GradientReduction> reduction = std::make_unique<LocalGradients>());
 
@@ -77,7 +77,6 @@ class UpdatePolicy {
   std::unique_ptr<optim::Optimizer> optimizer_;
   LossScaler& scaler_;
   EMAModel* ema_;
-  torch::nn::Module* ema_module_;
   UpdateOptions options_;
   std::unique_ptr<GradientReduction> reduction_;
 };
