@@ -3,7 +3,9 @@
 # (git-ignored; the device tool carries them, `carry: [".gl", ".whl"]`, about 30 MiB):
 #   .gl/bin/        stripped sdtrain, test_train and test_optim (+ sdtrain_baseline when given)
 #   .gl/libs.tar.xz the Debian shared libraries they link that the GPU machine lacks
-#   .whl/           the diffusers wheel (the GPU machine has torch and transformers only)
+#   .whl/           the diffusers wheel (the GPU machine has torch and transformers only), and
+#                   diffusers' train_dreambooth.py / train_dreambooth_lora.py when DIFFUSERS_GIT
+#                   names a diffusers git directory (e.g. a mirror), for the side-by-side runs
 # Then, on the GPU machine: scripts/gpu-session.sh. See docs/gpu.md.
 #   scripts/gpu-pack.sh [BASELINE_SDTRAIN]   e.g. an sdtrain built from the previous commit
 set -euo pipefail
@@ -24,4 +26,9 @@ for lib in $(ldd .gl/bin/* | awk '/=> \/(usr\/)?lib\// {print $3}' | sort -u); d
 done
 tar cJf .gl/libs.tar.xz -C .gl lib && rm -rf .gl/lib
 ls .whl/diffusers-*.whl >/dev/null 2>&1 || "$SDTRAIN_VENV/bin/pip" download -q --no-deps diffusers==0.42.1 -d .whl
+if [[ -n "${DIFFUSERS_GIT:-}" ]]; then
+  for script in train_dreambooth.py train_dreambooth_lora.py; do
+    git --git-dir="$DIFFUSERS_GIT" show "HEAD:examples/dreambooth/$script" > ".whl/$script"
+  done
+fi
 du -sh .gl/bin/* .gl/libs.tar.xz .whl

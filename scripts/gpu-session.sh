@@ -10,7 +10,12 @@
 #      from logs/metrics.jsonl, alternating the binaries twice;
 #   4. the same run profiled over steps 31-35 (SDTRAIN_PROFILE), with and without gradient
 #      checkpointing, tabulated by tools/summarize_trace.py.
-# Arguments pick sections: tests demo timing profile (default: all four). See docs/gpu.md.
+#   5. LoRA (issue 13): the same run as LoRA, rank 4, UNet + text-encoder adapters, fp16, AdamW,
+#      with and without gradient checkpointing, and diffusers' train_dreambooth_lora.py with the
+#      same settings when .whl/train_dreambooth_lora.py was packed (timed by
+#      tools/time_training_script.py): median s/step and peak allocated memory of each.
+# Arguments pick sections: tests demo timing profile lora (default: the first four). See
+# docs/gpu.md.
 set -uo pipefail
 R="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; O="${OUT:-/tmp/gpu-session}"; mkdir -p "$O"
 exec > >(tee "$O/session.log") 2>&1
@@ -46,7 +51,8 @@ done
 full_size_model() {
   pip install -q --no-deps --target /tmp/diffusers "$R"/.whl/diffusers-*.whl && export PYTHONPATH=/tmp/diffusers
   [ -d /tmp/sd21 ] || timeout 240 python3 "$R/tools/make_full_size_model.py" /tmp/sd21 || return 1
-  mkdir -p /tmp/classes && cp "$R"/configs/demo/instance/robot* /tmp/classes/
+  mkdir -p /tmp/classes /tmp/instances && cp "$R"/configs/demo/instance/robot* /tmp/classes/
+  cp "$R"/configs/demo/instance/robot* /tmp/instances/  # diffusers' scripts read every file as a photo
 }
 full_size_run() {  # binary output_dir [--set ...]: 80 steps at 512 of the T4 preset on /tmp/sd21
   local bin=$1 out=$2; shift 2
@@ -75,6 +81,28 @@ for checkpointing in true false; do
     --set max_steps=40 --set gradient_checkpointing=$checkpointing > "$O/profile-$checkpointing.log" 2>&1
   echo "gradient_checkpointing $checkpointing rc $?: $(grep 'profile:' "$O/profile-$checkpointing.log")"
   python3 "$R/tools/summarize_trace.py" /tmp/trace-$checkpointing.json --steps 5 | tee "$O/profile-$checkpointing.md"
+done
+}
+lora() {
+echo "== 5. LoRA rank 4 on UNet + text encoder, SD 2.1-base random weights, 512, batch 1 + prior, fp16"
+full_size_model || return
+for checkpointing in false true; do
+  full_size_run sdtrain /tmp/lora-$checkpointing --set train_mode=lora --set train_text_encoder=true \
+    --set optimizer=adamw --set learning_rate=1e-4 --set gradient_checkpointing=$checkpointing \
+    > "$O/lora-$checkpointing.log" 2>&1
+  echo "sdtrain lora checkpointing=$checkpointing rc $?: $(median /tmp/lora-$checkpointing/logs/metrics.jsonl)"
+  cp /tmp/lora-$checkpointing/logs/metrics.jsonl "$O/lora-$checkpointing.jsonl"
+done
+[ -f "$R/.whl/train_dreambooth_lora.py" ] || { echo "no .whl/train_dreambooth_lora.py: no diffusers side"; return; }
+for checkpointing in "" --gradient_checkpointing; do
+  timeout 240 python3 "$R/tools/time_training_script.py" "$R/.whl/train_dreambooth_lora.py" \
+    --pretrained_model_name_or_path=/tmp/sd21 --instance_data_dir=/tmp/instances \
+    --class_data_dir=/tmp/classes --with_prior_preservation --num_class_images=4 \
+    --instance_prompt="a photo of sks robot" --class_prompt="a photo of a robot" \
+    --resolution=512 --train_batch_size=1 --max_train_steps=80 --learning_rate=1e-4 --rank=4 \
+    --train_text_encoder --mixed_precision=fp16 --checkpointing_steps=1000 --seed=0 \
+    --output_dir=/tmp/diffusers-lora $checkpointing > "$O/diffusers-lora$checkpointing.log" 2>&1
+  echo "diffusers lora ${checkpointing:-(no checkpointing)} rc $?: $(tail -1 "$O/diffusers-lora$checkpointing.log")"
 done
 }
 for section in "${@:-tests demo timing profile}"; do

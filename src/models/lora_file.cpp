@@ -141,7 +141,8 @@ void read_kohya_key(const std::string& key, const io::SafetensorsFile& file,
 
 LoRALayout detect_layout(const io::SafetensorsFile& file) {
   for (const auto& entry : file.tensors()) {
-    if (entry.name.starts_with("lora_unet_") || entry.name.starts_with("lora_te_"))
+    if (entry.name.starts_with("lora_unet_") || entry.name.starts_with("lora_te_") ||
+        entry.name.starts_with("lora_te1_"))
       return LoRALayout::kohya;
     if (entry.name.find(".lora_A.") != std::string::npos) return LoRALayout::diffusers;
   }
@@ -184,8 +185,13 @@ LoRAFile read_lora_file(const fs::path& path, const AdapterModels& models) {
   std::map<std::string, std::map<std::string, LoRAHost*>> layers;
   for (const auto& [component, module] : models) {
     layers[component] = capable_layers(*module);
-    for (const auto& [layer, host] : layers[component])
-      kohya_names[kohya_lora_name(component, layer)] = {component, layer};
+    for (const auto& [layer, host] : layers[component]) {
+      const std::string name = kohya_lora_name(component, layer);
+      kohya_names[name] = {component, layer};
+      // diffusers' convert_state_dict_to_kohya names the (first) text encoder "lora_te1_".
+      if (component == "text_encoder")
+        kohya_names["lora_te1_" + name.substr(8)] = {component, layer};
+    }
   }
   Found found;
   for (const auto& entry : file.tensors()) {

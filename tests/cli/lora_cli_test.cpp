@@ -213,6 +213,24 @@ TEST_F(LoRAOutputs, MergedModelGivesTheImageOfBasePlusAdapter) {
   EXPECT_LE(max_pixel_diff(dir_ / "merged-images" / "s3-0000.png", dir_ / "adapter-images" / "s3-0000.png"), 1);
 }
 
+// diffusers' convert_state_dict_to_kohya spells the text encoder "lora_te1_"; such a file is the
+// same adapter.
+TEST_F(LoRAOutputs, KohyaFilesWithTheTe1PrefixAreRead) {
+  sdtrain::io::NamedTensors renamed;
+  {
+    sdtrain::io::SafetensorsFile kohya(kohya_file());
+    for (const auto& entry : kohya.tensors()) {
+      std::string name = entry.name;
+      if (name.starts_with("lora_te_")) name = "lora_te1_" + name.substr(8);
+      renamed.emplace_back(name, kohya.tensor(entry.name).clone());
+    }
+  }
+  sdtrain::io::save_safetensors(dir_ / "te1.safetensors", renamed);
+  ASSERT_EQ(generate(dir_ / "te1", "--lora " + quoted(dir_ / "te1.safetensors")).code, 0);
+  ASSERT_EQ(generate(dir_ / "te", "--lora " + quoted(kohya_file())).code, 0);
+  EXPECT_EQ(max_pixel_diff(dir_ / "te1" / "s3-0000.png", dir_ / "te" / "s3-0000.png"), 0);
+}
+
 TEST_F(LoRAOutputs, AdaptersThatDoNotFitTheBaseExitWith3NamingTheKey) {
   const fs::path bad = dir_ / "bad";
   fs::create_directories(bad);

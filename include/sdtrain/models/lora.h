@@ -13,6 +13,8 @@
 
 #include <torch/torch.h>
 
+#include <utility>
+
 namespace sdtrain::models {
 
 struct LoRAOptions {
@@ -61,13 +63,29 @@ class LoRAState {
   double multiplier_ = 1.0;
 };
 
-class LoRALinearImpl : public torch::nn::LinearImpl, public LoRAHost {
- public:
-  explicit LoRALinearImpl(const torch::nn::LinearOptions& options)
-      : torch::nn::LinearImpl(options) {}
+namespace lora_detail {
+// Throws std::logic_error when an adapter is attached already or the rank is not positive.
+void check_new_adapter(bool attached, const LoRAOptions& options);
+// peft's init_lora_weights="gaussian": A ~ N(0, 1/r) drawn on the CPU from `generator` (so the
+// values do not depend on the device), B = 0; both float32 on `device`.
+void gaussian_init(torch::Tensor& a, torch::Tensor& b, torch::Device device, int64_t rank,
+                   at::Generator generator);
+}  // namespace lora_detail
 
-  void attach_adapter(const LoRAOptions& options, at::Generator generator) override;
-  void remove_adapter() override;
+// What both layer kinds share: Base is the torch layer (LinearImpl, Conv2dImpl), Holder the
+// module type of lora_A and lora_B (Linear, Conv2d). The kinds differ only in A's and B's shapes.
+template <typename Base, typename Holder>
+class LoRALayerImpl : public Base, public LoRAHost {
+ public:
+  using Base::Base;
+
+  void remove_adapter() override {
+    if (!has_adapter()) return;
+    this->unregister_module("lora_A");
+    this->unregister_module("lora_B");
+    lora_A = nullptr;
+    lora_B = nullptr;
+  }
   bool has_adapter() const override { return !lora_A.is_empty(); }
   torch::nn::Module& adapter_A() override { return *lora_A; }
   torch::nn::Module& adapter_B() override { return *lora_B; }
@@ -75,37 +93,46 @@ class LoRALinearImpl : public torch::nn::LinearImpl, public LoRAHost {
   void set_adapter_multiplier(double multiplier) override { state_.set_multiplier(multiplier); }
   double adapter_scale() const override { return state_.scale(); }
 
-  torch::Tensor forward(const torch::Tensor& input);
+  torch::Tensor forward(const torch::Tensor& input) {
+    torch::Tensor result = Base::forward(input);
+    if (!has_adapter()) return result;
+    // As peft: the input in the adapter's dtype, the sum back in the base result's dtype
+    // (under autocast both sides compute in the autocast dtype anyway).
+    const torch::Tensor x =
+        state_.adapter_input(input, lora_A->weight.scalar_type(), this->is_training());
+    return (result + lora_B(lora_A(x)) * state_.scale()).to(result.scalar_type());
+  }
 
-  torch::nn::Linear lora_A{nullptr};
-  torch::nn::Linear lora_B{nullptr};
+  Holder lora_A{nullptr};
+  Holder lora_B{nullptr};
+
+ protected:
+  // Registers `a` and `b` as lora_A and lora_B, initialised as peft's "gaussian".
+  void add_adapter(Holder a, Holder b, const LoRAOptions& options, at::Generator generator) {
+    lora_A = this->register_module("lora_A", std::move(a));
+    lora_B = this->register_module("lora_B", std::move(b));
+    lora_detail::gaussian_init(lora_A->weight, lora_B->weight, this->weight.device(), options.rank,
+                               generator);
+    state_.set(options);
+  }
 
  private:
   LoRAState state_;
 };
+
+class LoRALinearImpl : public LoRALayerImpl<torch::nn::LinearImpl, torch::nn::Linear> {
+ public:
+  explicit LoRALinearImpl(const torch::nn::LinearOptions& options) : LoRALayerImpl(options) {}
+  // A = Linear(in, r), B = Linear(r, out), no biases.
+  void attach_adapter(const LoRAOptions& options, at::Generator generator) override;
+};
 TORCH_MODULE(LoRALinear);
 
-class LoRAConv2dImpl : public torch::nn::Conv2dImpl, public LoRAHost {
+class LoRAConv2dImpl : public LoRALayerImpl<torch::nn::Conv2dImpl, torch::nn::Conv2d> {
  public:
-  explicit LoRAConv2dImpl(const torch::nn::Conv2dOptions& options)
-      : torch::nn::Conv2dImpl(options) {}
-
+  explicit LoRAConv2dImpl(const torch::nn::Conv2dOptions& options) : LoRALayerImpl(options) {}
+  // A = Conv2d(in, r) with the base's kernel, stride and padding; B = Conv2d(r, out, 1x1).
   void attach_adapter(const LoRAOptions& options, at::Generator generator) override;
-  void remove_adapter() override;
-  bool has_adapter() const override { return !lora_A.is_empty(); }
-  torch::nn::Module& adapter_A() override { return *lora_A; }
-  torch::nn::Module& adapter_B() override { return *lora_B; }
-  const LoRAOptions& adapter_options() const override { return state_.options(); }
-  void set_adapter_multiplier(double multiplier) override { state_.set_multiplier(multiplier); }
-  double adapter_scale() const override { return state_.scale(); }
-
-  torch::Tensor forward(const torch::Tensor& input);
-
-  torch::nn::Conv2d lora_A{nullptr};
-  torch::nn::Conv2d lora_B{nullptr};
-
- private:
-  LoRAState state_;
 };
 TORCH_MODULE(LoRAConv2d);
 
