@@ -5,6 +5,7 @@
 
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/io/safetensors.h"
+#include "sdtrain/models/checkpoint_kind.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/json.h"
 
@@ -17,13 +18,16 @@ namespace {
 // Config keys worth a glance for each component class; the full config is in --json.
 const std::map<std::string, std::vector<std::string>>& summary_keys() {
   static const std::map<std::string, std::vector<std::string>> keys = {
-      {"UNet2DConditionModel", {"block_out_channels", "attention_head_dim", "cross_attention_dim",
-                                "use_linear_projection", "upcast_attention", "sample_size", "in_channels"}},
+      {"UNet2DConditionModel",
+       {"block_out_channels", "attention_head_dim", "cross_attention_dim", "use_linear_projection",
+        "upcast_attention", "sample_size", "in_channels"}},
       {"AutoencoderKL", {"block_out_channels", "latent_channels", "scaling_factor", "sample_size"}},
-      {"CLIPTextModel", {"hidden_size", "num_hidden_layers", "num_attention_heads", "hidden_act", "vocab_size"}},
+      {"CLIPTextModel",
+       {"hidden_size", "num_hidden_layers", "num_attention_heads", "hidden_act", "vocab_size"}},
       {"CLIPTokenizer", {"model_max_length", "pad_token", "do_lower_case"}},
-      {"scheduler", {"prediction_type", "beta_schedule", "beta_start", "beta_end", "timestep_spacing",
-                     "steps_offset", "num_train_timesteps"}},
+      {"scheduler",
+       {"prediction_type", "beta_schedule", "beta_start", "beta_end", "timestep_spacing",
+        "steps_offset", "num_train_timesteps"}},
   };
   return keys;
 }
@@ -42,7 +46,8 @@ ojson summarize_tensors(const std::vector<io::SafetensorsHeader>& headers) {
   }
   ojson dtype_counts = ojson::object();
   for (const auto& [dtype, n] : dtypes) dtype_counts[dtype] = n;
-  return {{"tensors", count}, {"parameters", parameters}, {"bytes", bytes}, {"dtypes", dtype_counts}};
+  return {
+      {"tensors", count}, {"parameters", parameters}, {"bytes", bytes}, {"dtypes", dtype_counts}};
 }
 
 ojson inspect_file(const fs::path& path) {
@@ -52,6 +57,8 @@ ojson inspect_file(const fs::path& path) {
   ojson metadata = ojson::object();
   for (const auto& [key, value] : header.metadata) metadata[key] = value;
   result["metadata"] = metadata;
+  const models::CheckpointDetection detected = models::detect_checkpoint(header);
+  result["detected"] = detected.description;
   return result;
 }
 
@@ -69,7 +76,8 @@ ojson config_summary(const std::string& class_name, const nlohmann::json& config
 }
 
 ojson inspect_component(const io::ModelFolder& folder, const io::Component& component) {
-  ojson result = {{"name", component.name}, {"library", component.library}, {"class", component.class_name}};
+  ojson result = {
+      {"name", component.name}, {"library", component.library}, {"class", component.class_name}};
   auto config = folder.config(component.name);
   result["config_file"] = folder.config_path(component.name).filename().string();
   result["config"] = config_summary(component.class_name, config);
@@ -81,7 +89,8 @@ ojson inspect_component(const io::ModelFolder& folder, const io::Component& comp
       auto map = read_json_file(special, ExitCode::model);
       if (map.contains("pad_token")) {
         const auto& pad = map["pad_token"];
-        result["config"]["pad_token"] = pad.is_object() ? nlohmann::json(pad.value("content", "")) : pad;
+        result["config"]["pad_token"] =
+            pad.is_object() ? nlohmann::json(pad.value("content", "")) : pad;
       }
     }
     fs::path vocab = component.dir / "vocab.json";
@@ -102,7 +111,8 @@ ojson inspect_component(const io::ModelFolder& folder, const io::Component& comp
 
 ojson inspect_folder(const fs::path& path) {
   io::ModelFolder folder(path);
-  ojson result = {{"kind", "model_folder"}, {"path", path.string()}, {"pipeline", folder.pipeline_class()}};
+  ojson result = {
+      {"kind", "model_folder"}, {"path", path.string()}, {"pipeline", folder.pipeline_class()}};
   ojson components = ojson::array();
   int64_t total = 0;
   for (const auto& component : folder.components()) {
@@ -127,9 +137,10 @@ std::string with_thousands(int64_t value) {
 
 void format_tensors(std::ostringstream& out, const ojson& item, const std::string& indent) {
   out << indent << "tensors: " << item["tensors"].get<int64_t>()
-      << ", parameters: " << with_thousands(item["parameters"].get<int64_t>())
-      << ", " << (item["bytes"].get<uint64_t>() / (1 << 20)) << " MiB, dtypes:";
-  for (const auto& [dtype, n] : item["dtypes"].items()) out << " " << dtype << "=" << n.get<int64_t>();
+      << ", parameters: " << with_thousands(item["parameters"].get<int64_t>()) << ", "
+      << (item["bytes"].get<uint64_t>() / (1 << 20)) << " MiB, dtypes:";
+  for (const auto& [dtype, n] : item["dtypes"].items())
+    out << " " << dtype << "=" << n.get<int64_t>();
   out << "\n";
 }
 
@@ -143,19 +154,22 @@ ojson inspect(const fs::path& path) {
     // A single component folder (e.g. checkpoint-400/unet): inspect it as a one-component model.
     auto config = read_json_file(path / "config.json", ExitCode::model);
     std::string class_name = config.value("_class_name", "");
-    if (class_name.empty() && config.contains("architectures") && config["architectures"].is_array() &&
-        !config["architectures"].empty()) {
+    if (class_name.empty() && config.contains("architectures") &&
+        config["architectures"].is_array() && !config["architectures"].empty()) {
       class_name = config["architectures"][0].get<std::string>();
     }
     std::string base = config.contains("_class_name") ? "diffusion_pytorch_model" : "model";
     auto weights = io::find_weight_files(path, base);
-    ojson result = {{"kind", "component_folder"}, {"path", path.string()}, {"class", class_name},
+    ojson result = {{"kind", "component_folder"},
+                    {"path", path.string()},
+                    {"class", class_name},
                     {"config", config_summary(class_name, config)}};
     result.update(summarize_tensors(io::read_weight_headers(weights)));
     return result;
   }
-  throw ModelError(path.string() + ": not a .safetensors file, a diffusers model folder (model_index.json) "
-                                   "or a component folder (config.json)");
+  throw ModelError(path.string() +
+                   ": not a .safetensors file, a diffusers model folder (model_index.json) "
+                   "or a component folder (config.json)");
 }
 
 std::string format_inspection(const ojson& item) {
@@ -163,8 +177,10 @@ std::string format_inspection(const ojson& item) {
   const std::string kind = item["kind"];
   out << item["path"].get<std::string>() << "\n";
   if (kind == "safetensors") {
+    out << "  detected: " << item["detected"].get<std::string>() << "\n";
     format_tensors(out, item, "  ");
-    for (const auto& [key, value] : item["metadata"].items()) out << "  metadata " << key << ": " << value.get<std::string>() << "\n";
+    for (const auto& [key, value] : item["metadata"].items())
+      out << "  metadata " << key << ": " << value.get<std::string>() << "\n";
     return out.str();
   }
   if (kind == "component_folder") {
@@ -174,9 +190,11 @@ std::string format_inspection(const ojson& item) {
   }
   out << "  pipeline: " << item["pipeline"].get<std::string>() << "\n";
   for (const auto& component : item["components"]) {
-    out << "  " << component["name"].get<std::string>() << " (" << component["class"].get<std::string>() << ")\n";
+    out << "  " << component["name"].get<std::string>() << " ("
+        << component["class"].get<std::string>() << ")\n";
     if (!component["config"].empty()) out << "    config: " << component["config"].dump() << "\n";
-    if (component.contains("vocab_size")) out << "    vocabulary: " << component["vocab_size"].get<int64_t>() << " tokens\n";
+    if (component.contains("vocab_size"))
+      out << "    vocabulary: " << component["vocab_size"].get<int64_t>() << " tokens\n";
     if (component.contains("tensors")) format_tensors(out, component, "    ");
   }
   out << "  total parameters: " << with_thousands(item["parameters"].get<int64_t>()) << "\n";
