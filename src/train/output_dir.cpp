@@ -35,7 +35,7 @@ std::string first_component_below(const fs::path& inner, const fs::path& outer) 
 
 bool written_by_a_run(const std::string& name, const std::vector<std::string>& base_components) {
   if (name.empty() || name == "logs" || name == "samples" || name == "model_index.json" ||
-      name == kLoRAWeightsFile || name == kLoRAKohyaFile)
+      name == kLoRAWeightsFile || name == kLoRAKohyaFile || name == kSingleFileName)
     return true;
   if (name.starts_with("checkpoint-")) return true;
   return std::find(base_components.begin(), base_components.end(), name) != base_components.end();
@@ -44,8 +44,8 @@ bool written_by_a_run(const std::string& name, const std::vector<std::string>& b
 // A published (or half-published) model: what a fresh start would write over.
 bool holds_model_files(const fs::path& output_dir) {
   std::error_code ignored;
-  for (const char* name :
-       {"model_index.json", "unet", "text_encoder", "vae", kLoRAWeightsFile, kLoRAKohyaFile}) {
+  for (const char* name : {"model_index.json", "unet", "text_encoder", "vae", kLoRAWeightsFile,
+                           kLoRAKohyaFile, kSingleFileName}) {
     if (fs::exists(output_dir / name, ignored)) return true;
   }
   return false;
@@ -133,8 +133,9 @@ void prepare_output_dir(const TrainConfig& config, bool overwrite) {
       throw OutputError("--overwrite: cannot remove " + checkpoint.string() + ": " +
                         error.message());
   }
-  for (const fs::path& file : {metrics_file(output_dir), output_dir / "model_index.json",
-                               output_dir / kLoRAWeightsFile, output_dir / kLoRAKohyaFile}) {
+  for (const fs::path& file :
+       {metrics_file(output_dir), output_dir / "model_index.json", output_dir / kLoRAWeightsFile,
+        output_dir / kLoRAKohyaFile, output_dir / kSingleFileName}) {
     fs::remove(file, error);
     if (error)
       throw OutputError("--overwrite: cannot remove " + file.string() + ": " + error.message());

@@ -24,6 +24,8 @@ const std::vector<std::string>& resumable_differences() {
                                                 "validation_steps",
                                                 "num_validation_images",
                                                 "save_dtype",
+                                                "save_format",
+                                                "lora_formats",
                                                 "output_dir",
                                                 "device",
                                                 "sample_batch_size",

@@ -7,6 +7,8 @@
 #include "sdtrain/io/image.h"
 #include "sdtrain/io/safetensors.h"
 #include "sdtrain/models/lora_file.h"
+#include "sdtrain/models/single_file.h"
+#include "sdtrain/models/state_dict.h"
 #include "sdtrain/pipeline/stable_diffusion_pipeline.h"
 #include "sdtrain/train/output_dir.h"
 #include "sdtrain/util/atomic_file.h"
@@ -183,6 +185,9 @@ void RunOutputs::export_model(const TrainedSet& trained, TrainingModels& models,
   if (!main_) return;
   if (ema) ema->copy_to(trained.component_parameters("unet"));
   if (trained.part() == TrainedPart::adapters) return export_adapters(models);
+  const SaveFormat format = config_.outputs.save_format;
+  if (format != SaveFormat::diffusers) export_single_file(trained);
+  if (format == SaveFormat::single_file) return;
   exporter::PipelineExport job;
   job.base = &base_;
   job.base_variant = config_.variant;
@@ -191,6 +196,31 @@ void RunOutputs::export_model(const TrainedSet& trained, TrainingModels& models,
   exporter::export_pipeline(job, output_dir_);
   log::info("wrote the fine-tuned model to " + output_dir_.string() +
             " (StableDiffusionPipeline.from_pretrained)");
+}
+
+// The components the run did not train come from the base files in float32 (not the copies in
+// memory, which a GPU run holds in half precision), so an fp32 single file keeps their bits.
+void RunOutputs::export_single_file(const TrainedSet& trained) {
+  std::map<std::string, io::NamedTensors> components = trained.weights();
+  const models::LoadOptions fp32{torch::kFloat, torch::kCPU};
+  if (!components.count("vae"))
+    components["vae"] = models::state_dict(*models::load_vae(base_, fp32, config_.variant));
+  if (!components.count("text_encoder"))
+    components["text_encoder"] =
+        models::state_dict(*models::load_text_encoder(base_, fp32, config_.variant));
+  const models::SingleFileLayout layout = models::single_file_layout(
+      models::UNet2DConditionConfig::from_json(base_.config("unet")),
+      models::AutoencoderKLConfig::from_json(base_.config("vae")),
+      models::CLIPTextConfig::from_json(base_.config("text_encoder"),
+                                        base_.config_path("text_encoder").string()));
+  io::NamedTensors tensors = models::to_single_file(components, layout);
+  for (auto& [key, tensor] : tensors) tensor = tensor.detach().to(torch::kCPU, save_dtype(config_));
+  const fs::path path = output_dir_ / kSingleFileName;
+  io::save_safetensors(path, tensors,
+                       {{"sdtrain_version", SDTRAIN_VERSION},
+                        {"sdtrain_base_model", config_.pretrained_model_name_or_path}});
+  log::info("wrote the fine-tuned model as one file to " + path.string() +
+            " (original LDM layout: AUTOMATIC1111, ComfyUI)");
 }
 
 void RunOutputs::export_adapters(TrainingModels& models) {

@@ -169,6 +169,13 @@ const std::vector<Field>& fields() {
         enum_field("save_dtype", &C::outputs, &C::Outputs::save_dtype,
                    "Precision of the final diffusers folder: fp32 or fp16.",
                    {{"fp32", Precision::fp32}, {"fp16", Precision::fp16}}),
+        enum_field("save_format", &C::outputs, &C::Outputs::save_format,
+                   "The final model of a full run: diffusers (a folder), single_file "
+                   "(output_dir/model.safetensors in the original LDM layout, for AUTOMATIC1111 "
+                   "and ComfyUI) or both.",
+                   {{"diffusers", SaveFormat::diffusers},
+                    {"single_file", SaveFormat::single_file},
+                    {"both", SaveFormat::both}}),
         field("seed", &C::seed,
               "Seed of every random choice (data order, noise, timesteps, sampling).",
               at_least<int64_t>(0)),
@@ -358,6 +365,9 @@ void check_config(const TrainConfig& c) {
   for (const auto& prompt : c.outputs.validation_prompts) {
     require(!prompt.empty(), "\"validation_prompts\" contains an empty prompt");
   }
+  require(!(c.lora.train_mode == TrainMode::lora && c.outputs.save_format != SaveFormat::diffusers),
+          "\"save_format\" applies to full fine-tuning; a LoRA run writes adapter files (see "
+          "\"lora_formats\")");
   // Gradient checkpointing recomputes each block in backward without replaying the random
   // state (models/gradient_checkpointing.h), so a dropout mask would differ between the two.
   require(!(c.lora.lora_dropout > 0 && c.compute.gradient_checkpointing),

@@ -28,6 +28,8 @@ void check_output_dir_is_not_an_input(const TrainConfig& config,
 // the kohya layout of lora_formats "kohya" (models/lora_file.h).
 inline constexpr const char* kLoRAWeightsFile = "pytorch_lora_weights.safetensors";
 inline constexpr const char* kLoRAKohyaFile = "lora_kohya.safetensors";
+// A full run's model as one file in the original LDM layout (save_format "single_file", "both").
+inline constexpr const char* kSingleFileName = "model.safetensors";
 
 // output_dir/logs/metrics.jsonl: one JSON record per optimizer step.
 inline std::filesystem::path metrics_file(const std::filesystem::path& output_dir) {

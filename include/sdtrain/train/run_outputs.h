@@ -69,7 +69,8 @@ class RunOutputs {
   void sample_validation_images(int64_t step, TrainingModels& models, const TrainedSet& trained,
                                 EMAModel* ema, Precision precision);
   // The final model (the EMA average for the UNet with use_ema, as diffusers' EMA scripts).
-  // Full: a diffusers folder, the base's components with the trained ones replaced. LoRA: the
+  // Full: a diffusers folder, the base's components with the trained ones replaced, and/or
+  // model.safetensors in the single-file layout (save_format). LoRA: the
   // adapter files of lora_formats (pytorch_lora_weights.safetensors, lora_kohya.safetensors).
   void export_model(const TrainedSet& trained, TrainingModels& models, const EMAModel* ema);
 
@@ -82,6 +83,7 @@ class RunOutputs {
 
  private:
   void export_adapters(TrainingModels& models);
+  void export_single_file(const TrainedSet& trained);
   void write_metrics(const StepRecord& record);
 
   const TrainingPlan& plan_;

@@ -15,6 +15,9 @@
 
 namespace sdtrain::train {
 
+// The final model of a full run: a diffusers folder, one single file (LDM layout), or both.
+enum class SaveFormat { diffusers, single_file, both };
+
 // What a run trains: every weight of the trained models, or LoRA adapters beside frozen ones.
 enum class TrainMode { full, lora };
 
@@ -109,6 +112,7 @@ struct TrainConfig {
     int validation_steps = 100;
     int num_validation_images = 4;
     Precision save_dtype = Precision::fp32;  // key values "fp32", "fp16"
+    SaveFormat save_format = SaveFormat::diffusers;
   } outputs;
 
   // The optimizer actually used ("adamw" or "adamw8bit"), after use_8bit_adam.
