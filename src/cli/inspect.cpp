@@ -5,7 +5,7 @@
 
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/io/safetensors.h"
-#include "sdtrain/models/checkpoint_kind.h"
+#include "sdtrain/io/checkpoint_kind.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/json.h"
 
@@ -57,7 +57,7 @@ ojson inspect_file(const fs::path& path) {
   ojson metadata = ojson::object();
   for (const auto& [key, value] : header.metadata) metadata[key] = value;
   result["metadata"] = metadata;
-  const models::CheckpointDetection detected = models::detect_checkpoint(header);
+  const io::CheckpointDetection detected = io::detect_checkpoint(header);
   result["detected"] = detected.description;
   return result;
 }

@@ -4,6 +4,7 @@
 #include <map>
 #include <set>
 
+#include "sdtrain/io/checkpoint_kind.h"
 #include "sdtrain/io/safetensors.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/json.h"
@@ -28,7 +29,9 @@ WeightFiles from_index(const fs::path& index_path, const std::string& variant) {
   weights.variant = variant;
   std::set<std::string> shard_names;
   for (const auto& [tensor, file] : index["weight_map"].items()) {
-    if (!file.is_string()) throw ModelError(index_path.string() + ": weight_map entry '" + tensor + "' is not a file name");
+    if (!file.is_string())
+      throw ModelError(index_path.string() + ": weight_map entry '" + tensor +
+                       "' is not a file name");
     shard_names.insert(file.get<std::string>());
   }
   for (const auto& shard : shard_names) {
@@ -75,7 +78,8 @@ std::vector<SafetensorsHeader> read_weight_headers(const WeightFiles& weights) {
     for (const auto& tensor : headers.back().tensors) {
       auto [it, inserted] = owner.emplace(tensor.name, file.filename().string());
       if (!inserted) {
-        throw ModelError(file.string() + ": tensor '" + tensor.name + "' also appears in " + it->second);
+        throw ModelError(file.string() + ": tensor '" + tensor.name + "' also appears in " +
+                         it->second);
       }
     }
   }
@@ -92,11 +96,38 @@ std::vector<SafetensorsHeader> read_weight_headers(const WeightFiles& weights) {
   return headers;
 }
 
+namespace {
+
+// A base given as one file: what it is and what to do instead (docs/single_file.md).
+[[noreturn]] void refuse_file_as_base(const fs::path& file) {
+  const std::string ext = file.extension().string();
+  if (ext == ".ckpt" || ext == ".pt" || ext == ".pth" || ext == ".bin") {
+    throw ModelError(file.string() +
+                     ": a pickled checkpoint; sdtrain does not read pickles, because loading one "
+                     "can run any code it holds. Convert it to .safetensors with a tool you trust, "
+                     "or use the model's diffusers folder");
+  }
+  std::string what = "not a .safetensors file";
+  if (ext == ".safetensors") {
+    const CheckpointDetection detected = detect_checkpoint(read_safetensors_header(file));
+    what = detected.description;
+    if (!detected.evidence.empty()) what += " (key " + detected.evidence.front() + ")";
+  }
+  throw ModelError(file.string() + ": " + what +
+                   ". A base model must be a diffusers folder (model_index.json, unet/, vae/, "
+                   "...); single-file bases are not read yet: convert it to a diffusers folder "
+                   "first. A LoRA file goes to `generate --lora`, on top of its base");
+}
+
+}  // namespace
+
 ModelFolder::ModelFolder(const fs::path& root) : root_(root) {
+  if (fs::is_regular_file(root)) refuse_file_as_base(root);
   if (!fs::is_directory(root)) {
-    throw ModelError(root.string() + ": model folder not found (expected a diffusers folder with "
-                                     "model_index.json, e.g. a local copy of "
-                                     "stabilityai/stable-diffusion-2-1-base)");
+    throw ModelError(root.string() +
+                     ": model folder not found (expected a diffusers folder with "
+                     "model_index.json, e.g. a local copy of "
+                     "stabilityai/stable-diffusion-2-1-base)");
   }
   fs::path index_path = root / "model_index.json";
   if (!fs::exists(index_path)) {
@@ -108,8 +139,10 @@ ModelFolder::ModelFolder(const fs::path& root) : root_(root) {
   if (!index.is_object()) throw ModelError(index_path.string() + ": not a JSON object");
   pipeline_class_ = index.value("_class_name", "");
   for (const auto& [key, value] : index.items()) {
-    if (key.starts_with("_") || !value.is_array()) continue;  // _class_name, requires_safety_checker
-    if (value.size() != 2) throw ModelError(index_path.string() + ": entry '" + key + "' is not [library, class]");
+    if (key.starts_with("_") || !value.is_array())
+      continue;  // _class_name, requires_safety_checker
+    if (value.size() != 2)
+      throw ModelError(index_path.string() + ": entry '" + key + "' is not [library, class]");
     if (value[0].is_null() || value[1].is_null()) continue;  // e.g. "safety_checker": [null, null]
     if (!value[0].is_string() || !value[1].is_string()) {
       throw ModelError(index_path.string() + ": entry '" + key + "' is not [library, class]");
@@ -145,8 +178,9 @@ fs::path ModelFolder::config_path(const std::string& name) const {
                            "preprocessor_config.json"}) {
     if (fs::exists(component.dir / file)) return component.dir / file;
   }
-  throw ModelError(component.dir.string() + ": no config.json (or scheduler_config.json, "
-                                            "tokenizer_config.json, preprocessor_config.json)");
+  throw ModelError(component.dir.string() +
+                   ": no config.json (or scheduler_config.json, "
+                   "tokenizer_config.json, preprocessor_config.json)");
 }
 
 nlohmann::json ModelFolder::config(const std::string& name) const {

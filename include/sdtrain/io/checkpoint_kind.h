@@ -9,7 +9,7 @@
 
 #include "sdtrain/io/safetensors_header.h"
 
-namespace sdtrain::models {
+namespace sdtrain::io {
 
 enum class CheckpointKind {
   sd1_single_file,  // LDM layout, OpenAI CLIP ViT-L text encoder (cross-attention 768)
@@ -27,6 +27,6 @@ struct CheckpointDetection {
   std::vector<std::string> evidence;  // the keys that decided it
 };
 
-CheckpointDetection detect_checkpoint(const io::SafetensorsHeader& header);
+CheckpointDetection detect_checkpoint(const SafetensorsHeader& header);
 
-}  // namespace sdtrain::models
+}  // namespace sdtrain::io

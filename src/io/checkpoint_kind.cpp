@@ -1,9 +1,9 @@
-#include "sdtrain/models/checkpoint_kind.h"
+#include "sdtrain/io/checkpoint_kind.h"
 
-namespace sdtrain::models {
+namespace sdtrain::io {
 namespace {
 
-const io::TensorEntry* find(const io::SafetensorsHeader& header, const std::string& name) {
+const TensorEntry* find(const SafetensorsHeader& header, const std::string& name) {
   for (const auto& entry : header.tensors) {
     if (entry.name == name) return &entry;
   }
@@ -11,7 +11,7 @@ const io::TensorEntry* find(const io::SafetensorsHeader& header, const std::stri
 }
 
 // The first key starting with `prefix` or containing `part`, or "".
-std::string first_key(const io::SafetensorsHeader& header, const std::string& prefix,
+std::string first_key(const SafetensorsHeader& header, const std::string& prefix,
                       const std::string& part = "") {
   for (const auto& entry : header.tensors) {
     if (!prefix.empty() && entry.name.starts_with(prefix)) return entry.name;
@@ -21,11 +21,11 @@ std::string first_key(const io::SafetensorsHeader& header, const std::string& pr
 }
 
 // A1111-era checkpoints may carry the EMA copy of the UNet beside the weights.
-std::string ema_note(const io::SafetensorsHeader& header) {
+std::string ema_note(const SafetensorsHeader& header) {
   return first_key(header, "model_ema.").empty() ? "" : "; holds EMA weights (model_ema.*) too";
 }
 
-CheckpointDetection lora(const io::SafetensorsHeader& header) {
+CheckpointDetection lora(const SafetensorsHeader& header) {
   for (const char* prefix : {"lora_unet_", "lora_te_", "lora_te1_"}) {
     if (auto key = first_key(header, prefix); !key.empty())
       return {CheckpointKind::lora_kohya,
@@ -39,14 +39,14 @@ CheckpointDetection lora(const io::SafetensorsHeader& header) {
   return {};
 }
 
-CheckpointDetection stable_diffusion(const io::SafetensorsHeader& header) {
+CheckpointDetection stable_diffusion(const SafetensorsHeader& header) {
   const std::string unet = "model.diffusion_model.input_blocks.0.0.weight";
   if (!find(header, unet)) return {};
   const std::string note = ema_note(header);
   const char* open_clip = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight";
   const char* clip = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight";
   // The cross-attention width: the text encoder's, read off the first cross-attention.
-  const io::TensorEntry* to_k =
+  const TensorEntry* to_k =
       find(header, "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight");
   const std::string width =
       to_k && to_k->shape.size() == 2 ? ", cross-attention " + std::to_string(to_k->shape[1]) : "";
@@ -64,7 +64,7 @@ CheckpointDetection stable_diffusion(const io::SafetensorsHeader& header) {
 
 }  // namespace
 
-CheckpointDetection detect_checkpoint(const io::SafetensorsHeader& header) {
+CheckpointDetection detect_checkpoint(const SafetensorsHeader& header) {
   if (auto found = lora(header); found.kind != CheckpointKind::unknown) return found;
   if (auto key = first_key(header, "conditioner.embedders."); !key.empty())
     return {CheckpointKind::sdxl_single_file,
@@ -79,4 +79,4 @@ CheckpointDetection detect_checkpoint(const io::SafetensorsHeader& header) {
       CheckpointKind::unknown, "not a Stable Diffusion single file or LoRA file sdtrain knows", {}};
 }
 
-}  // namespace sdtrain::models
+}  // namespace sdtrain::io
