@@ -11,16 +11,8 @@ import json
 import logging
 
 import torch
+from check_exported_pipeline import Collect  # the same warning collector, beside this script
 from diffusers import StableDiffusionPipeline
-
-
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(f"{record.name}: {record.getMessage()}")
 
 
 def main():

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "sdtrain/io/safetensors.h"
+#include "sdtrain/models/describe.h"
 #include "sdtrain/util/error.h"
 
 namespace fs = std::filesystem;
@@ -15,19 +16,13 @@ namespace sdtrain::models {
 namespace {
 
 constexpr const char* kMetadataKey =
-    "lora_adapter_metadata";  // diffusers' LORA_ADAPTER_METADATA_KEY
-constexpr std::size_t kMismatchesShown = 5;
+    "lora_adapter_metadata";                 // diffusers' LORA_ADAPTER_METADATA_KEY
+constexpr std::size_t kMismatchesShown = 5;  // the first few say what is wrong
 
 const std::map<std::string, std::string>& kohya_prefixes() {
   static const std::map<std::string, std::string> prefixes = {{"unet", "lora_unet"},
                                                               {"text_encoder", "lora_te"}};
   return prefixes;
-}
-
-std::string shape_text(c10::IntArrayRef shape) {
-  std::ostringstream out;
-  out << shape;
-  return out.str();
 }
 
 // Collects what does not fit, and throws once with the first few.
@@ -37,13 +32,8 @@ class Mismatches {
   void add(std::string what) { items_.push_back(std::move(what)); }
   void throw_if_any(const std::string& hint) const {
     if (items_.empty()) return;
-    std::string text;
-    for (std::size_t i = 0; i < std::min(items_.size(), kMismatchesShown); ++i)
-      text += "\n  " + items_[i];
-    if (items_.size() > kMismatchesShown)
-      text += "\n  ... and " + std::to_string(items_.size() - kMismatchesShown) + " more";
-    throw ModelError(path_.string() + ": " + std::to_string(items_.size()) +
-                     " LoRA key(s) do not fit the base model:" + text + "\n" + hint);
+    throw ModelError(path_.string() + ": LoRA keys do not fit the base model" +
+                     list_block("mismatches", items_, kMismatchesShown) + "\n" + hint);
   }
 
  private:
@@ -73,9 +63,9 @@ std::optional<std::string> misfit(LoRAHost* layer, const AdapterWeights& w) {
   }
   if (w.A.sizes() == c10::IntArrayRef(a_shape) && w.B.sizes() == c10::IntArrayRef(b_shape))
     return std::nullopt;
-  return "lora_A " + shape_text(w.A.sizes()) + ", lora_B " + shape_text(w.B.sizes()) +
-         " do not fit the layer's weight " + shape_text(weight.sizes()) + " (expected " +
-         shape_text(a_shape) + " and " + shape_text(b_shape) + ")";
+  return "lora_A " + describe_shape(w.A.sizes()) + ", lora_B " + describe_shape(w.B.sizes()) +
+         " do not fit the layer's weight " + describe_shape(weight.sizes()) + " (expected " +
+         describe_shape(a_shape) + " and " + describe_shape(b_shape) + ")";
 }
 
 // peft LoraConfig fields per component from the diffusers metadata ("unet.lora_alpha": 8).
@@ -190,7 +180,8 @@ LoRAFile read_lora_file(const fs::path& path, const AdapterModels& models) {
       kohya_names[name] = {component, layer};
       // diffusers' convert_state_dict_to_kohya names the (first) text encoder "lora_te1_".
       if (component == "text_encoder")
-        kohya_names["lora_te1_" + name.substr(8)] = {component, layer};
+        kohya_names["lora_te1_" + name.substr(kohya_prefixes().at(component).size() + 1)] = {
+            component, layer};
     }
   }
   Found found;

@@ -2,9 +2,9 @@
 
 #include <algorithm>
 #include <functional>
-#include <sstream>
 #include <stdexcept>
 
+#include "sdtrain/models/describe.h"
 #include "sdtrain/util/error.h"
 
 namespace sdtrain::models {
@@ -24,12 +24,6 @@ bool is_vae_attention_weight(const std::string& component, const std::string& ke
   if (component != "vae" || key.find(".mid_block.attentions.") == std::string::npos) return false;
   return key.ends_with("to_q.weight") || key.ends_with("to_k.weight") ||
          key.ends_with("to_v.weight") || key.ends_with("to_out.0.weight");
-}
-
-std::string shape_text(c10::IntArrayRef shape) {
-  std::ostringstream out;
-  out << shape;
-  return out.str();
 }
 
 }  // namespace
@@ -105,18 +99,15 @@ io::NamedTensors from_single_file(const io::SafetensorsFile& file, const std::st
     }
     if (is_vae_attention_weight(component, key) && tensor.dim() == 4) tensor = tensor.flatten(1);
     if (tensor.sizes() != like.sizes()) {
-      problems.push_back(source.key + " is " + shape_text(tensor.sizes()) + ", " + component + "." +
-                         key + " needs " + shape_text(like.sizes()));
+      problems.push_back(source.key + " is " + describe_shape(tensor.sizes()) + ", " + component +
+                         "." + key + " needs " + describe_shape(like.sizes()));
       continue;
     }
     out.emplace_back(key, tensor);
   }
   if (!problems.empty()) {
-    std::string text;
-    for (std::size_t i = 0; i < std::min<std::size_t>(problems.size(), 5); ++i)
-      text += "\n  " + problems[i];
-    throw ModelError(file.path().string() + ": " + std::to_string(problems.size()) + " " +
-                     component + " weight(s) do not fit:" + text +
+    throw ModelError(file.path().string() + ": " + component + " weights do not fit" +
+                     list_block("mismatches", problems, 5) +
                      "\nIs it a Stable Diffusion 1.x/2.x single file of this architecture?");
   }
   return out;

@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "sdtrain/io/safetensors.h"
+#include "sdtrain/models/describe.h"
 #include "sdtrain/util/error.h"
 
 namespace sdtrain::models {
@@ -13,21 +14,6 @@ struct Source {
   std::size_t file = 0;  // index into the opened files
   std::string checkpoint_key;
 };
-
-std::string describe_shape(c10::IntArrayRef shape) {
-  std::ostringstream out;
-  out << shape;
-  return out.str();
-}
-
-std::string list_block(const std::string& title, const std::vector<std::string>& items) {
-  if (items.empty()) return "";
-  constexpr std::size_t kShown = 25;
-  std::string text = "\n  " + title + " (" + std::to_string(items.size()) + "):";
-  for (std::size_t i = 0; i < items.size() && i < kShown; ++i) text += "\n    " + items[i];
-  if (items.size() > kShown) text += "\n    ... and " + std::to_string(items.size() - kShown) + " more";
-  return text;
-}
 
 }  // namespace
 
@@ -105,6 +91,20 @@ void load_state_dict(torch::nn::Module& module, const io::WeightFiles& weights,
     const Source& source = sources.at(key);
     target.set_data(files[source.file].tensor(source.checkpoint_key).to(destination, /*non_blocking=*/false, /*copy=*/true));
   }
+}
+
+std::string describe_shape(c10::IntArrayRef shape) {
+  std::ostringstream out;
+  out << shape;
+  return out.str();
+}
+
+std::string list_block(const std::string& title, const std::vector<std::string>& items, std::size_t shown) {
+  if (items.empty()) return "";
+  std::string text = "\n  " + title + " (" + std::to_string(items.size()) + "):";
+  for (std::size_t i = 0; i < items.size() && i < shown; ++i) text += "\n    " + items[i];
+  if (items.size() > shown) text += "\n    ... and " + std::to_string(items.size() - shown) + " more";
+  return text;
 }
 
 }  // namespace sdtrain::models
