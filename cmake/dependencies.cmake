@@ -22,6 +22,8 @@ find_package(spdlog REQUIRED)
 find_package(CLI11 REQUIRED)
 # ICU (libicu-dev): Unicode categories, NFC and case mapping for the CLIP tokenizer.
 find_package(ICU REQUIRED COMPONENTS uc)
+# yaml-cpp (libyaml-cpp-dev): the .yaml sidecar (LDM config) beside a single-file checkpoint.
+find_package(yaml-cpp REQUIRED)
 
 # Debian's libstb-dev ships the headers under include/stb and a compiled libstb
 # (stb_image, stb_image_write, stb_image_resize).

@@ -7,6 +7,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mkdir -p "$root/.deb"
 cd "$root/.deb"
 packages=(nlohmann-json3-dev libstb-dev libstb0 libcli11-dev libspdlog-dev libspdlog1.10 libfmt-dev libfmt9
-          libgtest-dev libicu-dev libicu72 libxxhash-dev ccache)
+          libgtest-dev libicu-dev libicu72 libxxhash-dev libyaml-cpp-dev libyaml-cpp0.7 ccache)
 apt-get download "${packages[@]}"
 ls -la

@@ -11,7 +11,7 @@ source "$root/scripts/env.sh"
 
 debian_packages=(cmake ninja-build ccache g++ clang libclang-rt-14-dev pkg-config python3 python3-venv
                  nlohmann-json3-dev libstb-dev libcli11-dev libspdlog-dev libgtest-dev
-                 libicu-dev libxxhash-dev)
+                 libicu-dev libxxhash-dev libyaml-cpp-dev)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -5,7 +5,6 @@ The vocabulary is fully determined by the merges (docs/tokenizer.md, step 4):
 <|endoftext|>. `num_merges` truncates the merge list, which gives a small but genuine CLIP
 tokenizer for tiny test models.
 """
-import gzip
 import json
 from pathlib import Path
 
@@ -25,14 +24,15 @@ def bytes_to_unicode():
     return dict(zip(printable, (chr(c) for c in codes)))
 
 
-def read_merges(bpe_gz: Path, num_merges: int = FULL_MERGE_COUNT):
-    lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
+def read_merges(merges_txt: Path, num_merges: int = FULL_MERGE_COUNT):
+    """data/clip/merges.txt: "#version: 0.2", then one merge per line."""
+    lines = merges_txt.read_text(encoding="utf-8").split("\n")
     return [tuple(line.split()) for line in lines[1:1 + min(num_merges, FULL_MERGE_COUNT)]]
 
 
-def write_tokenizer_files(out_dir: Path, bpe_gz: Path, num_merges: int = FULL_MERGE_COUNT):
+def write_tokenizer_files(out_dir: Path, merges_txt: Path, num_merges: int = FULL_MERGE_COUNT):
     """Writes vocab.json and merges.txt as a Stable Diffusion tokenizer/ folder has them."""
-    merges = read_merges(bpe_gz, num_merges)
+    merges = read_merges(merges_txt, num_merges)
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

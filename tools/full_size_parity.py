@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from clip_bpe import write_tokenizer_files  # noqa: E402
 
-BPE = REPO / "tests/fixtures/clip_bpe/bpe_simple_vocab_16e6.txt.gz"
+BPE = REPO / "data/clip/merges.txt"
 BEGIN, END = "<!-- full-size-parity:begin -->", "<!-- full-size-parity:end -->"
 
 # Real configs (the Hub config.json files, see tests/fixtures/configs/README.md); unlisted keys take the class defaults,

@@ -22,7 +22,7 @@ from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIP
 from clip_bpe import write_tokenizer_files
 
 REPO = Path(__file__).resolve().parent.parent
-BPE = REPO / "tests/fixtures/clip_bpe/bpe_simple_vocab_16e6.txt.gz"
+BPE = REPO / "data/clip/merges.txt"
 NUM_MERGES = 1000
 
 # SD 2.1-base's scheduler_config.json, verbatim.

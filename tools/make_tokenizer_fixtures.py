@@ -15,8 +15,8 @@ Folders:
   sd2_added_tokens_decoder  SD 2.x / SDXL tokenizer_2 as transformers >= 4.34 re-saves it
                             (tokenizer_config.json holds added_tokens_decoder)
   demo                      configs/demo/model/tokenizer (first 1000 merges, pad "!")
-The first three use tests/fixtures/tokenizer/<name>/*.json plus vocab.json and merges.txt
-derived from the full CLIP merge list (tests/fixtures/clip_bpe/bpe_simple_vocab_16e6.txt.gz),
+The first three use data/tokenizer/{sd1,sd2}/*.json (tests/fixtures/tokenizer/ for the third) plus vocab.json and merges.txt
+derived from the full CLIP merge list (data/clip/merges.txt),
 which is what the C++ test does too.
 
 Output: tests/fixtures/tokenizer/reference_ids.json
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from clip_bpe import write_tokenizer_files  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "tokenizer"
-BPE_GZ = ROOT / "tests" / "fixtures" / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
+BPE_MERGES = ROOT / "data" / "clip" / "merges.txt"
 
 
 def corpus():
@@ -172,8 +172,10 @@ def load_folders(tmp: Path):
     folders = {}
     for name in ["sd2", "sd15", "sd2_added_tokens_decoder"]:
         folder = tmp / name
-        write_tokenizer_files(folder, BPE_GZ)
-        for config in (FIXTURES / name).glob("*.json"):
+        write_tokenizer_files(folder, BPE_MERGES)
+        # sd15 and sd2 are the configs sdtrain bundles for single-file bases (data/tokenizer/).
+        configs = ROOT / "data" / "tokenizer" / ("sd1" if name == "sd15" else name)
+        for config in (configs if name != "sd2_added_tokens_decoder" else FIXTURES / name).glob("*.json"):
             shutil.copy(config, folder / config.name)
         folders[name] = folder
     folders["demo"] = ROOT / "configs" / "demo" / "model" / "tokenizer"

@@ -87,8 +87,18 @@ std::string grid_file_name(int64_t seed) { return "grid-s" + std::to_string(seed
 void add_generate_options(CLI::App& command, GenerateArguments& args) {
   command
       .add_option("-m,--model", args.model,
-                  "Diffusers model folder (model_index.json, unet/, vae/, ...)")
+                  "Diffusers model folder (model_index.json, unet/, vae/, ...) or SD 1.x/2.x "
+                  "single .safetensors file")
       ->required();
+  command.add_option("--single-file-config", args.single_file.single_file_config,
+                     "With a single file: a diffusers folder whose configs and tokenizer to use");
+  command
+      .add_option("--prediction-type", args.single_file.single_file_prediction_type,
+                  "With a single file: epsilon or v_prediction (default: its .yaml sidecar, "
+                  "else epsilon)")
+      ->check(CLI::IsMember({"epsilon", "v_prediction"}));
+  command.add_flag("--use-ema-weights", args.single_file.use_ema_weights,
+                   "With a single file: the UNet from its EMA weights (model_ema.*)");
   command.add_option("-p,--prompt", args.prompt, "Text prompt (required without --jobs)");
   command.add_option("-n,--negative-prompt", args.negative_prompt,
                      "Negative prompt (the unconditional branch of guidance)");
@@ -210,7 +220,7 @@ int run_generate(const GenerateArguments& args) {
 
   const auto started = std::chrono::steady_clock::now();
   auto sd =
-      pipeline::StableDiffusionPipeline::from_folder(args.model, {device, dtype, args.variant});
+      pipeline::StableDiffusionPipeline::from_folder(args.model, {device, dtype, args.variant, args.single_file});
   log::info(log::str("loaded the base model ", args.model, " from disk in ",
                      format_seconds(std::chrono::steady_clock::now() - started)));
   if (!args.jobs.empty()) return run_generation_jobs(args, sd);

@@ -6,6 +6,7 @@
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/io/safetensors.h"
 #include "sdtrain/io/checkpoint_kind.h"
+#include "sdtrain/models/base_model.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/json.h"
 
@@ -50,6 +51,24 @@ ojson summarize_tensors(const std::vector<io::SafetensorsHeader>& headers) {
       {"tensors", count}, {"parameters", parameters}, {"bytes", bytes}, {"dtypes", dtype_counts}};
 }
 
+ojson config_summary(const std::string& class_name, const nlohmann::json& config);
+
+// What sdtrain builds from an SD single file (the configs of models/single_file_config.h),
+// or why it cannot.
+ojson single_file_builds(const fs::path& path) {
+  try {
+    const io::ModelFolder base = models::open_base_model(path);
+    ojson builds = ojson::object();
+    for (const auto& component : base.components())
+      builds[component.name] = config_summary(
+          component.name == "scheduler" ? "scheduler" : component.class_name, base.config(component.name));
+    builds["notes"] = base.single_file()->notes;
+    return builds;
+  } catch (const ModelError& error) {
+    return {{"error", error.what()}};
+  }
+}
+
 ojson inspect_file(const fs::path& path) {
   auto header = io::read_safetensors_header(path);
   ojson result = {{"kind", "safetensors"}, {"path", path.string()}};
@@ -59,6 +78,9 @@ ojson inspect_file(const fs::path& path) {
   result["metadata"] = metadata;
   const io::CheckpointDetection detected = io::detect_checkpoint(header);
   result["detected"] = detected.description;
+  if (detected.kind == io::CheckpointKind::sd1_single_file ||
+      detected.kind == io::CheckpointKind::sd2_single_file)
+    result["builds"] = single_file_builds(path);
   return result;
 }
 
@@ -144,6 +166,17 @@ void format_tensors(std::ostringstream& out, const ojson& item, const std::strin
   out << "\n";
 }
 
+void format_builds(std::ostringstream& out, const ojson& builds) {
+  if (builds.contains("error")) {
+    out << "  cannot build: " << builds["error"].get<std::string>() << "\n";
+    return;
+  }
+  out << "  builds (as a base model):\n";
+  for (const auto& [name, config] : builds.items())
+    if (name != "notes") out << "    " << name << ": " << config.dump() << "\n";
+  for (const auto& note : builds["notes"]) out << "    note: " << note.get<std::string>() << "\n";
+}
+
 }  // namespace
 
 ojson inspect(const fs::path& path) {
@@ -181,6 +214,7 @@ std::string format_inspection(const ojson& item) {
     format_tensors(out, item, "  ");
     for (const auto& [key, value] : item["metadata"].items())
       out << "  metadata " << key << ": " << value.get<std::string>() << "\n";
+    if (item.contains("builds")) format_builds(out, item["builds"]);
     return out.str();
   }
   if (kind == "component_folder") {

@@ -8,6 +8,7 @@
 #include "generate_support.h"
 #include "sdtrain/export/diffusers_folder.h"
 #include "sdtrain/io/model_folder.h"
+#include "sdtrain/models/base_model.h"
 #include "sdtrain/models/lora_file.h"
 #include "sdtrain/models/state_dict.h"
 #include "sdtrain/util/error.h"
@@ -66,7 +67,9 @@ void remove_loras(pipeline::StableDiffusionPipeline& sd) {
 }
 
 void add_merge_lora_options(CLI::App& command, MergeLoRAArguments& args) {
-  command.add_option("-m,--model", args.model, "Base diffusers model folder")->required();
+  command.add_option("-m,--model", args.model,
+                     "Base model: diffusers folder or SD 1.x/2.x single .safetensors file")
+      ->required();
   command
       .add_option("--lora", args.loras,
                   "LoRA adapter file[:scale] (diffusers or kohya layout); repeatable")
@@ -81,9 +84,9 @@ int run_merge_lora(const MergeLoRAArguments& args) {
     throw ConfigError("--dtype must be fp32 or fp16");
   std::vector<LoRAChoice> loras;
   for (const auto& text : args.loras) loras.push_back(parse_lora_choice(text));
-  const io::ModelFolder base(args.model);
+  const io::ModelFolder base = models::open_base_model(args.model);
   const fs::path out = fs::absolute(args.out).lexically_normal();
-  if (out == fs::absolute(base.root()).lexically_normal())
+  if (out == fs::absolute(base.source()).lexically_normal())
     throw ConfigError("--out " + args.out + " is the base model folder; choose another folder");
   // Folded in float32 on the CPU, whatever the file's dtype: one rounding, at the write.
   const models::LoadOptions fp32{torch::kFloat, torch::kCPU};
@@ -95,6 +98,7 @@ int run_merge_lora(const MergeLoRAArguments& args) {
   job.dtype = args.dtype == "fp16" ? torch::kHalf : torch::kFloat;
   job.trained = {{"unet", models::state_dict(*unet)},
                  {"text_encoder", models::state_dict(*text_encoder)}};
+  models::add_base_components(base, "", job.trained);  // the VAE of a single-file base
   exporter::export_pipeline(job, out);
   log::info("wrote " + out.string() +
             " (the base with the adapters merged; StableDiffusionPipeline.from_pretrained)");

@@ -93,6 +93,9 @@ void export_pipeline(const PipelineExport& job, const fs::path& output_dir) {
       kill_point("export-component");
       continue;
     }
+    if (base.single_file() && fs::exists(component.dir / "config.json"))
+      throw std::invalid_argument("export_pipeline: a single-file base's " + component.name +
+                                  " must be given (models::add_base_components)");
     StagedFolder staged(target);
     // Model components have config.json; tokenizer, scheduler and feature extractor do not.
     if (fs::exists(component.dir / "config.json")) {

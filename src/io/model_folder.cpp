@@ -4,7 +4,6 @@
 #include <map>
 #include <set>
 
-#include "sdtrain/io/checkpoint_kind.h"
 #include "sdtrain/io/safetensors.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/json.h"
@@ -96,44 +95,18 @@ std::vector<SafetensorsHeader> read_weight_headers(const WeightFiles& weights) {
   return headers;
 }
 
-namespace {
-
-// A base given as one file: what it is and what to do instead (docs/single_file.md).
-[[noreturn]] void refuse_file_as_base(const fs::path& file) {
-  const std::string ext = file.extension().string();
-  if (ext == ".ckpt" || ext == ".pt" || ext == ".pth" || ext == ".bin") {
-    throw ModelError(file.string() +
-                     ": a pickled checkpoint; sdtrain does not read pickles, because loading one "
-                     "can run any code it holds. Convert it to .safetensors with a tool you trust, "
-                     "or use the model's diffusers folder");
-  }
-  std::string what = "not a .safetensors file";
-  if (ext == ".safetensors") {
-    const CheckpointDetection detected = detect_checkpoint(read_safetensors_header(file));
-    what = detected.description;
-    if (!detected.evidence.empty()) what += " (key " + detected.evidence.front() + ")";
-  }
-  throw ModelError(file.string() + ": " + what +
-                   ". A base model must be a diffusers folder (model_index.json, unet/, vae/, "
-                   "...); single-file bases are not read yet: convert it to a diffusers folder "
-                   "first. A LoRA file goes to `generate --lora`, on top of its base");
-}
-
-}  // namespace
-
 ModelFolder::ModelFolder(const fs::path& root) : root_(root) {
-  if (fs::is_regular_file(root)) refuse_file_as_base(root);
   if (!fs::is_directory(root)) {
     throw ModelError(root.string() +
                      ": model folder not found (expected a diffusers folder with "
                      "model_index.json, e.g. a local copy of "
-                     "stabilityai/stable-diffusion-2-1-base)");
+                     "stabilityai/stable-diffusion-2-1-base, or a single-file .safetensors)");
   }
   fs::path index_path = root / "model_index.json";
   if (!fs::exists(index_path)) {
     throw ModelError(index_path.string() + ": file not found; " + root.string() +
-                     " is not a diffusers model folder (single-file .ckpt/.safetensors "
-                     "checkpoints must be converted to the diffusers layout first)");
+                     " is not a diffusers model folder (a single-file checkpoint is named by its "
+                     ".safetensors file, not its folder)");
   }
   auto index = read_json_file(index_path, ExitCode::model);
   if (!index.is_object()) throw ModelError(index_path.string() + ": not a JSON object");
@@ -156,6 +129,11 @@ ModelFolder::ModelFolder(const fs::path& root) : root_(root) {
   }
   std::sort(components_.begin(), components_.end(),
             [](const Component& a, const Component& b) { return a.name < b.name; });
+}
+
+ModelFolder::ModelFolder(const fs::path& config_root, SingleFileSource source)
+    : ModelFolder(config_root) {
+  single_file_ = std::move(source);
 }
 
 const Component* ModelFolder::find(const std::string& name) const {
@@ -192,6 +170,9 @@ nlohmann::json ModelFolder::config(const std::string& name) const {
 
 WeightFiles ModelFolder::weights(const std::string& name, const std::string& variant) const {
   const Component& component = require(name);
+  if (single_file_)
+    throw std::logic_error("ModelFolder::weights(\"" + name + "\"): the weights of " +
+                           single_file_->file.string() + " are read by models::from_single_file");
   // transformers models and SD 1.x's safety checker (library "stable_diffusion") use
   // transformers' file name.
   std::string base = component.library == "diffusers" ? "diffusion_pytorch_model" : "model";

@@ -1,6 +1,7 @@
 #include "sdtrain/models/autoencoder_kl.h"
 
 #include "config_reader.h"
+#include "sdtrain/models/base_model.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/json.h"
 
@@ -126,7 +127,7 @@ AutoencoderKL load_vae(const std::filesystem::path& component_dir, const LoadOpt
 AutoencoderKL load_vae(const io::ModelFolder& folder, const LoadOptions& options, const std::string& variant) {
   folder.require("vae");
   AutoencoderKL vae(AutoencoderKLConfig::from_json(folder.config("vae"), folder.config_path("vae").string()));
-  load_state_dict(*vae, folder.weights("vae", variant), options, vae_key_mapper);
+  load_component_weights(*vae, folder, "vae", options, variant, vae_key_mapper);
   return vae;
 }
 

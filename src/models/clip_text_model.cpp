@@ -1,6 +1,7 @@
 #include "sdtrain/models/clip_text_model.h"
 
 #include "config_reader.h"
+#include "sdtrain/models/base_model.h"
 #include "sdtrain/models/gradient_checkpointing.h"
 
 #include <algorithm>
@@ -207,7 +208,7 @@ CLIPTextModel load_text_encoder(const io::ModelFolder& folder, const LoadOptions
   }
   auto config = CLIPTextConfig::from_json(folder.config("text_encoder"), folder.config_path("text_encoder").string());
   CLIPTextModel model(config);
-  load_state_dict(*model, folder.weights("text_encoder", variant), options, map_text_encoder_key);
+  load_component_weights(*model, folder, "text_encoder", options, variant, map_text_encoder_key);
   return model;
 }
 

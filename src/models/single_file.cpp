@@ -80,13 +80,21 @@ io::NamedTensors to_single_file(const std::map<std::string, io::NamedTensors>& c
   return out;
 }
 
+std::string ldm_ema_key(const std::string& ldm_unet_key) {
+  std::string flat = "model_ema.";
+  for (char c : ldm_unet_key.substr(ldm_unet_key.find('.') + 1))
+    if (c != '.') flat += c;
+  return flat;
+}
+
 io::NamedTensors from_single_file(const io::SafetensorsFile& file, const std::string& component,
-                                  const io::NamedTensors& expected,
-                                  const SingleFileLayout& layout) {
+                                  const io::NamedTensors& expected, const SingleFileLayout& layout,
+                                  bool ema) {
   io::NamedTensors out;
   std::vector<std::string> problems;
   for (const auto& [key, like] : expected) {
-    const LdmKey source = ldm_key(component, key, layout);
+    LdmKey source = ldm_key(component, key, layout);
+    if (ema && component == "unet") source.key = ldm_ema_key(source.key);
     const io::TensorEntry* entry = file.find(source.key);
     if (!entry) {
       problems.push_back(source.key + " (for " + component + "." + key + ") is missing");

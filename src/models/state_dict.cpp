@@ -93,6 +93,28 @@ void load_state_dict(torch::nn::Module& module, const io::WeightFiles& weights,
   }
 }
 
+void assign_state_dict(torch::nn::Module& module, const io::NamedTensors& tensors,
+                       const LoadOptions& options) {
+  std::map<std::string, torch::Tensor> given(tensors.begin(), tensors.end());
+  std::vector<std::pair<std::string, torch::Tensor>> targets = state_dict(module);
+  if (given.size() != tensors.size() || given.size() != targets.size())
+    throw std::logic_error("assign_state_dict: the tensors do not name the module's keys once each");
+  torch::NoGradGuard no_grad;
+  for (auto& item : module.named_parameters(true)) {
+    auto it = given.find(item.key());
+    if (it == given.end()) throw std::logic_error("assign_state_dict: no tensor for " + item.key());
+    item.value().set_data(it->second.to(torch::TensorOptions().device(options.device).dtype(options.dtype),
+                                        /*non_blocking=*/false, /*copy=*/true));
+  }
+  for (auto& item : module.named_buffers(true)) {
+    auto it = given.find(item.key());
+    if (it == given.end()) throw std::logic_error("assign_state_dict: no tensor for " + item.key());
+    const auto dtype = item.value().is_floating_point() ? options.dtype : item.value().scalar_type();
+    item.value().set_data(it->second.to(torch::TensorOptions().device(options.device).dtype(dtype),
+                                        /*non_blocking=*/false, /*copy=*/true));
+  }
+}
+
 std::string describe_shape(c10::IntArrayRef shape) {
   std::ostringstream out;
   out << shape;

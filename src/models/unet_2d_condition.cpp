@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "config_reader.h"
+#include "sdtrain/models/base_model.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/json.h"
 
@@ -357,7 +358,7 @@ UNet2DConditionModel load_unet(const io::ModelFolder& folder, const LoadOptions&
   folder.require("unet");
   UNet2DConditionModel unet(
       UNet2DConditionConfig::from_json(folder.config("unet"), folder.config_path("unet").string()));
-  load_state_dict(*unet, folder.weights("unet", variant), options);
+  load_component_weights(*unet, folder, "unet", options, variant);
   return unet;
 }
 

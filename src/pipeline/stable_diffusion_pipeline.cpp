@@ -7,6 +7,7 @@
 #endif
 
 #include "sdtrain/io/model_folder.h"
+#include "sdtrain/models/base_model.h"
 #include "sdtrain/schedulers/sampler.h"
 #include "sdtrain/util/error.h"
 
@@ -96,10 +97,7 @@ StableDiffusionPipeline::StableDiffusionPipeline(text::CLIPTokenizer tokenizer, 
 
 StableDiffusionPipeline StableDiffusionPipeline::from_folder(const std::filesystem::path& model_dir,
                                                              const PipelineSettings& settings) {
-  if (!std::filesystem::is_directory(model_dir)) {
-    throw ModelError(model_dir.string() + ": model folder not found (expected a diffusers folder with model_index.json)");
-  }
-  io::ModelFolder folder(model_dir);
+  const io::ModelFolder folder = models::open_base_model(model_dir, settings.single_file);
   for (const auto& name : io::stable_diffusion_components()) folder.require(name);
   const models::LoadOptions load{settings.dtype, settings.device};
   auto scheduler_config = schedulers::SchedulerConfig::from_file(folder.config_path("scheduler"));

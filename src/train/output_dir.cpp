@@ -35,7 +35,8 @@ std::string first_component_below(const fs::path& inner, const fs::path& outer) 
 
 bool written_by_a_run(const std::string& name, const std::vector<std::string>& base_components) {
   if (name.empty() || name == "logs" || name == "samples" || name == "model_index.json" ||
-      name == kLoRAWeightsFile || name == kLoRAKohyaFile || name == kSingleFileName)
+      name == kLoRAWeightsFile || name == kLoRAKohyaFile || name == kSingleFileName ||
+      name == kSingleFileSidecar)
     return true;
   if (name.starts_with("checkpoint-")) return true;
   return std::find(base_components.begin(), base_components.end(), name) != base_components.end();
@@ -135,7 +136,8 @@ void prepare_output_dir(const TrainConfig& config, bool overwrite) {
   }
   for (const fs::path& file :
        {metrics_file(output_dir), output_dir / "model_index.json", output_dir / kLoRAWeightsFile,
-        output_dir / kLoRAKohyaFile, output_dir / kSingleFileName}) {
+        output_dir / kLoRAKohyaFile, output_dir / kSingleFileName,
+        output_dir / kSingleFileSidecar}) {
     fs::remove(file, error);
     if (error)
       throw OutputError("--overwrite: cannot remove " + file.string() + ": " + error.message());

@@ -8,6 +8,10 @@
 #include <sstream>
 
 #include "sdtrain/io/model_folder.h"
+#include "sdtrain/models/autoencoder_kl.h"
+#include "sdtrain/models/base_model.h"
+#include "sdtrain/models/clip_text_model.h"
+#include "sdtrain/models/unet_2d_condition.h"
 #include "sdtrain/models/lora_adapters.h"
 #include "sdtrain/optim/optimizer.h"
 #include "sdtrain/train/lr_schedule.h"
@@ -56,13 +60,38 @@ void add_adapter_sizes(const io::TensorEntry& tensor, int64_t rank, ComponentSiz
   size.adapter_tensor_sizes.push_back(shape[0] * rank);
 }
 
+// The module component `name` of a single-file base builds from its config.
+std::shared_ptr<torch::nn::Module> build_component(const io::ModelFolder& folder,
+                                                           const std::string& name) {
+  const std::string source = folder.config_path(name).string();
+  if (name == "unet")
+    return models::UNet2DConditionModel(
+        models::UNet2DConditionConfig::from_json(folder.config(name), source)).ptr();
+  if (name == "vae")
+    return models::AutoencoderKL(models::AutoencoderKLConfig::from_json(folder.config(name), source)).ptr();
+  return models::CLIPTextModel(models::CLIPTextConfig::from_json(folder.config(name), source)).ptr();
+}
+
+// The tensors of a component under their diffusers names: the weight headers of a folder; for
+// a single-file base (whose names are LDM's) the module its config builds, which is how the
+// file will be read (models::from_single_file checks every name and shape against it).
+std::vector<io::SafetensorsHeader> component_headers(const io::ModelFolder& folder,
+                                                     const std::string& name,
+                                                     const std::string& variant) {
+  if (!folder.single_file()) return io::read_weight_headers(folder.weights(name, variant));
+  io::SafetensorsHeader header;
+  for (const auto& [key, tensor] : models::state_dict(*build_component(folder, name)))
+    header.tensors.push_back({key, io::SafetensorsDtype::F32, tensor.sizes().vec(), 0, 0});
+  return {header};
+}
+
 ComponentSize measure_component(const io::ModelFolder& folder, const std::string& name,
                                 const TrainConfig& config) {
   folder.config(name);  // must exist and parse
   ComponentSize size{name, 0, {}, {}};
   const std::vector<std::string> targets = adapter_targets(config, name);
   std::set<std::string> matched;
-  for (const auto& header : io::read_weight_headers(folder.weights(name, config.variant))) {
+  for (const auto& header : component_headers(folder, name, config.variant)) {
     for (const auto& tensor : header.tensors) {
       size.parameters += tensor.numel();
       size.tensor_sizes.push_back(tensor.numel());
@@ -79,7 +108,7 @@ ComponentSize measure_component(const io::ModelFolder& folder, const std::string
   for (const auto& target : targets) {
     if (!matched.count(target))
       throw ConfigError("\"lora_unet_targets\": \"" + target + "\" names no layer of " +
-                        folder.root().string() + "/" + name + "; remove it");
+                        folder.source().string() + " (" + name + "); remove it");
   }
   return size;
 }
@@ -95,8 +124,11 @@ void check_tokenizer(const io::ModelFolder& folder) {
 }
 
 std::vector<ComponentSize> check_model(const TrainConfig& config,
-                                       std::vector<std::string>& component_names) {
-  io::ModelFolder folder(config.pretrained_model_name_or_path);
+                                       std::vector<std::string>& component_names,
+                                       std::vector<std::string>& base_notes) {
+  const io::ModelFolder folder =
+      models::open_base_model(config.pretrained_model_name_or_path, config.single_file);
+  if (const auto* single = folder.single_file()) base_notes = single->notes;
   for (const auto& component : folder.components()) component_names.push_back(component.name);
   for (const auto& name : io::stable_diffusion_components()) folder.require(name);
   folder.config("scheduler");
@@ -153,7 +185,7 @@ TrainingPlan plan_training(const TrainConfig& config) {
   }
 
   std::vector<std::string> component_names;
-  plan.components = check_model(c, component_names);
+  plan.components = check_model(c, component_names, plan.base_notes);
 
   DatasetInfo info = read_dataset_info(c.data.instance_data_dir);
   resolve_prompts(c, info, plan.warnings);
@@ -223,6 +255,7 @@ std::string format_plan(const TrainingPlan& plan) {
   std::ostringstream out;
   out << "Plan\n";
   out << "  model:            " << c.pretrained_model_name_or_path << "\n";
+  for (const auto& note : plan.base_notes) out << "    single file: " << note << "\n";
   for (const auto& component : plan.components) {
     out << "    " << component.name << ": " << component.parameters << " parameters\n";
   }

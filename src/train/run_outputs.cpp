@@ -6,8 +6,10 @@
 #include "sdtrain/export/diffusers_folder.h"
 #include "sdtrain/io/image.h"
 #include "sdtrain/io/safetensors.h"
+#include "sdtrain/models/base_model.h"
 #include "sdtrain/models/lora_file.h"
 #include "sdtrain/models/single_file.h"
+#include "sdtrain/models/single_file_config.h"
 #include "sdtrain/models/state_dict.h"
 #include "sdtrain/pipeline/stable_diffusion_pipeline.h"
 #include "sdtrain/train/output_dir.h"
@@ -193,6 +195,8 @@ void RunOutputs::export_model(const TrainedSet& trained, TrainingModels& models,
   job.base_variant = config_.variant;
   job.dtype = save_dtype(config_);
   job.trained = trained.weights();
+  // A single-file base has no component files to copy: the untrained ones are written too.
+  if (base_.single_file()) models::add_base_components(base_, config_.variant, job.trained);
   exporter::export_pipeline(job, output_dir_);
   log::info("wrote the fine-tuned model to " + output_dir_.string() +
             " (StableDiffusionPipeline.from_pretrained)");
@@ -202,12 +206,7 @@ void RunOutputs::export_model(const TrainedSet& trained, TrainingModels& models,
 // memory, which a GPU run holds in half precision), so an fp32 single file keeps their bits.
 void RunOutputs::export_single_file(const TrainedSet& trained) {
   std::map<std::string, io::NamedTensors> components = trained.weights();
-  const models::LoadOptions fp32{torch::kFloat, torch::kCPU};
-  if (!components.count("vae"))
-    components["vae"] = models::state_dict(*models::load_vae(base_, fp32, config_.variant));
-  if (!components.count("text_encoder"))
-    components["text_encoder"] =
-        models::state_dict(*models::load_text_encoder(base_, fp32, config_.variant));
+  models::add_base_components(base_, config_.variant, components);
   const models::SingleFileLayout layout = models::single_file_layout(
       models::UNet2DConditionConfig::from_json(base_.config("unet")),
       models::AutoencoderKLConfig::from_json(base_.config("vae")),
@@ -221,6 +220,22 @@ void RunOutputs::export_single_file(const TrainedSet& trained) {
                         {"sdtrain_base_model", config_.pretrained_model_name_or_path}});
   log::info("wrote the fine-tuned model as one file to " + path.string() +
             " (original LDM layout: AUTOMATIC1111, ComfyUI)");
+  write_single_file_sidecar(path, layout.text_encoder == models::LdmTextEncoder::open_clip);
+}
+
+// A1111 takes a file for epsilon-prediction unless a .yaml of the same name says "v"
+// (docs/single_file.md): a v-prediction model gets one; a stale one is removed.
+void RunOutputs::write_single_file_sidecar(const fs::path& file, bool open_clip) {
+  const fs::path sidecar = file.parent_path() / kSingleFileSidecar;
+  const std::string prediction = base_.config("scheduler").value("prediction_type", "epsilon");
+  if (prediction != "v_prediction") {
+    std::error_code ignored;
+    fs::remove(sidecar, ignored);
+    return;
+  }
+  write_file_atomically(sidecar, models::ldm_sidecar_text(base_.config("unet"), base_.config("vae"),
+                                                          prediction, open_clip));
+  log::info("wrote " + sidecar.string() + " beside it (v-prediction: AUTOMATIC1111 reads it)");
 }
 
 void RunOutputs::export_adapters(TrainingModels& models) {

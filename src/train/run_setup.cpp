@@ -40,6 +40,7 @@ void generate_class_images(const TrainingPlan& plan, const io::ModelFolder& base
   settings.device = device;
   settings.dtype = pipeline::resolve_dtype(config.class_images.prior_generation_precision, device);
   settings.variant = config.variant;
+  settings.single_file = config.single_file;
   log::info(log::str("prior preservation: generating ", plan.class_images_to_generate,
                      " class images of \"", config.class_images.class_prompt, "\" in ",
                      config.class_images.class_data_dir));
@@ -54,7 +55,7 @@ void generate_class_images(const TrainingPlan& plan, const io::ModelFolder& base
                            " written); run again to generate the rest and train"));
     }
   };
-  pipeline::generate_class_images(base.root(), settings, class_image_options(config), on_progress);
+  pipeline::generate_class_images(base.source(), settings, class_image_options(config), on_progress);
   progress.finish();  // generate_class_images released the sampler's GPU memory
 }
 
@@ -97,7 +98,7 @@ TrainingModels load_training_models(const io::ModelFolder& base, const TrainConf
   const c10::ScalarType frozen = device.is_cuda() ? compute_dtype(precision) : torch::kFloat;
   const bool lora = config.lora.train_mode == TrainMode::lora;
   const std::string& variant = config.variant;
-  log::info("loading " + base.root().string() +
+  log::info("loading " + base.source().string() +
             (variant.empty() ? "" : " (variant " + variant + ")"));
   const c10::ScalarType text_dtype = config.train_text_encoder && !lora ? torch::kFloat : frozen;
   const c10::ScalarType unet_dtype = lora ? frozen : torch::kFloat;

@@ -21,8 +21,22 @@ const std::vector<Field>& fields() {
     std::vector<Field> f = {
         field("pretrained_model_name_or_path", &C::pretrained_model_name_or_path,
               "Base model: a local diffusers folder (model_index.json, unet/, vae/, text_encoder/, "
-              "tokenizer/, scheduler/).",
+              "tokenizer/, scheduler/), or a Stable Diffusion 1.x/2.x single .safetensors file "
+              "(docs/single_file.md).",
               {}, {}, true),
+        field("single_file_config", &C::single_file,
+              &models::SingleFileOptions::single_file_config,
+              "Single-file base only: a diffusers folder of the same architecture whose configs "
+              "and tokenizer are used (the weights come from the file). Empty: built from the "
+              "file's shapes and family.",
+              {}, {}, true),
+        field("single_file_prediction_type", &C::single_file,
+              &models::SingleFileOptions::single_file_prediction_type,
+              "Single-file base only: epsilon or v_prediction, which the weights cannot tell. "
+              "Empty: the .yaml sidecar beside the file, else epsilon.",
+              one_of({"", "epsilon", "v_prediction"})),
+        field("use_ema_weights", &C::single_file, &models::SingleFileOptions::use_ema_weights,
+              "Single-file base only: start the UNet from the file's EMA weights (model_ema.*)."),
         field("variant", &C::variant,
               "Weight-file variant to load, e.g. \"fp16\" for *.fp16.safetensors; empty for the "
               "main files."),

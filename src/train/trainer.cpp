@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "sdtrain/io/safetensors.h"
+#include "sdtrain/models/base_model.h"
 #include "sdtrain/optim/optimizer.h"
 #include "sdtrain/train/checkpoint.h"
 #include "sdtrain/train/device_memory.h"
@@ -101,7 +102,7 @@ class TrainingRun {
         options_(options),
         device_(plan.device),
         precision_(config_.compute.mixed_precision),
-        folder_(config_.pretrained_model_name_or_path),
+        folder_(models::open_base_model(config_.pretrained_model_name_or_path, config_.single_file)),
         generator_(at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(config_.seed))),
         outputs_(plan, folder_, options.overwrite),
         profiler_(StepProfiler::from_environment(device_)) {}

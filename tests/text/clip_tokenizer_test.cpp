@@ -1,4 +1,5 @@
 #include "sdtrain/text/clip_tokenizer.h"
+#include "sdtrain/text/bundled_tokenizer.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -63,14 +64,12 @@ std::vector<std::string> byte_alphabet() {
 }
 
 // vocab.json + merges.txt of the full CLIP BPE (48,894 merges), derived from the committed
-// merge list as tools/clip_bpe.py derives them. gzip is part of every Debian system.
+// merge list (data/clip/merges.txt) as tools/clip_bpe.py derives them: a derivation apart from
+// the one the product makes (src/text/bundled_tokenizer.cpp), which a test compares.
 void write_full_bpe(const fs::path& dir) {
-  std::string text;
-  auto gz = sdtrain::testing::fixture("clip_bpe/bpe_simple_vocab_16e6.txt.gz");
-  ASSERT_EQ(sdtrain::testing::run_command("gzip -dc '" + gz.string() + "'", &text), 0) << text;
-  std::istringstream lines(text);
+  std::istringstream lines(read_file(sdtrain::testing::source_dir() / "data/clip/merges.txt"));
   std::string line;
-  std::getline(lines, line);  // "bpe_simple_vocab_16e6.txt#version: 0.2"
+  std::getline(lines, line);  // "#version: 0.2"
   const int kMerges = 49152 - 256 - 2;
   std::vector<std::string> merges;
   while (static_cast<int>(merges.size()) < kMerges && std::getline(lines, line))
@@ -95,11 +94,17 @@ void write_full_bpe(const fs::path& dir) {
   write_file(dir / "merges.txt", merges_txt);
 }
 
-// A tokenizer/ folder for one of the reference layouts: the committed JSON files of
-// tests/fixtures/tokenizer/<name>/ plus the full BPE; "demo" is the bundled tiny model's.
+// A tokenizer/ folder for one of the reference layouts: "sd15" and "sd2" are the tokenizers
+// sdtrain bundles for single-file bases (data/tokenizer/, written by write_bundled_tokenizer);
+// the others the committed JSON files of tests/fixtures/tokenizer/<name>/ plus the full BPE;
+// "demo" is the bundled tiny model's.
 fs::path tokenizer_folder(const std::string& name) {
   if (name == "demo") return sdtrain::testing::source_dir() / "configs/demo/model/tokenizer";
   auto dir = sdtrain::testing::scratch_dir() / name;
+  if (name == "sd15" || name == "sd2") {
+    write_bundled_tokenizer(name == "sd2" ? BundledTokenizer::sd2 : BundledTokenizer::sd1, dir);
+    return dir;
+  }
   fs::create_directories(dir);
   for (const auto& entry : fs::directory_iterator(sdtrain::testing::fixture("tokenizer/" + name))) {
     fs::copy_file(entry.path(), dir / entry.path().filename());
@@ -185,6 +190,19 @@ INSTANTIATE_TEST_SUITE_P(Folders, CLIPTokenizerParity,
 
 // ---------------------------------------------------------------------------------------------
 // Behaviours spelled out (independent of the fixture file)
+
+TEST(CLIPTokenizer, BundledFilesAreTheDerivedBPEAndThePublishedConfigs) {
+  const fs::path scratch = sdtrain::testing::scratch_dir();
+  const fs::path bundled = scratch / "bundled";
+  write_bundled_tokenizer(BundledTokenizer::sd2, bundled);
+  const fs::path derived = scratch / "derived";
+  fs::create_directories(derived);
+  write_full_bpe(derived);
+  EXPECT_EQ(json::parse(read_file(bundled / "vocab.json")), json::parse(read_file(derived / "vocab.json")));
+  EXPECT_EQ(read_file(bundled / "merges.txt"), read_file(derived / "merges.txt"));
+  for (const char* file : {"tokenizer_config.json", "special_tokens_map.json"})
+    EXPECT_EQ(read_file(bundled / file), read_file(sdtrain::testing::source_dir() / "data/tokenizer/sd2" / file));
+}
 
 TEST(CLIPTokenizer, EncodesTheReferencePromptOfSharedReference) {
   auto tokenizer = CLIPTokenizer::from_folder(tokenizer_folder("sd15"));

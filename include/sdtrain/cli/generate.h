@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "sdtrain/io/image.h"
+#include "sdtrain/models/single_file_config.h"
 
 namespace CLI {
 class App;
@@ -32,6 +33,7 @@ struct GenerateArguments {
   std::string dtype = "auto";
   std::string device = "auto";
   std::string variant;
+  models::SingleFileOptions single_file;  // --model FILE.safetensors (docs/single_file.md)
   std::string out = "generated";
   bool grid = false;
   std::vector<std::string> loras;  // "FILE[:SCALE]", either LoRA layout (docs/lora.md)

@@ -39,6 +39,8 @@ struct PipelineExport {
 // already in `dtype` as one unsharded main file, else re-written in `dtype`; tokenizer,
 // scheduler, feature_extractor and other non-model folders copied; model_index.json last.
 // Weights always go in the main (non-variant) file names, so no `variant=` is needed to load.
+// A single-file base has no component files to copy: `trained` must hold its every model
+// component (models::add_base_components).
 void export_pipeline(const PipelineExport& job, const std::filesystem::path& output_dir);
 
 }  // namespace sdtrain::exporter

@@ -41,8 +41,13 @@ io::NamedTensors to_single_file(const std::map<std::string, io::NamedTensors>& c
 
 // The diffusers tensors of `component` ("unet", "vae", "text_encoder") named in `expected`
 // (key and shape, e.g. the module's own state dict), read from `file`. Throws ModelError naming
-// the file and the first missing or mis-shaped single-file keys.
+// the file and the first missing or mis-shaped single-file keys. `ema`: the UNet from the EMA
+// copy LDM keeps beside it (model_ema.<key after "model." without its dots>).
 io::NamedTensors from_single_file(const io::SafetensorsFile& file, const std::string& component,
-                                  const io::NamedTensors& expected, const SingleFileLayout& layout);
+                                  const io::NamedTensors& expected, const SingleFileLayout& layout,
+                                  bool ema = false);
+
+// LDM's name for the EMA copy of a UNet weight (LitEma drops the dots of the module path).
+std::string ldm_ema_key(const std::string& ldm_unet_key);
 
 }  // namespace sdtrain::models

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "sdtrain/io/model_folder.h"
+#include "sdtrain/io/safetensors.h"
 
 namespace sdtrain::models {
 
@@ -31,6 +32,12 @@ struct LoadOptions {
 // so the weights are never held twice in host memory.
 void load_state_dict(torch::nn::Module& module, const io::WeightFiles& weights,
                      const LoadOptions& options, const KeyMapper& map_key = {});
+
+// `tensors` (one per parameter and buffer of `module`, by key, with its shape: what
+// from_single_file returns for the module's own state dict) into the module, each copied to
+// options.device/dtype (floating tensors). A missing or extra key is a logic error.
+void assign_state_dict(torch::nn::Module& module, const io::NamedTensors& tensors,
+                       const LoadOptions& options);
 
 // The module's parameters and buffers, by key, optionally cast to `dtype`.
 std::vector<std::pair<std::string, torch::Tensor>> state_dict(

@@ -23,6 +23,7 @@
 #include "sdtrain/io/image.h"
 #include "sdtrain/models/autoencoder_kl.h"
 #include "sdtrain/models/clip_text_model.h"
+#include "sdtrain/models/single_file_config.h"
 #include "sdtrain/models/unet_2d_condition.h"
 #include "sdtrain/schedulers/scheduler_config.h"
 #include "sdtrain/text/clip_tokenizer.h"
@@ -64,6 +65,7 @@ struct PipelineSettings {
   torch::Device device = torch::kCPU;
   c10::ScalarType dtype = torch::kFloat32;
   std::string variant;  // weight file variant, e.g. "fp16"
+  models::SingleFileOptions single_file;  // for a single-file model (docs/single_file.md)
 };
 
 // "auto" (fp16 on CUDA, fp32 on the CPU), fp32, fp16 or bf16; ConfigError for others and for

@@ -30,6 +30,8 @@ inline constexpr const char* kLoRAWeightsFile = "pytorch_lora_weights.safetensor
 inline constexpr const char* kLoRAKohyaFile = "lora_kohya.safetensors";
 // A full run's model as one file in the original LDM layout (save_format "single_file", "both").
 inline constexpr const char* kSingleFileName = "model.safetensors";
+// Its LDM config beside it, for a v-prediction model (AUTOMATIC1111's sidecar rule).
+inline constexpr const char* kSingleFileSidecar = "model.yaml";
 
 // output_dir/logs/metrics.jsonl: one JSON record per optimizer step.
 inline std::filesystem::path metrics_file(const std::filesystem::path& output_dir) {

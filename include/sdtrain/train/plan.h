@@ -39,6 +39,7 @@ struct TrainingPlan {
   int64_t total_steps = 0;
   int64_t epochs = 0;
   std::vector<ComponentSize> components;  // unet, text_encoder, vae
+  std::vector<std::string> base_notes;     // a single-file base: what was decided, and why
   MemoryEstimate memory;
   std::vector<std::string> warnings;
 };

@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "sdtrain/models/single_file_config.h"
 #include "sdtrain/train/precision.h"
 
 namespace sdtrain::train {
@@ -27,6 +28,7 @@ struct TrainConfig {
   // docs/configuration.md is found here as group.key.
   std::string pretrained_model_name_or_path;
   std::string variant;
+  models::SingleFileOptions single_file;  // a single-file base (docs/single_file.md)
   bool train_text_encoder = false;
   int64_t seed = 0;
   std::string device = "auto";
