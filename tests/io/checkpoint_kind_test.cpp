@@ -8,6 +8,7 @@
 
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/io/safetensors.h"
+#include "sdtrain/models/base_model.h"
 #include "test_support.h"
 
 namespace sdtrain::io {
@@ -66,22 +67,26 @@ TEST(CheckpointKind, OtherArchitecturesAndAdapterFiles) {
 
 // A file given where a base model folder belongs is refused, saying what it is and what to do.
 TEST(CheckpointKind, AFileAsTheBaseModelIsRefusedSayingWhatItIs) {
+  // open_base_model decides from the detection (tests/models/base_model_test.cpp has the rest);
+  // ModelFolder itself is for folders.
   const auto dir = testing::scratch_dir();
   std::ofstream(dir / "model.ckpt") << "PK\x03\x04";
-  testing::expect_model_error([&] { ModelFolder folder(dir / "model.ckpt"); },
+  testing::expect_model_error([&] { models::open_base_model(dir / "model.ckpt"); },
                               {"model.ckpt", "pickle", "safetensors"});
+  testing::expect_model_error([&] { ModelFolder folder(dir / "model.ckpt"); },
+                              {"model.ckpt", "model folder not found"});
   save_safetensors(
       dir / "adapter.safetensors",
       {{"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight", torch::zeros({4, 8})}});
-  testing::expect_model_error([&] { ModelFolder folder(dir / "adapter.safetensors"); },
+  testing::expect_model_error([&] { models::open_base_model(dir / "adapter.safetensors"); },
                               {"adapter.safetensors", "LoRA adapters", "generate --lora"});
+  // An SD 2.x file is read as the base; this one lacks nearly every block, which is named.
   save_safetensors(dir / "sd2.safetensors",
                    {{"model.diffusion_model.input_blocks.0.0.weight", torch::zeros({8, 4, 3, 3})},
                     {"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
                      torch::zeros({6, 2})}});
-  testing::expect_model_error(
-      [&] { ModelFolder folder(dir / "sd2.safetensors"); },
-      {"sd2.safetensors", "Stable Diffusion 2.x single file", "diffusers folder"});
+  testing::expect_model_error([&] { models::open_base_model(dir / "sd2.safetensors"); },
+                              {"sd2.safetensors", "is missing", "single_file_config"});
 }
 
 }  // namespace
