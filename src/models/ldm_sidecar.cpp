@@ -47,7 +47,8 @@ std::optional<LdmSidecar> read_ldm_sidecar(const fs::path& file) {
     throw ModelError(path.string() + ": not a YAML file (" + error.msg +
                      "); it is read as the model's LDM config: fix or remove it");
   }
-  LdmSidecar sidecar{path};
+  LdmSidecar sidecar;
+  sidecar.path = path;
   const YAML::Node params = child(root, {"model", "params"});
   if (auto p =
           scalar<std::string>(params["parameterization"], path, "model.params.parameterization")) {
