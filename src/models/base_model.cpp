@@ -130,6 +130,19 @@ io::ModelFolder open_single_file(const fs::path& file, const io::SafetensorsHead
 
 }  // namespace
 
+SingleFileLayout single_file_layout(const io::ModelFolder& folder) {
+  try {
+    return single_file_layout(
+        UNet2DConditionConfig::from_json(folder.config("unet"),
+                                         folder.config_path("unet").string()),
+        AutoencoderKLConfig::from_json(folder.config("vae"), folder.config_path("vae").string()),
+        CLIPTextConfig::from_json(folder.config("text_encoder"),
+                                  folder.config_path("text_encoder").string()));
+  } catch (const std::invalid_argument& error) {
+    throw ModelError(folder.config_path("unet").string() + ": " + error.what());
+  }
+}
+
 void add_base_components(const io::ModelFolder& folder, const std::string& variant,
                          std::map<std::string, io::NamedTensors>& components) {
   const LoadOptions fp32{torch::kFloat, torch::kCPU};
@@ -167,17 +180,7 @@ void load_component_weights(torch::nn::Module& module, const io::ModelFolder& fo
                             const std::string& variant, const KeyMapper& map_key) {
   const io::SingleFileSource* single = folder.single_file();
   if (!single) return load_state_dict(module, folder.weights(name, variant), options, map_key);
-  SingleFileLayout layout;
-  try {
-    layout = single_file_layout(
-        UNet2DConditionConfig::from_json(folder.config("unet"),
-                                         folder.config_path("unet").string()),
-        AutoencoderKLConfig::from_json(folder.config("vae"), folder.config_path("vae").string()),
-        CLIPTextConfig::from_json(folder.config("text_encoder"),
-                                  folder.config_path("text_encoder").string()));
-  } catch (const std::invalid_argument& error) {
-    throw ModelError(folder.config_path("unet").string() + ": " + error.what());
-  }
+  const SingleFileLayout layout = single_file_layout(folder);
   const io::SafetensorsFile file(single->file);
   assign_state_dict(
       module, from_single_file(file, name, state_dict(module), layout, single->use_ema_weights),

@@ -100,19 +100,15 @@ void assign_state_dict(torch::nn::Module& module, const io::NamedTensors& tensor
   if (given.size() != tensors.size() || given.size() != targets.size())
     throw std::logic_error("assign_state_dict: the tensors do not name the module's keys once each");
   torch::NoGradGuard no_grad;
-  for (auto& item : module.named_parameters(true)) {
-    auto it = given.find(item.key());
-    if (it == given.end()) throw std::logic_error("assign_state_dict: no tensor for " + item.key());
-    item.value().set_data(it->second.to(torch::TensorOptions().device(options.device).dtype(options.dtype),
-                                        /*non_blocking=*/false, /*copy=*/true));
-  }
-  for (auto& item : module.named_buffers(true)) {
-    auto it = given.find(item.key());
-    if (it == given.end()) throw std::logic_error("assign_state_dict: no tensor for " + item.key());
-    const auto dtype = item.value().is_floating_point() ? options.dtype : item.value().scalar_type();
-    item.value().set_data(it->second.to(torch::TensorOptions().device(options.device).dtype(dtype),
-                                        /*non_blocking=*/false, /*copy=*/true));
-  }
+  auto assign = [&](const std::string& key, torch::Tensor& target) {
+    auto it = given.find(key);
+    if (it == given.end()) throw std::logic_error("assign_state_dict: no tensor for " + key);
+    const auto dtype = target.is_floating_point() ? options.dtype : target.scalar_type();
+    target.set_data(it->second.to(torch::TensorOptions().device(options.device).dtype(dtype),
+                                  /*non_blocking=*/false, /*copy=*/true));
+  };
+  for (auto& item : module.named_parameters(true)) assign(item.key(), item.value());
+  for (auto& item : module.named_buffers(true)) assign(item.key(), item.value());
 }
 
 std::string describe_shape(c10::IntArrayRef shape) {

@@ -188,30 +188,28 @@ void RunOutputs::export_model(const TrainedSet& trained, TrainingModels& models,
   if (ema) ema->copy_to(trained.component_parameters("unet"));
   if (trained.part() == TrainedPart::adapters) return export_adapters(models);
   const SaveFormat format = config_.outputs.save_format;
-  if (format != SaveFormat::diffusers) export_single_file(trained);
+  // Every component, the untrained ones read from the base once: a single file holds them all,
+  // and a single-file base has no component files for the diffusers folder to copy.
+  std::map<std::string, io::NamedTensors> components = trained.weights();
+  if (format != SaveFormat::diffusers || base_.single_file())
+    models::add_base_components(base_, config_.variant, components);
+  if (format != SaveFormat::diffusers) export_single_file(components);
   if (format == SaveFormat::single_file) return;
   exporter::PipelineExport job;
   job.base = &base_;
   job.base_variant = config_.variant;
   job.dtype = save_dtype(config_);
-  job.trained = trained.weights();
-  // A single-file base has no component files to copy: the untrained ones are written too.
-  if (base_.single_file()) models::add_base_components(base_, config_.variant, job.trained);
+  job.trained = base_.single_file() ? std::move(components) : trained.weights();
   exporter::export_pipeline(job, output_dir_);
   log::info("wrote the fine-tuned model to " + output_dir_.string() +
             " (StableDiffusionPipeline.from_pretrained)");
 }
 
-// The components the run did not train come from the base files in float32 (not the copies in
-// memory, which a GPU run holds in half precision), so an fp32 single file keeps their bits.
-void RunOutputs::export_single_file(const TrainedSet& trained) {
-  std::map<std::string, io::NamedTensors> components = trained.weights();
-  models::add_base_components(base_, config_.variant, components);
-  const models::SingleFileLayout layout = models::single_file_layout(
-      models::UNet2DConditionConfig::from_json(base_.config("unet")),
-      models::AutoencoderKLConfig::from_json(base_.config("vae")),
-      models::CLIPTextConfig::from_json(base_.config("text_encoder"),
-                                        base_.config_path("text_encoder").string()));
+// `components`: the trained ones from the run, the others from the base files in float32 (not
+// the copies in memory, which a GPU run holds in half precision), so an fp32 single file keeps
+// their bits.
+void RunOutputs::export_single_file(const std::map<std::string, io::NamedTensors>& components) {
+  const models::SingleFileLayout layout = models::single_file_layout(base_);
   io::NamedTensors tensors = models::to_single_file(components, layout);
   for (auto& [key, tensor] : tensors) tensor = tensor.detach().to(torch::kCPU, save_dtype(config_));
   const fs::path path = output_dir_ / kSingleFileName;

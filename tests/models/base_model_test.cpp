@@ -26,17 +26,10 @@ std::map<std::string, io::NamedTensors> load_all(const io::ModelFolder& folder) 
           {"text_encoder", state_dict(*load_text_encoder(folder, fp32, ""))}};
 }
 
-SingleFileLayout demo_layout(const io::ModelFolder& folder) {
-  return single_file_layout(
-      UNet2DConditionConfig::from_json(folder.config("unet")),
-      AutoencoderKLConfig::from_json(folder.config("vae")),
-      CLIPTextConfig::from_json(folder.config("text_encoder"), "text_encoder/config.json"));
-}
-
 // The demo model as one single file (plus `extra` tensors), in this test's scratch folder.
 fs::path demo_single_file(const io::NamedTensors& extra = {}) {
   const io::ModelFolder folder(demo_model());
-  io::NamedTensors tensors = to_single_file(load_all(folder), demo_layout(folder));
+  io::NamedTensors tensors = to_single_file(load_all(folder), single_file_layout(folder));
   tensors.insert(tensors.end(), extra.begin(), extra.end());
   const fs::path path = testing::scratch_dir() / "demo.safetensors";
   io::save_safetensors(path, tensors);
@@ -73,7 +66,7 @@ TEST(BaseModel, TheEMACopyIsUsedOnlyWhenAskedFor) {
   const io::ModelFolder folder(demo_model());
   io::NamedTensors ema;
   const io::NamedTensors unet = load_all(folder).at("unet");
-  for (const auto& [key, tensor] : to_single_file({{"unet", unet}}, demo_layout(folder)))
+  for (const auto& [key, tensor] : to_single_file({{"unet", unet}}, single_file_layout(folder)))
     ema.emplace_back(ldm_ema_key(key), tensor + 1);
   EXPECT_EQ(ema.front().first.rfind("model_ema.diffusion_model", 0), 0u) << ema.front().first;
   const fs::path file = demo_single_file(ema);

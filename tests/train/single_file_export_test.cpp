@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "sdtrain/io/model_folder.h"
+#include "sdtrain/models/base_model.h"
 #include "sdtrain/models/single_file.h"
 #include "sdtrain/models/single_file_config.h"
 #include "sdtrain/models/state_dict.h"
@@ -38,10 +39,7 @@ TEST(SingleFileExport, TheFileHoldsTheFoldersTensorsBitForBit) {
   ASSERT_TRUE(fs::exists(out / "model_index.json"));
   const sdtrain::io::SafetensorsFile file(out / "model.safetensors");
   const sdtrain::io::ModelFolder folder(out);
-  const auto layout = sdtrain::models::single_file_layout(
-      sdtrain::models::UNet2DConditionConfig::from_json(folder.config("unet")),
-      sdtrain::models::AutoencoderKLConfig::from_json(folder.config("vae")),
-      sdtrain::models::CLIPTextConfig::from_json(folder.config("text_encoder"), "text_encoder/config.json"));
+  const auto layout = sdtrain::models::single_file_layout(folder);
   for (const auto& [component, tensors] : folder_tensors(out)) {
     const auto back = sdtrain::models::from_single_file(file, component, tensors, layout);
     ASSERT_EQ(back.size(), tensors.size());
@@ -92,10 +90,7 @@ std::vector<double> losses(const fs::path& output_dir) {
 fs::path demo_single_file(const fs::path& dir) {
   const fs::path model = sdtrain::testing::demo() / "model";
   const sdtrain::io::ModelFolder folder(model);
-  const auto layout = sdtrain::models::single_file_layout(
-      sdtrain::models::UNet2DConditionConfig::from_json(folder.config("unet")),
-      sdtrain::models::AutoencoderKLConfig::from_json(folder.config("vae")),
-      sdtrain::models::CLIPTextConfig::from_json(folder.config("text_encoder"), "text_encoder/config.json"));
+  const auto layout = sdtrain::models::single_file_layout(folder);
   const fs::path path = dir / "demo.safetensors";
   sdtrain::io::save_safetensors(path, sdtrain::models::to_single_file(folder_tensors(model), layout));
   return path;

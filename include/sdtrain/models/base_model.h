@@ -13,6 +13,7 @@
 #include <string>
 
 #include "sdtrain/io/model_folder.h"
+#include "sdtrain/models/single_file.h"
 #include "sdtrain/models/single_file_config.h"
 #include "sdtrain/models/state_dict.h"
 
@@ -32,6 +33,10 @@ io::ModelFolder open_base_model(const std::filesystem::path& path,
 void load_component_weights(torch::nn::Module& module, const io::ModelFolder& folder,
                             const std::string& name, const LoadOptions& options,
                             const std::string& variant, const KeyMapper& map_key = {});
+
+// The single-file key layout of the model `folder` configures (its UNet, VAE and text encoder
+// configs). ModelError naming the UNet config when no single file can hold it.
+SingleFileLayout single_file_layout(const io::ModelFolder& folder);
 
 // Adds to `components` ("unet", "vae", "text_encoder" -> diffusers state dict) those of the
 // three it lacks, read from the base in float32 on the CPU: the untrained parts of a model
