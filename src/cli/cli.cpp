@@ -6,6 +6,7 @@
 #include <iostream>
 #include <set>
 
+#include "sdtrain/cli/convert.h"
 #include "sdtrain/cli/generate.h"
 #include "sdtrain/cli/inspect.h"
 #include "sdtrain/train/plan.h"
@@ -31,6 +32,8 @@ constexpr const char* kExamples = R"(Examples:
   sdtrain generate --model BASE --lora out/pytorch_lora_weights.safetensors:0.8 --prompt ...
   sdtrain generate --model BASE --jobs jobs.jsonl   many prompts/adapters on one loaded base
   sdtrain merge-lora --model BASE --lora FILE --out DIR   fold an adapter into a full model
+  sdtrain convert --model DIR --out model.safetensors     a diffusers folder as one single file
+  sdtrain convert --model model.safetensors --out DIR     a single file as a diffusers folder
 
 Exit codes: 0 success, 1 usage/config, 2 input data, 3 model, 4 out of GPU memory,
 5 output not writable, 130/143 interrupted (after saving a resumable checkpoint).
@@ -85,7 +88,8 @@ int run_inspect(const InspectArguments& args) {
 
 // `sdtrain --config X` means `sdtrain train --config X`.
 std::vector<std::string> with_default_command(int argc, char** argv) {
-  static const std::set<std::string> commands = {"train", "inspect", "generate", "merge-lora", "config-reference"};
+  static const std::set<std::string> commands = {"train", "inspect", "generate", "merge-lora", "convert",
+                                                 "config-reference"};
   static const std::set<std::string> top_level = {"-h", "--help", "--version"};
   std::vector<std::string> args(argv + 1, argv + argc);
   if (!args.empty() && !commands.count(args[0]) && !top_level.count(args[0])) args.insert(args.begin(), "train");
@@ -128,6 +132,11 @@ int run(int argc, char** argv) {
   auto* merge = app.add_subcommand("merge-lora", "Fold LoRA adapters into a base model, written as a diffusers folder");
   add_merge_lora_options(*merge, merge_args);
 
+  ConvertArguments convert_args;
+  auto* convert = app.add_subcommand(
+      "convert", "Write a model in the other layout: diffusers folder <-> single .safetensors file");
+  add_convert_options(*convert, convert_args);
+
   auto* reference = app.add_subcommand("config-reference", "Print the configuration keys as a Markdown table");
   reference->group("");  // hidden: it writes docs/configuration.md
 
@@ -145,6 +154,7 @@ int run(int argc, char** argv) {
     if (*reference) return print_config_reference();
     if (*generate) return run_generate(generate_args);
     if (*merge) return run_merge_lora(merge_args);
+    if (*convert) return run_convert(convert_args);
     return run_inspect(inspect_args);
   } catch (const Error& e) {
     log::error(e.what());

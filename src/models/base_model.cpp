@@ -143,6 +143,27 @@ SingleFileLayout single_file_layout(const io::ModelFolder& folder) {
   }
 }
 
+bool write_single_file(const fs::path& path, const io::ModelFolder& base,
+                       const std::map<std::string, io::NamedTensors>& components,
+                       c10::ScalarType dtype, const std::map<std::string, std::string>& metadata) {
+  const SingleFileLayout layout = single_file_layout(base);
+  io::NamedTensors tensors = to_single_file(components, layout);
+  for (auto& [key, tensor] : tensors) tensor = tensor.detach().to(torch::kCPU, dtype);
+  io::save_safetensors(path, tensors, metadata);
+  fs::path sidecar = path;
+  sidecar.replace_extension(".yaml");
+  const std::string prediction = base.config("scheduler").value("prediction_type", "epsilon");
+  if (prediction != "v_prediction") {
+    std::error_code ignored;
+    fs::remove(sidecar, ignored);
+    return false;
+  }
+  write_file_atomically(sidecar,
+                        ldm_sidecar_text(base.config("unet"), base.config("vae"), prediction,
+                                         layout.text_encoder == LdmTextEncoder::open_clip));
+  return true;
+}
+
 void add_base_components(const io::ModelFolder& folder, const std::string& variant,
                          std::map<std::string, io::NamedTensors>& components) {
   const LoadOptions fp32{torch::kFloat, torch::kCPU};

@@ -207,33 +207,16 @@ void RunOutputs::export_model(const TrainedSet& trained, TrainingModels& models,
 
 // `components`: the trained ones from the run, the others from the base files in float32 (not
 // the copies in memory, which a GPU run holds in half precision), so an fp32 single file keeps
-// their bits.
+// their bits. A v-prediction model gets the .yaml A1111 needs beside it (docs/single_file.md).
 void RunOutputs::export_single_file(const std::map<std::string, io::NamedTensors>& components) {
-  const models::SingleFileLayout layout = models::single_file_layout(base_);
-  io::NamedTensors tensors = models::to_single_file(components, layout);
-  for (auto& [key, tensor] : tensors) tensor = tensor.detach().to(torch::kCPU, save_dtype(config_));
   const fs::path path = output_dir_ / kSingleFileName;
-  io::save_safetensors(path, tensors,
-                       {{"sdtrain_version", SDTRAIN_VERSION},
-                        {"sdtrain_base_model", config_.pretrained_model_name_or_path}});
+  const bool sidecar = models::write_single_file(
+      path, base_, components, save_dtype(config_),
+      {{"sdtrain_version", SDTRAIN_VERSION},
+       {"sdtrain_base_model", config_.pretrained_model_name_or_path}});
   log::info("wrote the fine-tuned model as one file to " + path.string() +
-            " (original LDM layout: AUTOMATIC1111, ComfyUI)");
-  write_single_file_sidecar(path, layout.text_encoder == models::LdmTextEncoder::open_clip);
-}
-
-// A1111 takes a file for epsilon-prediction unless a .yaml of the same name says "v"
-// (docs/single_file.md): a v-prediction model gets one; a stale one is removed.
-void RunOutputs::write_single_file_sidecar(const fs::path& file, bool open_clip) {
-  const fs::path sidecar = file.parent_path() / kSingleFileSidecar;
-  const std::string prediction = base_.config("scheduler").value("prediction_type", "epsilon");
-  if (prediction != "v_prediction") {
-    std::error_code ignored;
-    fs::remove(sidecar, ignored);
-    return;
-  }
-  write_file_atomically(sidecar, models::ldm_sidecar_text(base_.config("unet"), base_.config("vae"),
-                                                          prediction, open_clip));
-  log::info("wrote " + sidecar.string() + " beside it (v-prediction: AUTOMATIC1111 reads it)");
+            " (original LDM layout: AUTOMATIC1111, ComfyUI)" +
+            (sidecar ? std::string(", with ") + kSingleFileSidecar + " (v-prediction)" : ""));
 }
 
 void RunOutputs::export_adapters(TrainingModels& models) {

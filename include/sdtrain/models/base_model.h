@@ -38,6 +38,14 @@ void load_component_weights(torch::nn::Module& module, const io::ModelFolder& fo
 // configs). ModelError naming the UNet config when no single file can hold it.
 SingleFileLayout single_file_layout(const io::ModelFolder& folder);
 
+// Writes `components` (every model component's diffusers state dict) as one single file in
+// `dtype` at `path`, with `metadata`, and applies A1111's sidecar rule beside it: the model's
+// LDM config as `path` with .yaml for a v-prediction `base` (its scheduler config), no such
+// file otherwise (a stale one is removed). Returns whether a sidecar was written.
+bool write_single_file(const std::filesystem::path& path, const io::ModelFolder& base,
+                       const std::map<std::string, io::NamedTensors>& components,
+                       c10::ScalarType dtype, const std::map<std::string, std::string>& metadata);
+
 // Adds to `components` ("unet", "vae", "text_encoder" -> diffusers state dict) those of the
 // three it lacks, read from the base in float32 on the CPU: the untrained parts of a model
 // being written out.

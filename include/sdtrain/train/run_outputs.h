@@ -83,7 +83,6 @@ class RunOutputs {
 
  private:
   void export_adapters(TrainingModels& models);
-  void write_single_file_sidecar(const std::filesystem::path& file, bool open_clip);
   void export_single_file(const std::map<std::string, io::NamedTensors>& components);
   void write_metrics(const StepRecord& record);
 
