@@ -57,6 +57,7 @@ int run_train(const TrainArguments& args) {
   auto plan = train::plan_training(config);
   std::cout << "Resolved configuration\n" << plan.config.to_json().dump(2) << "\n\n" << train::format_plan(plan);
   for (const auto& warning : plan.warnings) log::warn(warning);
+  for (const auto& note : plan.setting_notes) log::warn(note);
   if (args.dry_run) {
     log::info("dry run: configuration, model folder and data are valid; nothing was written");
     return 0;

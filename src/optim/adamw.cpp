@@ -2,10 +2,17 @@
 
 #include <cmath>
 
+#include "sdtrain/util/error.h"
+
 namespace sdtrain::optim {
 
 AdamW::AdamW(NamedParameters parameters, const OptimizerOptions& options)
     : Optimizer(std::move(parameters), options) {
+  if (options.stochastic_rounding) {
+    throw ConfigError(
+        "optimizer \"adamw\" cannot round bf16 weights stochastically; weight_dtype \"bf16\" "
+        "needs \"optimizer\": \"adamw8bit\" (or keep weight_dtype \"fp32\")");
+  }
   states_.reserve(parameters_.size());
   for (const auto& [name, param] : parameters_) {
     auto fp32 = torch::TensorOptions().dtype(torch::kFloat32).device(param.device());
@@ -13,13 +20,29 @@ AdamW::AdamW(NamedParameters parameters, const OptimizerOptions& options)
   }
 }
 
-void AdamW::step_parameter(size_t index, const torch::Tensor& grad) {
+void AdamW::step_parameter(size_t index, const torch::Tensor& grad, const torch::Tensor& skip) {
   check_gradient(index, grad);
   torch::NoGradGuard no_grad;
   torch::Tensor param = parameters_[index].second;
   State& state = states_[index];
   state.step += 1;
+  if (skip.defined()) {
+    // Decided on the device: the update runs on copies and is kept only where skip is 0, so
+    // no host read is needed; the copies are transient, one parameter's worth.
+    const torch::Tensor keep_old = skip.ne(0);
+    const torch::Tensor old_param = param.clone();
+    const torch::Tensor old_avg = state.exp_avg.clone();
+    const torch::Tensor old_avg_sq = state.exp_avg_sq.clone();
+    update(param, grad, state);
+    param.copy_(torch::where(keep_old, old_param, param));
+    state.exp_avg.copy_(torch::where(keep_old, old_avg, state.exp_avg));
+    state.exp_avg_sq.copy_(torch::where(keep_old, old_avg_sq, state.exp_avg_sq));
+    return;
+  }
+  update(param, grad, state);
+}
 
+void AdamW::update(torch::Tensor& param, const torch::Tensor& grad, State& state) const {
   // fp16/bf16 parameters are updated in fp32 and rounded once; fp32 ones in place.
   const bool is_fp32 = param.scalar_type() == torch::kFloat32;
   torch::Tensor p = is_fp32 ? param : param.to(torch::kFloat32);

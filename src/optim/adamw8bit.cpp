@@ -21,6 +21,19 @@ bool same_bits(const torch::Tensor& a, const torch::Tensor& b) {
          torch::equal(a.contiguous().view(torch::kInt32), b.contiguous().view(torch::kInt32));
 }
 
+// The stored value of an updated element: to nearest (a cast), or for bf16 in lean mode
+// stochastically with the element's bits, as the kernels' store_updated does.
+template <typename T>
+T rounded(float x, const AdamStepConstants&, int64_t) {
+  return static_cast<T>(x);
+}
+template <>
+c10::BFloat16 rounded<c10::BFloat16>(float x, const AdamStepConstants& c, int64_t i) {
+  if (c.stochastic_rounding == 0) return static_cast<c10::BFloat16>(x);
+  return c10::BFloat16(bf16_bits_rounded_stochastically(x, rounding_bits(c.rounding_seed, i)),
+                       c10::BFloat16::from_bits());
+}
+
 template <typename T>
 void dispatch_reference(torch::Tensor& param, const torch::Tensor& grad,
                         AdamW8bit::ParameterState& state, const AdamStepConstants& constants) {
@@ -84,7 +97,8 @@ void adamw8bit_reference_update(T* param, const T* grad, std::uint8_t* state1,
         // 3. The parameter moves with the unquantized new m and v; a non-finite gradient
         //    leaves it untouched (no update, no weight decay).
         if (finite[j]) {
-          param[i] = static_cast<T>(updated_parameter(static_cast<float>(param[i]), m[j], v[j], c));
+          param[i] =
+              rounded<T>(updated_parameter(static_cast<float>(param[i]), m[j], v[j], c), c, i);
         }
         // 4. Requantize against the new scales.
         state1[i] = quantize_signed(qmap_signed, m[j], new_absmax1);
@@ -110,7 +124,7 @@ void adamw_fp32_state_reference_update(T* param, const T* grad, float* exp_avg,
     update_moments(g, m, v, c);
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
-    param[i] = static_cast<T>(updated_parameter(static_cast<float>(param[i]), m, v, c));
+    param[i] = rounded<T>(updated_parameter(static_cast<float>(param[i]), m, v, c), c, i);
   }
 }
 
@@ -149,7 +163,8 @@ AdamW8bit::AdamW8bit(NamedParameters parameters, const OptimizerOptions& options
   }
 }
 
-AdamStepConstants AdamW8bit::step_constants(const OptimizerOptions& options, int64_t step) {
+AdamStepConstants AdamW8bit::step_constants(const OptimizerOptions& options, int64_t step,
+                                             size_t index) {
   // Computed in double and rounded once to fp32 (bitsandbytes rounds the hyperparameters to
   // fp32 first and uses fast intrinsics; the difference is within an ulp of each constant).
   const double t = static_cast<double>(step);
@@ -163,6 +178,15 @@ AdamStepConstants AdamW8bit::step_constants(const OptimizerOptions& options, int
   c.step_size = static_cast<float>(-options.lr * sqrt_bias_correction2 / bias_correction1);
   c.eps_hat = static_cast<float>(options.eps * sqrt_bias_correction2);
   c.decay = static_cast<float>(1.0 - options.lr * options.weight_decay);
+  if (options.stochastic_rounding) {
+    // One stream per (seed, parameter, step): a resumed run draws the bits it would have drawn.
+    const auto seed = options.rounding_seed;
+    const std::uint32_t run = mix32(static_cast<std::uint32_t>(seed) ^
+                                    mix32(static_cast<std::uint32_t>(seed >> 32)));
+    const std::uint32_t tensor = mix32(run ^ mix32(static_cast<std::uint32_t>(index) + 1u));
+    c.stochastic_rounding = 1;
+    c.rounding_seed = mix32(tensor ^ mix32(static_cast<std::uint32_t>(step)));
+  }
   return c;
 }
 
@@ -183,10 +207,18 @@ void AdamW8bit::step() {
   if (!cuda_indices.empty()) step_cuda(cuda_indices, cuda_grads);
 }
 
-void AdamW8bit::step_parameter(size_t index, const torch::Tensor& grad) {
+void AdamW8bit::step_parameter(size_t index, const torch::Tensor& grad,
+                               const torch::Tensor& skip) {
   check_gradient(index, grad);
+  if (skip.defined()) {
+    TORCH_CHECK(skip.numel() == 1 && skip.scalar_type() == torch::kFloat32 &&
+                    skip.device() == grad.device(),
+                "adamw8bit: skip must be one float32 on ", grad.device());
+  }
   if (parameters_[index].second.is_cuda()) {
-    step_cuda({index}, {grad});
+    step_cuda({index}, {grad}, skip);
+  } else if (skip.defined() && skip.item<float>() != 0.0f) {
+    states_[index].step += 1;  // counted, as on CUDA, until the caller retracts it
   } else {
     step_cpu(index, grad);
   }
@@ -199,7 +231,7 @@ void AdamW8bit::step_cpu(size_t index, const torch::Tensor& grad) {
               "' is on ", param.device(), "; only CPU and CUDA are supported");
   ParameterState& state = states_[index];
   state.step += 1;
-  const AdamStepConstants constants = step_constants(options_, state.step);
+  const AdamStepConstants constants = step_constants(options_, state.step, index);
   const torch::Tensor g = grad.contiguous();
   switch (param.scalar_type()) {
     case torch::kFloat32:
@@ -230,7 +262,7 @@ const std::array<torch::Tensor, 2>& AdamW8bit::device_qmaps(const torch::Device&
 }
 
 void AdamW8bit::step_cuda(const std::vector<size_t>& indices,
-                          const std::vector<torch::Tensor>& grads) {
+                          const std::vector<torch::Tensor>& grads, const torch::Tensor& skip) {
 #if SDTRAIN_WITH_CUDA
   std::vector<detail::CudaParameterUpdate> updates;
   updates.reserve(indices.size());
@@ -247,12 +279,14 @@ void AdamW8bit::step_cuda(const std::vector<size_t>& indices,
     update.state2 = state.state2;
     update.absmax1 = state.absmax1;
     update.absmax2 = state.absmax2;
-    update.constants = step_constants(options_, state.step);
+    update.constants = step_constants(options_, state.step, i);
+    update.skip = skip;
     updates.push_back(std::move(update));
   }
   detail::adamw8bit_update_cuda(updates, device_qmaps_);
 #else
   (void)grads;
+  (void)skip;
   TORCH_CHECK(false, "adamw8bit: parameter '", parameters_.at(indices.at(0)).first,
               "' is on CUDA, but this build of sdtrain has no CUDA kernels");
 #endif

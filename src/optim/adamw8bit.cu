@@ -38,6 +38,21 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// The stored value of updated element `i`: to nearest, or for bf16 in lean mode
+// stochastically with the element's bits (the CPU reference's rounded<T>, src/optim/adamw8bit.cpp).
+template <typename T>
+__device__ __forceinline__ T store_updated(float x, const AdamStepConstants&, int64_t) {
+  return from_float<T>(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 store_updated<__nv_bfloat16>(
+    float x, const AdamStepConstants& c, int64_t i) {
+  if (c.stochastic_rounding == 0) return from_float<__nv_bfloat16>(x);
+  __nv_bfloat16_raw raw;
+  raw.x = bf16_bits_rounded_stochastically(x, rounding_bits(c.rounding_seed, i));
+  return __nv_bfloat16(raw);
+}
+
 // Copies 8 consecutive elements: 16-byte vectors when aligned and complete, else one by one.
 template <typename T>
 __device__ __forceinline__ void load_lane(T (&out)[kElementsPerLane], const T* src, int count,
@@ -139,6 +154,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + warp; unit < total_units;
        unit += static_cast<int64_t>(gridDim.x) * kWarpsPerCta) {
     const QuantizedTensorArgs& a = args[find_tensor(args, num_tensors, unit)];
+    // The same for every lane of the warp (one unit), so the shuffles below stay uniform.
+    if (a.skip != nullptr && *a.skip != 0.0f) continue;
     const int64_t block = unit - a.first_unit;
     const int64_t begin = block * kQuantizationBlockSize + lane * kElementsPerLane;
     const int64_t remaining = a.numel - begin;  // may be <= 0 in a partial last block
@@ -192,7 +209,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < kElementsPerLane; ++j) {
       if (finite[j]) {
-        param[j] = from_float<T>(updated_parameter(to_float(param[j]), m[j], v[j], c));
+        param[j] = store_updated<T>(updated_parameter(to_float(param[j]), m[j], v[j], c), c,
+                                    begin + j);
       }
       code1[j] = quantize_signed(table1, m[j], new_absmax1);
       code2[j] = quantize_unsigned(table2, v[j], new_absmax2);
@@ -209,6 +227,7 @@ __global__ void __launch_bounds__(kThreads)
                              int64_t total_units) {
   for (int64_t unit = blockIdx.x; unit < total_units; unit += gridDim.x) {
     const Fp32StateTensorArgs& a = args[find_tensor(args, num_tensors, unit)];
+    if (a.skip != nullptr && *a.skip != 0.0f) continue;
     const AdamStepConstants c = a.constants;
     const int64_t chunk_begin = (unit - a.first_unit) * kFp32StateChunk;
     for (int k = threadIdx.x; k < kFp32StateChunk; k += kThreads) {
@@ -226,7 +245,7 @@ __global__ void __launch_bounds__(kThreads)
       a.exp_avg[i] = m;
       a.exp_avg_sq[i] = v;
       T* param = static_cast<T*>(a.param) + i;
-      *param = from_float<T>(updated_parameter(to_float(*param), m, v, c));
+      *param = store_updated<T>(updated_parameter(to_float(*param), m, v, c), c, i);
     }
   }
 }

@@ -108,6 +108,7 @@ void adamw8bit_update_cuda(const std::vector<CudaParameterUpdate>& updates,
       a.numel = n;
       a.first_unit = group.quantized_units;
       a.constants = u.constants;
+      a.skip = u.skip.defined() ? u.skip.data_ptr<float>() : nullptr;
       a.vector_aligned = aligned(a.param, 16) && aligned(a.grad, 16) && aligned(a.state1, 8) &&
                          aligned(a.state2, 8);
       group.quantized.push_back(a);
@@ -121,6 +122,7 @@ void adamw8bit_update_cuda(const std::vector<CudaParameterUpdate>& updates,
       a.numel = n;
       a.first_unit = group.fp32_units;
       a.constants = u.constants;
+      a.skip = u.skip.defined() ? u.skip.data_ptr<float>() : nullptr;
       group.fp32_states.push_back(a);
       group.fp32_units += (n + cuda::kFp32StateChunk - 1) / cuda::kFp32StateChunk;
     }

@@ -18,6 +18,7 @@ struct CudaParameterUpdate {
   torch::Tensor state1, state2;    // uint8 [n] (quantized) or fp32 [n]
   torch::Tensor absmax1, absmax2;  // fp32 [ceil(n/256)] (quantized only)
   AdamStepConstants constants;
+  torch::Tensor skip;  // undefined, or float32 [1] on the device: nonzero leaves all untouched
 };
 
 // Updates every entry with at most two launches per (device, dtype) group, on each device's

@@ -292,4 +292,62 @@ Field enum_field(std::string name, G TrainConfig::*group, E G::*member, std::str
   return f;
 }
 
+// A key that is "auto" or a bool (true/false, or SageMaker's "True"/"False").
+template <typename G>
+Field auto_switch_field(std::string name, G TrainConfig::*group, AutoSwitch G::*member,
+                        std::string help) {
+  const Access<AutoSwitch> access = member_of(group, member);
+  Field f;
+  f.info = {name, {}, "\"auto\" or bool", "", std::move(help)};
+  f.set = [name, access](TrainConfig& config, const json& value, const Origin& origin) {
+    if (value.is_string() && value.get_ref<const std::string&>() == "auto") {
+      access(config) = AutoSwitch::automatic;
+      return;
+    }
+    if (!value.is_boolean() && !value.is_string())
+      fail(origin, name, "expected \"auto\", true or false, got " + value.dump());
+    access(config) = parse_bool(value, origin, name) ? AutoSwitch::on : AutoSwitch::off;
+  };
+  f.get = [access](const TrainConfig& config) {
+    switch (read(access, config)) {
+      case AutoSwitch::on:
+        return json(true);
+      case AutoSwitch::off:
+        return json(false);
+      default:
+        return json("auto");
+    }
+  };
+  return f;
+}
+
+// memory_budget: null, "auto" or a positive number of GiB.
+template <typename G>
+Field memory_budget_field(std::string name, G TrainConfig::*group, MemoryBudget G::*member,
+                          std::string help) {
+  const Access<MemoryBudget> access = member_of(group, member);
+  Field f;
+  f.info = {name, {}, "null, \"auto\" or number", "", std::move(help)};
+  f.set = [name, access](TrainConfig& config, const json& value, const Origin& origin) {
+    MemoryBudget budget;
+    if (value.is_null() || value == "None" || value == "null") {
+      budget.kind = MemoryBudget::Kind::none;
+    } else if (value == "auto") {
+      budget.kind = MemoryBudget::Kind::automatic;
+    } else {
+      budget.kind = MemoryBudget::Kind::gib;
+      budget.gib = parse_number(value, origin, name);
+      if (!(budget.gib > 0)) fail(origin, name, "must be null, \"auto\" or a number of GiB > 0");
+    }
+    access(config) = budget;
+  };
+  f.get = [access](const TrainConfig& config) {
+    const MemoryBudget& budget = read(access, config);
+    if (budget.kind == MemoryBudget::Kind::automatic) return json("auto");
+    if (budget.kind == MemoryBudget::Kind::gib) return json(budget.gib);
+    return json(nullptr);
+  };
+  return f;
+}
+
 }  // namespace sdtrain::train::config_fields

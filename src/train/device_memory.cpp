@@ -2,6 +2,8 @@
 
 #ifdef SDTRAIN_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
 #endif
 
 namespace sdtrain::train {
@@ -31,7 +33,17 @@ void reset_peak_device_memory(const torch::Device& device) {
   if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index() < 0 ? 0 : device.index());
 }
 
+int64_t free_device_memory_bytes(const torch::Device& device) {
+  if (!device.is_cuda()) return 0;
+  const c10::cuda::CUDAGuard guard(device.index() < 0 ? 0 : device.index());
+  size_t free = 0;
+  size_t total = 0;
+  if (cudaMemGetInfo(&free, &total) != cudaSuccess) return 0;
+  return static_cast<int64_t>(free);
+}
+
 #else
+int64_t free_device_memory_bytes(const torch::Device&) { return 0; }
 int64_t peak_device_memory_bytes(const torch::Device&) { return 0; }
 int64_t current_device_memory_bytes(const torch::Device&) { return 0; }
 void reset_peak_device_memory(const torch::Device&) {}

@@ -68,10 +68,20 @@ torch::Tensor LossScaler::scale(const torch::Tensor& loss) const {
   return loss * scale_.to(loss.scalar_type());
 }
 
+torch::Tensor LossScaler::inverse_scale() const {
+  // GradScaler computes the inverse in float64 and rounds it to float32 once.
+  return scale_.to(torch::kDouble).reciprocal().to(torch::kFloat);
+}
+
+void LossScaler::unscale_and_flag(const torch::Tensor& grad, const torch::Tensor& non_finite,
+                                  const torch::Tensor& inverse_scale) {
+  torch::Tensor flag = non_finite;
+  at::_amp_foreach_non_finite_check_and_unscale_({grad}, flag, inverse_scale);
+}
+
 bool LossScaler::unscale_and_check(const std::vector<torch::Tensor>& gradients) {
   found_inf_.zero_();
-  // GradScaler computes the inverse in float64 and rounds it to float32 once.
-  const torch::Tensor inv_scale = scale_.to(torch::kDouble).reciprocal().to(torch::kFloat);
+  const torch::Tensor inv_scale = inverse_scale();
   // The fused kernel wants one device and dtype per list, as GradScaler groups them.
   std::map<std::pair<std::string, c10::ScalarType>, std::vector<torch::Tensor>> groups;
   for (const auto& grad : gradients) {

@@ -14,7 +14,9 @@
 #include "sdtrain/models/unet_2d_condition.h"
 #include "sdtrain/models/lora_adapters.h"
 #include "sdtrain/optim/optimizer.h"
+#include "sdtrain/train/device_memory.h"
 #include "sdtrain/train/lr_schedule.h"
+#include "sdtrain/train/memory_plan.h"
 #include "sdtrain/train/output_dir.h"
 #include "sdtrain/train/trained_set.h"
 #include "sdtrain/util/error.h"
@@ -172,6 +174,25 @@ std::string mib(int64_t bytes) {
   return out.str();
 }
 
+// memory_budget, lean mode and fused_backward_pass, decided in that order (each may depend on
+// what the one before chose), then the estimate on the settings finally chosen.
+void resolve_memory_settings(TrainingPlan& plan) {
+  TrainConfig& c = plan.config;
+  const bool gpu = plan.device != "cpu";
+  const MemoryBudget& budget = c.compute.memory_budget;
+  if (budget.kind != MemoryBudget::Kind::none && !gpu) {
+    plan.setting_notes.push_back("memory_budget: training on the CPU, so no setting is changed");
+  } else if (budget.kind != MemoryBudget::Kind::none) {
+    const int64_t bytes = budget.kind == MemoryBudget::Kind::gib
+                              ? static_cast<int64_t>(budget.gib * 1024 * 1024 * 1024)
+                              : free_device_memory_bytes(torch::Device(plan.device));
+    choose_settings_for_budget(c, plan.components, bytes, plan.setting_notes);
+  }
+  check_lean_weights(c, plan.setting_notes);
+  plan.fused_backward_pass = decide_fused_backward_pass(c, plan.setting_notes);
+  plan.memory = estimate_memory(c, plan.components, gpu, plan.fused_backward_pass);
+}
+
 }  // namespace
 
 TrainingPlan plan_training(const TrainConfig& config) {
@@ -222,31 +243,7 @@ TrainingPlan plan_training(const TrainConfig& config) {
   plan.epochs = (plan.total_steps + plan.steps_per_epoch - 1) / plan.steps_per_epoch;
   check_lr_schedule(lr_schedule_options(c, plan.total_steps));  // before any weight loads
 
-  bool gpu = plan.device != "cpu";
-  int64_t frozen_bytes_per_parameter = gpu || c.compute.mixed_precision != Precision::fp32 ? 2 : 4;
-  const std::vector<std::string> trained = trained_component_names(c);
-  const bool lora = c.lora.train_mode == TrainMode::lora;
-  for (const auto& component : plan.components) {
-    if (lora) {  // the base frozen (half on a GPU), the adapters trained in fp32
-      plan.memory.frozen_weights += frozen_bytes_per_parameter * component.parameters;
-      int64_t adapter_parameters = 0;
-      for (int64_t n : component.adapter_tensor_sizes) adapter_parameters += n;
-      plan.memory.trained_weights += 4 * adapter_parameters;
-      plan.memory.gradients += 4 * adapter_parameters;
-      plan.memory.optimizer_state +=
-          (c.resolved_optimizer() == "adamw8bit"
-               ? optim::adamw8bit_state_bytes(component.adapter_tensor_sizes)
-               : optim::adamw_state_bytes(component.adapter_tensor_sizes));
-    } else if (std::find(trained.begin(), trained.end(), component.name) != trained.end()) {
-      plan.memory.trained_weights += 4 * component.parameters;
-      plan.memory.gradients += 4 * component.parameters;
-      plan.memory.optimizer_state += (c.resolved_optimizer() == "adamw8bit"
-                                          ? optim::adamw8bit_state_bytes(component.tensor_sizes)
-                                          : optim::adamw_state_bytes(component.tensor_sizes));
-    } else {
-      plan.memory.frozen_weights += frozen_bytes_per_parameter * component.parameters;
-    }
-  }
+  resolve_memory_settings(plan);
   return plan;
 }
 
@@ -285,11 +282,17 @@ std::string format_plan(const TrainingPlan& plan) {
   }
   out << "  optimizer:        " << c.resolved_optimizer() << ", lr " << c.optimizer.learning_rate
       << " (" << c.optimizer.lr_scheduler << ", warmup " << c.optimizer.lr_warmup_steps << ")\n";
-  out << "  memory estimate (" << plan.device
-      << ", excluding activations): " << mib(plan.memory.total()) << "\n"
+  out << "  memory:           fused_backward_pass " << (plan.fused_backward_pass ? "on" : "off")
+      << ", weight_dtype " << (c.compute.weight_dtype == Precision::bf16 ? "bf16" : "fp32")
+      << ", gradient_checkpointing " << (c.compute.gradient_checkpointing ? "on" : "off") << "\n";
+  for (const auto& note : plan.setting_notes) out << "    " << note << "\n";
+  out << "  memory estimate (" << plan.device << ", peak of a step): " << mib(plan.memory.total())
+      << "\n"
       << "    trained weights " << mib(plan.memory.trained_weights) << ", gradients "
       << mib(plan.memory.gradients) << ", optimizer state " << mib(plan.memory.optimizer_state)
-      << ", frozen weights " << mib(plan.memory.frozen_weights) << "\n";
+      << ", frozen weights " << mib(plan.memory.frozen_weights) << ", autocast copies "
+      << mib(plan.memory.autocast_copies) << ", activations " << mib(plan.memory.activations)
+      << "\n";
   out << "  output:           " << c.outputs.output_dir << "\n";
   return out.str();
 }

@@ -100,8 +100,11 @@ TrainingModels load_training_models(const io::ModelFolder& base, const TrainConf
   const std::string& variant = config.variant;
   log::info("loading " + base.source().string() +
             (variant.empty() ? "" : " (variant " + variant + ")"));
-  const c10::ScalarType text_dtype = config.train_text_encoder && !lora ? torch::kFloat : frozen;
-  const c10::ScalarType unet_dtype = lora ? frozen : torch::kFloat;
+  // Lean mode (weight_dtype bf16) keeps the fully trained weights themselves in bf16.
+  const c10::ScalarType trained =
+      config.compute.weight_dtype == Precision::bf16 ? torch::kBFloat16 : torch::kFloat;
+  const c10::ScalarType text_dtype = config.train_text_encoder && !lora ? trained : frozen;
+  const c10::ScalarType unet_dtype = lora ? frozen : trained;
   TrainingModels models{text::CLIPTokenizer::from_folder(base.require("tokenizer").dir),
                         models::load_text_encoder(base, {text_dtype, device}, variant),
                         models::load_vae(base, {frozen, device}, variant),
@@ -119,6 +122,22 @@ TrainingModels load_training_models(const io::ModelFolder& base, const TrainConf
     at::globalContext().setAllowTF32CuDNN(true);
   }
   return models;
+}
+
+std::vector<std::string> move_cached_frozen_models(TrainingModels& models, const TrainConfig& config,
+                                                   torch::Device device, bool to_host) {
+  std::vector<std::string> moved;
+  if (!device.is_cuda()) return moved;
+  const torch::Device target = to_host ? torch::Device(torch::kCPU) : device;
+  if (config.data.cache_latents) {
+    models.vae->to(target);
+    moved.push_back("vae");
+  }
+  if (!config.train_text_encoder) {
+    models.text_encoder->to(target);
+    moved.push_back("text_encoder");
+  }
+  return moved;
 }
 
 DreamBoothDataset load_dataset(const TrainingPlan& plan) {

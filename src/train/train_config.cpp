@@ -129,6 +129,20 @@ const std::vector<Field>& fields() {
                    {{"no", Precision::fp32}, {"fp16", Precision::fp16}, {"bf16", Precision::bf16}}),
         field("gradient_checkpointing", &C::compute, &C::Compute::gradient_checkpointing,
               "Recompute activations in the backward pass to save memory."),
+        auto_switch_field(
+            "fused_backward_pass", &C::compute, &C::Compute::fused_backward_pass,
+            "Step each parameter as soon as its gradient is ready and free the gradient, so "
+            "the gradients are never all held (docs/memory.md). auto: on where the result is "
+            "unchanged (max_grad_norm 0, no fp16, gradient_accumulation_steps 1) or "
+            "memory_budget needs it."),
+        enum_field("weight_dtype", &C::compute, &C::Compute::weight_dtype,
+                   "Storage of the trained weights: fp32, or bf16 (lean mode: half the memory, "
+                   "updated by adamw8bit with stochastic rounding; docs/memory.md).",
+                   {{"fp32", Precision::fp32}, {"bf16", Precision::bf16}}),
+        memory_budget_field(
+            "memory_budget", &C::compute, &C::Compute::memory_budget,
+            "null, \"auto\" (the GPU's free memory) or GiB: the plan picks the leanest "
+            "settings whose estimate fits, and prints what it chose and why."),
         field("train_text_encoder", &C::train_text_encoder, "Fine-tune the text encoder too."),
         field("cache_latents", &C::data, &C::Data::cache_latents,
               "Encode each training image with the VAE once instead of every step."),

@@ -94,11 +94,14 @@ void TrainedSet::save(const fs::path& dir, const io::ModelFolder& base) const {
 
 void TrainedSet::load(const fs::path& dir, torch::Device device) {
   if (part_ == TrainedPart::adapters) return load_adapters(dir / kLoRAWeightsFile, device);
-  const models::LoadOptions fp32{torch::kFloat, device};
   for (auto& component : components_) {
+    // In the dtype the run keeps them in: fp32, or bf16 in lean mode (saved exactly as fp32).
+    const auto parameters = component.module->parameters();
+    const models::LoadOptions options{
+        parameters.empty() ? torch::kFloat : parameters.front().scalar_type(), device};
     models::load_state_dict(*component.module,
                             io::find_weight_files(dir / component.name, component.weights_name),
-                            fp32, component.map_key);
+                            options, component.map_key);
   }
 }
 

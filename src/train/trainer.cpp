@@ -140,7 +140,7 @@ class TrainingRun {
   std::optional<DiffusionLoss> loss_;
   std::optional<LossScaler> scaler_;
   std::optional<EMAModel> ema_;
-  std::optional<UpdatePolicy> update_;
+  std::unique_ptr<UpdatePolicy> update_;
 
   TrainerState state_;
   LossWindow window_;
@@ -165,6 +165,9 @@ void TrainingRun::set_up() {
   cursor_.emplace(*dataset_, static_cast<uint64_t>(config_.seed), config_.length.train_batch_size,
                   state_);
   set_up_loss();
+  const auto released = move_cached_frozen_models(*models_, config_, device_, /*to_host=*/true);
+  for (const auto& name : released)
+    log::info(name + " moved to the host: its work is cached (docs/memory.md)");
   set_up_update();
 }
 
@@ -197,6 +200,8 @@ void TrainingRun::set_up_update() {
   options.beta2 = config_.optimizer.adam_beta2;
   options.eps = config_.optimizer.adam_epsilon;
   options.weight_decay = config_.optimizer.adam_weight_decay;
+  options.stochastic_rounding = config_.compute.weight_dtype == Precision::bf16;
+  options.rounding_seed = static_cast<uint64_t>(config_.seed);
   auto optimizer =
       optim::make_optimizer(config_.resolved_optimizer(), trained_->named_parameters(), options);
   log::info(log::str("optimizer ", optimizer->name(), ": ", optimizer->num_parameters(),
@@ -208,7 +213,8 @@ void TrainingRun::set_up_update() {
     // The shadow weights stay on the CPU: 4 bytes per trained UNet parameter out of GPU memory.
     ema_.emplace(trained_->component_parameters("unet"), ema_options, torch::kCPU);
   }
-  update_.emplace(*trained_, std::move(optimizer), *scaler_, ema(), update);
+  update_ = make_update_policy(plan_.fused_backward_pass, *trained_, std::move(optimizer),
+                               *scaler_, ema(), update);
 }
 
 void TrainingRun::resume() {
@@ -249,6 +255,7 @@ void TrainingRun::train_loop() {
   step_started_ = Clock::now();
   profiler_.at_step_boundary(state_.global_step);
   while (state_.global_step < plan_.total_steps) {
+    if (window_.count() == 0) update_->begin_step(state_.global_step);
     const std::vector<int64_t> indices = cursor_->next();
     const bool ends_step = window_.count() + 1 == config_.length.gradient_accumulation_steps ||
                            cursor_->at_epoch_end();
@@ -289,7 +296,9 @@ void TrainingRun::step() {
     save_checkpoint();
   }
   if (config_.outputs.validation_steps > 0 && step % config_.outputs.validation_steps == 0) {
+    move_cached_frozen_models(*models_, config_, device_, /*to_host=*/false);
     outputs_.sample_validation_images(step, *models_, *trained_, ema(), precision_);
+    move_cached_frozen_models(*models_, config_, device_, /*to_host=*/true);
   }
   check_interrupt();
   profiler_.at_step_boundary(state_.global_step);

@@ -24,9 +24,19 @@ double clip_gradient_norm(const std::vector<torch::Tensor>& gradients, double ma
   return total.item<double>();
 }
 
-UpdatePolicy::UpdatePolicy(const TrainedSet& trained, std::unique_ptr<optim::Optimizer> optimizer,
-                           LossScaler& scaler, EMAModel* ema,
-                           UpdateOptions options, std::unique_ptr<GradientReduction> reduction)
+[[noreturn]] void throw_diverged(int64_t global_step, const UpdateOptions& options) {
+  throw Error(ExitCode::training_diverged,
+              log::str("the gradients became inf/NaN at step ", global_step + 1, " (",
+                       to_string(options.precision),
+                       "): training diverged. Lower learning_rate, keep max_grad_norm at 1.0, "
+                       "or use mixed_precision bf16/no.") +
+                  (options.recovery_hint ? options.recovery_hint() : std::string()));
+}
+
+UpdateAfterBackward::UpdateAfterBackward(const TrainedSet& trained,
+                                         std::unique_ptr<optim::Optimizer> optimizer,
+                                         LossScaler& scaler, EMAModel* ema, UpdateOptions options,
+                                         std::unique_ptr<GradientReduction> reduction)
     : trained_(trained),
       optimizer_(std::move(optimizer)),
       scaler_(scaler),
@@ -34,7 +44,7 @@ UpdatePolicy::UpdatePolicy(const TrainedSet& trained, std::unique_ptr<optim::Opt
       options_(std::move(options)),
       reduction_(std::move(reduction)) {}
 
-UpdateResult UpdatePolicy::apply(int64_t global_step) {
+UpdateResult UpdateAfterBackward::apply(int64_t global_step) {
   const std::vector<torch::Tensor> gradients = trained_.gradients();
   // Reduced while still scaled, as DistributedDataParallel does during backward: every process
   // then unscales the same sums and agrees on whether the step is skipped.
@@ -51,12 +61,7 @@ UpdateResult UpdatePolicy::apply(int64_t global_step) {
     // diffusers' EMA averages the UNet (its trained part: every weight, or its adapters).
     if (ema_) ema_->step(trained_.component_parameters("unet"));
   } else if (!scaler_.enabled()) {
-    throw Error(ExitCode::training_diverged,
-                log::str("the gradients became inf/NaN at step ", global_step + 1, " (",
-                         to_string(options_.precision),
-                         "): training diverged. Lower learning_rate, keep max_grad_norm at 1.0, "
-                         "or use mixed_precision bf16/no.") +
-                    (options_.recovery_hint ? options_.recovery_hint() : std::string()));
+    throw_diverged(global_step, options_);
   } else {
     result.skipped = true;
   }

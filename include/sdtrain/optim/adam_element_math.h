@@ -11,6 +11,7 @@
 #include <math.h>
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define SDTRAIN_HOST_DEVICE __host__ __device__ __forceinline__
@@ -34,7 +35,42 @@ struct AdamStepConstants {
   float step_size = 0.0f;  // -lr * sqrt(1 - beta2^t) / (1 - beta1^t)
   float eps_hat = 0.0f;    // eps * sqrt(1 - beta2^t): eps added to sqrt(v_hat), as in torch
   float decay = 1.0f;      // 1 - lr * weight_decay
+  // Lean mode (bf16 parameters): nonzero rounds each updated value stochastically with the
+  // bits of rounding_bits(rounding_seed, element); otherwise to nearest, as a cast does.
+  std::int32_t stochastic_rounding = 0;
+  std::uint32_t rounding_seed = 0;
 };
+
+// MurmurHash3's 32-bit finaliser: a bijection whose every output bit depends on every input
+// bit, cheap enough to run once per element on either side.
+SDTRAIN_HOST_DEVICE std::uint32_t mix32(std::uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85ebca6bu;
+  x ^= x >> 13;
+  x *= 0xc2b2ae35u;
+  x ^= x >> 16;
+  return x;
+}
+
+// The random bits of element `i` of a tensor in the step whose stream is `seed`. Counter-based
+// (no generator state), so any thread on any device computes the same bits for the element.
+SDTRAIN_HOST_DEVICE std::uint32_t rounding_bits(std::uint32_t seed, std::int64_t i) {
+  const std::uint32_t low = static_cast<std::uint32_t>(i);
+  const std::uint32_t high = static_cast<std::uint32_t>(static_cast<std::uint64_t>(i) >> 32);
+  return mix32(seed ^ mix32(low ^ mix32(high + 0x9e3779b9u)));
+}
+
+// The bf16 bit pattern of `x` rounded stochastically: up with probability equal to the
+// fraction of the gap below x, so E[round(x)] = x and updates smaller than half a bf16 ulp still
+// move the weight on average (what round-to-nearest loses; docs/memory.md). The low 16 bits of
+// `random` decide. inf stays inf; NaN stays a (quiet) NaN.
+SDTRAIN_HOST_DEVICE std::uint16_t bf16_bits_rounded_stochastically(float x, std::uint32_t random) {
+  std::uint32_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+  if (x != x) return static_cast<std::uint16_t>((bits >> 16) | 0x0040u);
+  if (fabsf(x) == INFINITY) return static_cast<std::uint16_t>(bits >> 16);
+  return static_cast<std::uint16_t>((bits + (random & 0xffffu)) >> 16);
+}
 
 SDTRAIN_HOST_DEVICE bool is_finite_value(float x) { return x == x && fabsf(x) != INFINITY; }
 

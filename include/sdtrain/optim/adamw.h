@@ -13,7 +13,9 @@ class AdamW : public Optimizer {
 
   std::string name() const override { return "adamw"; }
   using Optimizer::step_parameter;
-  void step_parameter(size_t index, const torch::Tensor& grad) override;
+  void step_parameter(size_t index, const torch::Tensor& grad,
+                      const torch::Tensor& skip) override;
+  void retract_step(size_t index) override { states_.at(index).step -= 1; }
   int64_t step_count(size_t index) const override { return states_.at(index).step; }
   int64_t state_bytes() const override;
 
@@ -32,6 +34,9 @@ class AdamW : public Optimizer {
     torch::Tensor exp_avg;     // fp32, parameter's shape and device
     torch::Tensor exp_avg_sq;  // fp32, parameter's shape and device
   };
+  // torch.optim.AdamW's single-tensor update of `param` with `grad`; state.step already counts it.
+  void update(torch::Tensor& param, const torch::Tensor& grad, State& state) const;
+
   std::vector<State> states_;
 };
 

@@ -23,7 +23,9 @@ class AdamW8bit : public Optimizer {
   // current stream, with no host synchronisation; CPU parameters one by one.
   void step() override;
   using Optimizer::step_parameter;
-  void step_parameter(size_t index, const torch::Tensor& grad) override;
+  void step_parameter(size_t index, const torch::Tensor& grad,
+                      const torch::Tensor& skip) override;
+  void retract_step(size_t index) override { states_.at(index).step -= 1; }
   int64_t step_count(size_t index) const override { return states_.at(index).step; }
   int64_t state_bytes() const override;
 
@@ -46,12 +48,15 @@ class AdamW8bit : public Optimizer {
   torch::Tensor exp_avg(size_t index) const;
   torch::Tensor exp_avg_sq(size_t index) const;
 
-  // fp32 constants of one step with per-parameter step count `step` (>= 1).
-  static AdamStepConstants step_constants(const OptimizerOptions& options, int64_t step);
+  // fp32 constants of one step with per-parameter step count `step` (>= 1); `index` picks the
+  // parameter's stochastic-rounding stream (used only with options.stochastic_rounding).
+  static AdamStepConstants step_constants(const OptimizerOptions& options, int64_t step,
+                                          size_t index = 0);
 
  private:
   void step_cpu(size_t index, const torch::Tensor& grad);
-  void step_cuda(const std::vector<size_t>& indices, const std::vector<torch::Tensor>& grads);
+  void step_cuda(const std::vector<size_t>& indices, const std::vector<torch::Tensor>& grads,
+                 const torch::Tensor& skip = torch::Tensor());
   const std::array<torch::Tensor, 2>& device_qmaps(const torch::Device& device);
 
   std::vector<ParameterState> states_;

@@ -30,6 +30,7 @@ struct QuantizedTensorArgs {
   int64_t numel;
   int64_t first_unit;             // first quantization block of this tensor in the launch
   AdamStepConstants constants;
+  const float* skip;              // null, or one float: nonzero leaves the tensor untouched
   int32_t vector_aligned;         // param/grad 16-byte and states 8-byte aligned
 };
 
@@ -41,6 +42,7 @@ struct Fp32StateTensorArgs {
   int64_t numel;
   int64_t first_unit;             // first chunk of kFp32StateChunk elements in the launch
   AdamStepConstants constants;
+  const float* skip;              // null, or one float: nonzero leaves the tensor untouched
 };
 
 // args: device array of num_tensors entries; total_units: blocks (resp. chunks) of all of them.

@@ -25,6 +25,11 @@ struct OptimizerOptions {
   double weight_decay = 1e-2;
   // adamw8bit only: tensors with fewer elements keep fp32 states (bitsandbytes' default).
   int64_t min_8bit_size = 4096;
+  // adamw8bit only: bf16 parameters are rounded stochastically after each update (lean mode,
+  // docs/memory.md), with random bits drawn from (rounding_seed, parameter, step, element), so a
+  // given seed gives the same bits on the CPU and on CUDA.
+  bool stochastic_rounding = false;
+  uint64_t rounding_seed = 0;
 };
 
 // (name, tensor) pairs; names key the state in checkpoints and name tensors in error messages.
@@ -44,7 +49,17 @@ class Optimizer {
   virtual void step();
   // Steps parameter `index` with `grad` (same shape, dtype and device as the parameter), so a
   // backward hook can step and free each gradient as soon as it is ready.
-  virtual void step_parameter(size_t index, const torch::Tensor& grad) = 0;
+  void step_parameter(size_t index, const torch::Tensor& grad) {
+    step_parameter(index, grad, torch::Tensor());
+  }
+  // The same, unless `skip` (a one-element float32 tensor on the parameter's device) is
+  // nonzero when the update runs: then the parameter and its state stay as they are. The step
+  // count advances either way, so the caller need not read `skip` on the host; once it has, it
+  // calls retract_step for each skipped parameter (fused backward under fp16 loss scaling).
+  virtual void step_parameter(size_t index, const torch::Tensor& grad,
+                              const torch::Tensor& skip) = 0;
+  // Undoes the step-count advance of a skipped step_parameter call.
+  virtual void retract_step(size_t index) = 0;
   // Steps parameter `index` with its .grad(); does nothing when that is undefined.
   void step_parameter(size_t index);
 

@@ -52,6 +52,13 @@ class LossScaler {
   // _amp_foreach_non_finite_check_and_unscale_) and returns true when all are finite.
   // One host synchronisation, as GradScaler.step has.
   bool unscale_and_check(const std::vector<torch::Tensor>& gradients);
+  // 1 / scale as float32 [1] on the device, computed as GradScaler does (float64, rounded once).
+  torch::Tensor inverse_scale() const;
+  // One gradient at a time, with no host synchronisation (fused backward): multiplies `grad` by
+  // `inverse_scale` in place and sets `non_finite` (float32 [1], same device) to 1 when it holds
+  // inf/NaN. Works whether or not scaling is enabled (the scale is then 1).
+  static void unscale_and_flag(const torch::Tensor& grad, const torch::Tensor& non_finite,
+                               const torch::Tensor& inverse_scale);
   // After each optimizer step attempt: backoff on inf/NaN, growth after growth_interval
   // clean steps (ATen's _amp_update_scale_). No-op when disabled.
   void update(bool found_non_finite);

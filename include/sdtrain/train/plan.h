@@ -20,12 +20,17 @@ struct ComponentSize {
 };
 
 struct MemoryEstimate {
-  // Bytes on the training device, by item; activations are not included.
+  // Bytes on the training device at the peak of a step, by item (train/memory_plan.h).
   int64_t trained_weights = 0;
   int64_t gradients = 0;
   int64_t optimizer_state = 0;
   int64_t frozen_weights = 0;
-  int64_t total() const { return trained_weights + gradients + optimizer_state + frozen_weights; }
+  int64_t autocast_copies = 0;  // half copies of fp32 weights saved for backward
+  int64_t activations = 0;
+  int64_t total() const {
+    return trained_weights + gradients + optimizer_state + frozen_weights + autocast_copies +
+           activations;
+  }
 };
 
 struct TrainingPlan {
@@ -41,6 +46,10 @@ struct TrainingPlan {
   std::vector<ComponentSize> components;  // unet, text_encoder, vae
   std::vector<std::string> base_notes;     // a single-file base: what was decided, and why
   MemoryEstimate memory;
+  // fused_backward_pass as decided (memory_plan.h), and each setting the plan changed or gave a
+  // new meaning, with why: printed at start-up and by --dry-run.
+  bool fused_backward_pass = false;
+  std::vector<std::string> setting_notes;
   std::vector<std::string> warnings;
 };
 

@@ -37,6 +37,13 @@ struct TrainingModels {
   std::vector<PipelineModule> pipeline_modules() const;
 };
 
+// Frozen models whose work the run has cached (docs/memory.md): the VAE once cache_latents has
+// encoded every image, a frozen text encoder once the prompts are encoded. `to_host` moves them
+// off a CUDA training device; false brings them back (validation samples with them). Nothing
+// moves on the CPU. Returns the names moved.
+std::vector<std::string> move_cached_frozen_models(TrainingModels& models, const TrainConfig& config,
+                                                   torch::Device device, bool to_host);
+
 // train_dreambooth.py's dtypes: trained models in float32 (master weights), frozen ones in the
 // mixed-precision dtype on a GPU; float32 everything on the CPU. Gradient checkpointing and
 // TF32 as configured.

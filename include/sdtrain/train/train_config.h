@@ -22,6 +22,15 @@ enum class SaveFormat { diffusers, single_file, both };
 // What a run trains: every weight of the trained models, or LoRA adapters beside frozen ones.
 enum class TrainMode { full, lora };
 
+// A setting the trainer may decide itself ("auto") or the user fixes (true / false).
+enum class AutoSwitch { automatic, on, off };
+
+// memory_budget: none (null), the GPU's free memory ("auto"), or a number of GiB.
+struct MemoryBudget {
+  enum class Kind { none, automatic, gib } kind = Kind::none;
+  double gib = 0;
+};
+
 struct TrainConfig {
   // The user-facing keys are flat (diffusers' and JumpStart's names); the struct groups them by
   // the piece of the trainer that reads them. Members keep the key names, so a key found in
@@ -82,6 +91,11 @@ struct TrainConfig {
     Precision mixed_precision = Precision::fp32;  // key values "no", "fp16", "bf16"
     bool gradient_checkpointing = false;
     bool allow_tf32 = false;
+    // Lean memory (docs/memory.md): step each parameter from the backward pass, keep the
+    // trained weights in bf16, and let the plan pick settings that fit a memory budget.
+    AutoSwitch fused_backward_pass = AutoSwitch::automatic;
+    Precision weight_dtype = Precision::fp32;  // key values "fp32", "bf16"
+    MemoryBudget memory_budget;
   } compute;
 
   struct Ema {

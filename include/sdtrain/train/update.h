@@ -56,21 +56,36 @@ struct UpdateOptions {
   std::function<std::string()> recovery_hint;
 };
 
+// Error(training_diverged) for inf/NaN gradients at the step after `global_step` without loss
+// scaling, naming what to change and options.recovery_hint().
+[[noreturn]] void throw_diverged(int64_t global_step, const UpdateOptions& options);
+
+// The update as the trainer drives it: begin_step before the first micro-batch of a step,
+// apply after its last backward pass. Two policies: UpdateAfterBackward (every gradient held,
+// then one step) and FusedBackwardUpdate (each parameter stepped inside the backward pass).
 class UpdatePolicy {
  public:
-  // Throws ConfigError for a learning-rate schedule that cannot be built.
-  UpdatePolicy(const TrainedSet& trained, std::unique_ptr<optim::Optimizer> optimizer,
-               LossScaler& scaler, EMAModel* ema,
-               UpdateOptions options,
-               std::unique_ptr<GradientReduction> reduction = std::make_unique<LocalGradients>());
+  virtual ~UpdatePolicy() = default;
+  // Before the micro-batches of the step after `global_step` steps.
+  virtual void begin_step(int64_t global_step) = 0;
+  // The step after `global_step` steps: applies the accumulated gradients (or finishes what the
+  // backward pass applied) and clears them. Non-finite gradients skip the step under fp16 loss
+  // scaling; without it they mean the run diverged: Error(training_diverged), with
+  // options.recovery_hint() appended.
+  virtual UpdateResult apply(int64_t global_step) = 0;
+  virtual optim::Optimizer& optimizer() = 0;
+};
 
-  // The step after `global_step` steps: applies the accumulated gradients and clears them.
-  // Non-finite gradients skip the step under fp16 loss scaling; without it they mean the
-  // run diverged: Error(training_diverged), with options.recovery_hint() appended.
-  UpdateResult apply(int64_t global_step);
+class UpdateAfterBackward final : public UpdatePolicy {
+ public:
+  UpdateAfterBackward(const TrainedSet& trained, std::unique_ptr<optim::Optimizer> optimizer,
+                      LossScaler& scaler, EMAModel* ema, UpdateOptions options,
+                      std::unique_ptr<GradientReduction> reduction =
+                          std::make_unique<LocalGradients>());
 
-  optim::Optimizer& optimizer() { return *optimizer_; }
-  const optim::Optimizer& optimizer() const { return *optimizer_; }
+  void begin_step(int64_t) override {}
+  UpdateResult apply(int64_t global_step) override;
+  optim::Optimizer& optimizer() override { return *optimizer_; }
 
  private:
   const TrainedSet& trained_;
@@ -80,5 +95,48 @@ class UpdatePolicy {
   UpdateOptions options_;
   std::unique_ptr<GradientReduction> reduction_;
 };
+
+// fused_backward_pass (docs/memory.md): a post-accumulate-grad hook on every trained parameter
+// unscales its gradient, records its norm and finiteness on the device, steps the parameter and
+// frees the gradient, so at most the gradients of the layers in flight are ever held. What
+// needs every gradient at once changes meaning (settled by the plan, docs/memory.md):
+//   - max_grad_norm clips each tensor's gradient by its own norm;
+//   - under fp16, a tensor whose gradient is inf/NaN is not stepped (weights and moments kept),
+//     the tensors stepped before it keep their step, and the scale backs off as usual;
+//   - gradient accumulation is refused by the plan (the step needs the whole sum).
+// EMA and the loss-scale update run in apply, as after an unfused step.
+class FusedBackwardUpdate final : public UpdatePolicy {
+ public:
+  FusedBackwardUpdate(const TrainedSet& trained, std::unique_ptr<optim::Optimizer> optimizer,
+                      LossScaler& scaler, EMAModel* ema, UpdateOptions options);
+  ~FusedBackwardUpdate() override;  // removes the hooks
+  FusedBackwardUpdate(const FusedBackwardUpdate&) = delete;
+  FusedBackwardUpdate& operator=(const FusedBackwardUpdate&) = delete;
+
+  void begin_step(int64_t global_step) override;
+  UpdateResult apply(int64_t global_step) override;
+  optim::Optimizer& optimizer() override { return *optimizer_; }
+
+  // The hook's work for optimizer parameter `index` (public for the hook object only).
+  void on_gradient(size_t index);
+
+ private:
+  const TrainedSet& trained_;
+  std::unique_ptr<optim::Optimizer> optimizer_;
+  LossScaler& scaler_;
+  EMAModel* ema_;
+  UpdateOptions options_;
+  std::vector<torch::Tensor> parameters_;  // the optimizer's, in its order
+  torch::Tensor inverse_scale_;            // float32 [1] on the device, set by begin_step
+  torch::Tensor non_finite_;               // float32 [n]: 1 where a gradient held inf/NaN
+  torch::Tensor norms_;                    // float32 [n]: each gradient's 2-norm, unclipped
+};
+
+// The policy the plan chose: fused or after backward.
+std::unique_ptr<UpdatePolicy> make_update_policy(bool fused_backward_pass,
+                                                 const TrainedSet& trained,
+                                                 std::unique_ptr<optim::Optimizer> optimizer,
+                                                 LossScaler& scaler, EMAModel* ema,
+                                                 UpdateOptions options);
 
 }  // namespace sdtrain::train

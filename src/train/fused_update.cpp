@@ -1,0 +1,117 @@
+// fused_backward_pass: the optimizer step inside the backward pass (include/sdtrain/train/
+// update.h; why and what changes: docs/memory.md). The hook follows PyTorch's recipe for an
+// optimizer in the backward pass (Tensor.register_post_accumulate_grad_hook): it runs once per
+// parameter per backward, after every contribution to the gradient has been summed, when no
+// node still to run reads the parameter, so stepping it there cannot change another gradient.
+#include <torch/csrc/autograd/function_hook.h>
+#include <cmath>
+#include <torch/csrc/autograd/variable.h>
+
+#include "sdtrain/train/update.h"
+
+namespace sdtrain::train {
+namespace {
+
+class StepInBackward final : public torch::autograd::PostAccumulateGradHook {
+ public:
+  StepInBackward(FusedBackwardUpdate& owner, size_t index) : owner_(owner), index_(index) {}
+  void operator()(const torch::autograd::Variable&) override { owner_.on_gradient(index_); }
+
+ private:
+  FusedBackwardUpdate& owner_;
+  size_t index_;
+};
+
+}  // namespace
+
+FusedBackwardUpdate::FusedBackwardUpdate(const TrainedSet& trained,
+                                         std::unique_ptr<optim::Optimizer> optimizer,
+                                         LossScaler& scaler, EMAModel* ema, UpdateOptions options)
+    : trained_(trained),
+      optimizer_(std::move(optimizer)),
+      scaler_(scaler),
+      ema_(ema),
+      options_(std::move(options)) {
+  for (const auto& [name, parameter] : optimizer_->parameters()) parameters_.push_back(parameter);
+  TORCH_CHECK(!parameters_.empty(), "fused_backward_pass: nothing is trained");
+  const auto on_device =
+      torch::TensorOptions().dtype(torch::kFloat32).device(parameters_.front().device());
+  non_finite_ = torch::zeros({static_cast<int64_t>(parameters_.size())}, on_device);
+  norms_ = torch::zeros({static_cast<int64_t>(parameters_.size())}, on_device);
+  inverse_scale_ = scaler_.inverse_scale();
+  for (size_t i = 0; i < parameters_.size(); ++i) {
+    torch::autograd::impl::set_post_acc_grad_hooks(parameters_[i],
+                                                   std::make_unique<StepInBackward>(*this, i));
+  }
+}
+
+FusedBackwardUpdate::~FusedBackwardUpdate() {
+  for (const auto& parameter : parameters_)
+    torch::autograd::impl::set_post_acc_grad_hooks(parameter, nullptr);
+}
+
+void FusedBackwardUpdate::begin_step(int64_t global_step) {
+  optimizer_->set_lr(learning_rate_at(options_.lr, global_step));
+  inverse_scale_ = scaler_.inverse_scale();
+}
+
+void FusedBackwardUpdate::on_gradient(size_t index) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor& grad = parameters_[index].mutable_grad();
+  if (!grad.defined()) return;
+  const torch::Tensor non_finite = non_finite_.narrow(0, static_cast<int64_t>(index), 1);
+  LossScaler::unscale_and_flag(grad, non_finite, inverse_scale_);
+  const torch::Tensor norm =
+      torch::linalg_vector_norm(grad, 2, c10::nullopt, false, c10::nullopt);
+  norms_.narrow(0, static_cast<int64_t>(index), 1).copy_(norm.reshape({1}));
+  if (options_.max_grad_norm > 0) {
+    // Per tensor: the global norm would need every gradient first (docs/memory.md).
+    grad.mul_(torch::clamp_max(options_.max_grad_norm / (norm + 1e-6), 1.0).to(grad.scalar_type()));
+  }
+  // Under fp16 the device-side flag skips an overflowed tensor without a host read; otherwise
+  // an inf/NaN ends the run in apply, so the plain step (no flag) is taken.
+  optimizer_->step_parameter(index, grad, scaler_.enabled() ? non_finite : torch::Tensor());
+  grad = torch::Tensor();
+}
+
+UpdateResult FusedBackwardUpdate::apply(int64_t global_step) {
+  // One host read per step, as the unfused update's finite check.
+  const torch::Tensor total_norm =
+      torch::linalg_vector_norm(norms_, 2, c10::nullopt, false, c10::nullopt).reshape({1});
+  const torch::Tensor host = torch::cat({non_finite_, total_norm}).to(torch::kCPU);
+  const float* values = host.data_ptr<float>();
+  UpdateResult result;
+  result.lr = learning_rate_at(options_.lr, global_step);
+  result.loss_scale = scaler_.scale_value();
+  result.grad_norm = values[parameters_.size()];
+  if (!std::isfinite(result.grad_norm)) result.grad_norm = 0;  // as a skipped unfused step
+  bool any_non_finite = false;
+  for (size_t i = 0; i < parameters_.size(); ++i) {
+    if (values[i] == 0.0f) continue;
+    any_non_finite = true;
+    optimizer_->retract_step(i);  // the kernel left it untouched; its count goes back
+  }
+  if (any_non_finite && !scaler_.enabled()) throw_diverged(global_step, options_);
+  result.skipped = any_non_finite;
+  // EMA follows the unfused rule: an overflowed step is not averaged in.
+  if (!any_non_finite && ema_) ema_->step(trained_.component_parameters("unet"));
+  scaler_.update(any_non_finite);
+  non_finite_.zero_();
+  norms_.zero_();
+  optimizer_->zero_grad(true);  // parameters the backward pass never reached
+  return result;
+}
+
+std::unique_ptr<UpdatePolicy> make_update_policy(bool fused_backward_pass,
+                                                 const TrainedSet& trained,
+                                                 std::unique_ptr<optim::Optimizer> optimizer,
+                                                 LossScaler& scaler, EMAModel* ema,
+                                                 UpdateOptions options) {
+  if (fused_backward_pass)
+    return std::make_unique<FusedBackwardUpdate>(trained, std::move(optimizer), scaler, ema,
+                                                 std::move(options));
+  return std::make_unique<UpdateAfterBackward>(trained, std::move(optimizer), scaler, ema,
+                                               std::move(options));
+}
+
+}  // namespace sdtrain::train
