@@ -304,7 +304,10 @@ Field auto_switch_field(std::string name, G TrainConfig::*group, AutoSwitch G::*
       access(config) = AutoSwitch::automatic;
       return;
     }
-    if (!value.is_boolean() && !value.is_string())
+    static const std::vector<std::string> spellings = {"true", "True", "false", "False"};
+    const bool spelled = value.is_string() && std::find(spellings.begin(), spellings.end(),
+                                                        value.get<std::string>()) != spellings.end();
+    if (!value.is_boolean() && !spelled)
       fail(origin, name, "expected \"auto\", true or false, got " + value.dump());
     access(config) = parse_bool(value, origin, name) ? AutoSwitch::on : AutoSwitch::off;
   };

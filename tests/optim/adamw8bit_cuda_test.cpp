@@ -78,10 +78,12 @@ void expect_bit_identical(const AdamW8bit& cpu, const AdamW8bit& gpu, int step) 
   }
 }
 
-void run_equivalence(torch::ScalarType type, bool per_parameter) {
+void run_equivalence(torch::ScalarType type, bool per_parameter, bool stochastic = false) {
   OptimizerOptions options;
   options.lr = 1e-3;
   options.weight_decay = 1e-2;
+  options.stochastic_rounding = stochastic;
+  options.rounding_seed = 0x1234567890abcdefULL;
   NamedParameters cpu_params = make_parameters(type, torch::kCPU);
   NamedParameters gpu_params = make_parameters(type, torch::kCUDA);
   AdamW8bit cpu(cpu_params, options);
@@ -112,6 +114,29 @@ TEST(AdamW8bitCuda, BitIdenticalToReferenceFp16) {
 TEST(AdamW8bitCuda, BitIdenticalToReferenceBf16) {
   SDTRAIN_REQUIRE_CUDA();
   run_equivalence(torch::kBFloat16, false);
+}
+
+// Lean mode: the kernels' stochastic rounding draws the reference's bits for every element.
+TEST(AdamW8bitCuda, StochasticRoundingOfBf16IsBitIdenticalToTheReference) {
+  SDTRAIN_REQUIRE_CUDA();
+  run_equivalence(torch::kBFloat16, false, /*stochastic=*/true);
+  run_equivalence(torch::kBFloat16, /*per_parameter=*/true, /*stochastic=*/true);
+}
+
+// Fused backward under fp16: a nonzero device-side flag leaves parameter and state untouched.
+TEST(AdamW8bitCuda, TheSkipFlagLeavesTheTensorUntouched) {
+  SDTRAIN_REQUIRE_CUDA();
+  NamedParameters params = make_parameters(torch::kFloat32, torch::kCUDA);
+  AdamW8bit optimizer(params, OptimizerOptions{});
+  set_gradients(params, 0);
+  const auto flag = torch::ones({1}, torch::TensorOptions().dtype(torch::kFloat32).device(torch::kCUDA));
+  for (size_t i = 0; i < params.size(); ++i) {
+    const torch::Tensor before = params[i].second.detach().clone();
+    const torch::Tensor state_before = optimizer.state(i).state1.clone();
+    optimizer.step_parameter(i, params[i].second.grad(), flag);
+    EXPECT_TRUE(torch::equal(before, params[i].second.detach())) << params[i].first;
+    EXPECT_TRUE(torch::equal(state_before, optimizer.state(i).state1)) << params[i].first;
+  }
 }
 
 TEST(AdamW8bitCuda, PerParameterStepsEqualTheMultiTensorStep) {

@@ -227,6 +227,54 @@ TEST(TrainResume, ExactInLoRAModeWithEmaAndTheTextEncoder) {
                           {"num_class_images", 4}});
 }
 
+// Lean mode (docs/memory.md): bf16 weights rounded stochastically by adamw8bit, fused steps.
+// The rounding bits come from (seed, parameter, step), so a resume draws what it would have.
+TEST(TrainResume, ExactInLeanModeWithFusedStepsAndTheTextEncoder) {
+  expect_resume_is_exact({{"weight_dtype", "bf16"},
+                          {"mixed_precision", "bf16"},
+                          {"optimizer", "adamw8bit"},
+                          {"fused_backward_pass", true},
+                          {"max_grad_norm", 0},
+                          {"train_text_encoder", true},
+                          {"with_prior_preservation", true},
+                          {"num_class_images", 4}});
+}
+
+// fused_backward_pass changes nothing where nothing needs every gradient at once: the demo's
+// ten steps with prior preservation, the text encoder, EMA and gradient checkpointing (whose
+// recomputation runs inside the backward pass the hooks step from) give the same bits.
+class FusedBackwardPass : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(FusedBackwardPass, TenStepsEqualTheUnfusedRunBitForBit) {
+  const fs::path dir = sdtrain::testing::scratch_dir();
+  nlohmann::json settings = {{"optimizer", GetParam()},       {"max_grad_norm", 0},
+                             {"train_text_encoder", true},    {"use_ema", true},
+                             {"gradient_checkpointing", true}, {"with_prior_preservation", true},
+                             {"num_class_images", 4}};
+  fs::create_directories(dir / "fused");
+  fs::create_directories(dir / "unfused");
+  settings["fused_backward_pass"] = true;
+  const RunResult fused = sdtrain("--config " + write_config(dir / "fused", settings).string());
+  ASSERT_EQ(fused.code, 0) << fused.output;
+  EXPECT_NE(fused.output.find("fused_backward_pass on"), std::string::npos) << fused.output;
+  settings["fused_backward_pass"] = false;
+  const RunResult unfused = sdtrain("--config " + write_config(dir / "unfused", settings).string());
+  ASSERT_EQ(unfused.code, 0) << unfused.output;
+  EXPECT_NE(unfused.output.find("fused_backward_pass off"), std::string::npos) << unfused.output;
+  expect_same_weights(dir / "fused" / "out", dir / "unfused" / "out");
+}
+
+INSTANTIATE_TEST_SUITE_P(Optimizers, FusedBackwardPass, ::testing::Values("adamw", "adamw8bit"));
+
+TEST(FusedBackwardPass, RefusedWithGradientAccumulationExit1) {
+  const fs::path dir = sdtrain::testing::scratch_dir();
+  const RunResult run = sdtrain("--dry-run --config " +
+                                write_config(dir, {{"fused_backward_pass", true}, {"gradient_accumulation_steps", 2}})
+                                    .string());
+  EXPECT_EQ(run.code, 1) << run.output;
+  EXPECT_NE(run.output.find("set gradient_accumulation_steps 1"), std::string::npos) << run.output;
+}
+
 TEST(TrainResume, RefusesToResumeWithChangedHyperparameters) {
   const fs::path dir = sdtrain::testing::scratch_dir();
   const RunResult first = sdtrain("--config " + write_config(dir, {{"max_steps", 3}, {"checkpointing_steps", 2}}).string());
