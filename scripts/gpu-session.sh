@@ -14,7 +14,10 @@
 #      with and without gradient checkpointing, and diffusers' train_dreambooth_lora.py with the
 #      same settings when .whl/train_dreambooth_lora.py was packed (timed by
 #      tools/time_training_script.py): median s/step and peak allocated memory of each.
-# Arguments pick sections: tests demo timing profile lora (default: the first four). See
+#   6. bench (issue 15): tools/benchmark.py, every lean-memory row beside train_dreambooth.py
+#      when .whl/train_dreambooth.py was packed; the table in $OUT/bench/benchmark.md, ready for
+#      docs/benchmarks.md.
+# Arguments pick sections: tests demo timing profile lora bench (default: the first four). See
 # docs/gpu.md.
 set -uo pipefail
 R="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; O="${OUT:-/tmp/gpu-session}"; mkdir -p "$O"
@@ -104,6 +107,13 @@ for checkpointing in "" --gradient_checkpointing; do
     --output_dir=/tmp/diffusers-lora $checkpointing > "$O/diffusers-lora$checkpointing.log" 2>&1
   echo "diffusers lora ${checkpointing:-(no checkpointing)} rc $?: $(tail -1 "$O/diffusers-lora$checkpointing.log")"
 done
+}
+bench() {
+echo "== 6. the lean-memory benchmark (tools/benchmark.py)"
+full_size_model || return
+local script=(); [ -f "$R/.whl/train_dreambooth.py" ] && script=(--diffusers-script "$R/.whl/train_dreambooth.py")
+timeout 420 python3 "$R/tools/benchmark.py" --sdtrain "$B/sdtrain" --model /tmp/sd21 \
+  --out "$O/bench" "${script[@]}" 2>&1 | tail -15
 }
 for section in "${@:-tests demo timing profile}"; do
   for s in $section; do "$s"; done

@@ -115,6 +115,7 @@ DiffusionLoss::Options DiffusionLoss::options_for(const TrainConfig& config, Pre
                                                   torch::Device device) {
   Options options;
   options.prior_preservation = config.class_images.with_prior_preservation;
+  options.cache_weight_casts = !config.compute.gradient_checkpointing;
   options.prior_loss_weight = config.class_images.prior_loss_weight;
   options.snr_gamma = config.loss.snr_gamma;
   options.precision = precision;
@@ -152,7 +153,8 @@ torch::Tensor DiffusionLoss::operator()(const LossInputs& inputs) {
   const int64_t batch = inputs.latents.size(0);
   torch::Tensor prediction;
   {
-    AutocastGuard autocast(options_.device.type(), options_.precision);
+    AutocastGuard autocast(options_.device.type(), options_.precision,
+                           options_.cache_weight_casts);
     const torch::Tensor embeds =
         prompts_.embeddings(options_.prior_preservation ? batch / 2 : batch);
     prediction = unet_->forward(noisy, inputs.timesteps, embeds);

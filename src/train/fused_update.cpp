@@ -4,8 +4,9 @@
 // parameter per backward, after every contribution to the gradient has been summed, when no
 // node still to run reads the parameter, so stepping it there cannot change another gradient.
 #include <torch/csrc/autograd/function_hook.h>
-#include <cmath>
 #include <torch/csrc/autograd/variable.h>
+
+#include <cmath>
 
 #include "sdtrain/train/update.h"
 
@@ -27,11 +28,7 @@ class StepInBackward final : public torch::autograd::PostAccumulateGradHook {
 FusedBackwardUpdate::FusedBackwardUpdate(const TrainedSet& trained,
                                          std::unique_ptr<optim::Optimizer> optimizer,
                                          LossScaler& scaler, EMAModel* ema, UpdateOptions options)
-    : trained_(trained),
-      optimizer_(std::move(optimizer)),
-      scaler_(scaler),
-      ema_(ema),
-      options_(std::move(options)) {
+    : UpdatePolicy(trained, std::move(optimizer), scaler, ema, std::move(options)) {
   for (const auto& [name, parameter] : optimizer_->parameters()) parameters_.push_back(parameter);
   TORCH_CHECK(!parameters_.empty(), "fused_backward_pass: nothing is trained");
   const auto on_device =
@@ -61,8 +58,7 @@ void FusedBackwardUpdate::on_gradient(size_t index) {
   if (!grad.defined()) return;
   const torch::Tensor non_finite = non_finite_.narrow(0, static_cast<int64_t>(index), 1);
   LossScaler::unscale_and_flag(grad, non_finite, inverse_scale_);
-  const torch::Tensor norm =
-      torch::linalg_vector_norm(grad, 2, c10::nullopt, false, c10::nullopt);
+  const torch::Tensor norm = torch::linalg_vector_norm(grad, 2, c10::nullopt, false, c10::nullopt);
   norms_.narrow(0, static_cast<int64_t>(index), 1).copy_(norm.reshape({1}));
   if (options_.max_grad_norm > 0) {
     // Per tensor: the global norm would need every gradient first (docs/memory.md).

@@ -74,7 +74,8 @@ bool decide_fused_backward_pass(const TrainConfig& c, std::vector<std::string>& 
   if (accumulation > 1) {
     throw ConfigError(
         "\"fused_backward_pass\" steps each parameter inside the backward pass, but "
-        "\"gradient_accumulation_steps\": " + std::to_string(accumulation) +
+        "\"gradient_accumulation_steps\": " +
+        std::to_string(accumulation) +
         " sums that many backward passes before a step; set gradient_accumulation_steps 1 (and "
         "raise train_batch_size) or fused_backward_pass false");
   }
@@ -154,13 +155,14 @@ MemoryEstimate estimate_memory(const TrainConfig& c, const std::vector<Component
   }
   const double samples =
       c.length.train_batch_size * (c.class_images.with_prior_preservation ? 2.0 : 1.0);
-  const double pixels = static_cast<double>(c.data.resolution) * c.data.resolution / (512.0 * 512.0);
+  const double pixels =
+      static_cast<double>(c.data.resolution) * c.data.resolution / (512.0 * 512.0);
   const double per_sample = c.compute.gradient_checkpointing ? kActivationBytesPerSampleCheckpointed
                                                              : kActivationBytesPerSample;
   if (gpu)
-    m.activations = static_cast<int64_t>(per_sample * samples * pixels *
-                                         (static_cast<double>(unet_parameters) /
-                                          kReferenceUNetParameters));
+    m.activations =
+        static_cast<int64_t>(per_sample * samples * pixels *
+                             (static_cast<double>(unet_parameters) / kReferenceUNetParameters));
   return m;
 }
 
@@ -178,20 +180,24 @@ void choose_settings_for_budget(TrainConfig& c, const std::vector<ComponentSize>
     std::function<bool(TrainConfig&)> apply;  // false: not applicable to this run
   };
   const std::vector<Step> steps = {
-      {"gradient_checkpointing on", [](TrainConfig& t) {
+      {"gradient_checkpointing on",
+       [](TrainConfig& t) {
          if (t.compute.gradient_checkpointing) return false;
          return t.compute.gradient_checkpointing = true;
        }},
-      {"optimizer adamw8bit", [](TrainConfig& t) {
+      {"optimizer adamw8bit",
+       [](TrainConfig& t) {
          if (t.resolved_optimizer() == "adamw8bit") return false;
          t.optimizer.name = "adamw8bit";
          return true;
        }},
-      {"cache_latents on (the VAE leaves the GPU)", [](TrainConfig& t) {
+      {"cache_latents on (the VAE leaves the GPU)",
+       [](TrainConfig& t) {
          if (t.data.cache_latents || t.data.random_flip || !t.data.center_crop) return false;
          return t.data.cache_latents = true;
        }},
-      {"fused_backward_pass on", [](TrainConfig& t) {
+      {"fused_backward_pass on",
+       [](TrainConfig& t) {
          if (t.compute.fused_backward_pass == AutoSwitch::off ||
              t.compute.fused_backward_pass == AutoSwitch::on ||
              t.length.gradient_accumulation_steps > 1)
@@ -199,7 +205,8 @@ void choose_settings_for_budget(TrainConfig& c, const std::vector<ComponentSize>
          t.compute.fused_backward_pass = AutoSwitch::on;
          return true;
        }},
-      {"weight_dtype bf16 (lean mode)", [full](TrainConfig& t) {
+      {"weight_dtype bf16 (lean mode)",
+       [full](TrainConfig& t) {
          if (!full || t.compute.weight_dtype == Precision::bf16 ||
              t.compute.mixed_precision == Precision::fp32)
            return false;
@@ -209,8 +216,8 @@ void choose_settings_for_budget(TrainConfig& c, const std::vector<ComponentSize>
   };
   int64_t bytes = estimate(c);
   if (bytes <= budget_bytes) {
-    notes.push_back("memory_budget " + gib(budget_bytes) + ": the settings as given fit (estimate " +
-                    gib(bytes) + ")");
+    notes.push_back("memory_budget " + gib(budget_bytes) +
+                    ": the settings as given fit (estimate " + gib(bytes) + ")");
     return;
   }
   for (const Step& step : steps) {

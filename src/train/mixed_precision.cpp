@@ -37,12 +37,14 @@ c10::ScalarType compute_dtype(Precision precision) {
   }
 }
 
-AutocastGuard::AutocastGuard(c10::DeviceType device_type, Precision precision)
+AutocastGuard::AutocastGuard(c10::DeviceType device_type, Precision precision, bool cache_casts)
     : device_type_(device_type) {
   if (precision == Precision::fp32) return;
   active_ = true;
   previous_enabled_ = at::autocast::is_autocast_enabled(device_type_);
   previous_dtype_ = at::autocast::get_autocast_dtype(device_type_);
+  previous_cache_ = at::autocast::is_autocast_cache_enabled();
+  at::autocast::set_autocast_cache_enabled(cache_casts);
   at::autocast::set_autocast_enabled(device_type_, true);
   at::autocast::set_autocast_dtype(device_type_, compute_dtype(precision));
   at::autocast::increment_nesting();
@@ -53,6 +55,7 @@ AutocastGuard::~AutocastGuard() {
   if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
   at::autocast::set_autocast_enabled(device_type_, previous_enabled_);
   at::autocast::set_autocast_dtype(device_type_, previous_dtype_);
+  at::autocast::set_autocast_cache_enabled(previous_cache_);
 }
 
 LossScaler::LossScaler(bool enabled, torch::Device device, const LossScalerOptions& options)

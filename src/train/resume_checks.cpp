@@ -33,7 +33,12 @@ const std::vector<std::string>& resumable_differences() {
                                                 "prior_generation_precision",
                                                 "prior_generation_scheduler",
                                                 "prior_generation_steps",
-                                                "prior_generation_guidance_scale"};
+                                                "prior_generation_guidance_scale",
+                                                // How memory is saved, not what is computed: the
+                                                // optimizer state is the same either way, and the
+                                                // settings a budget chose are compared themselves.
+                                                "fused_backward_pass",
+                                                "memory_budget"};
   return keys;
 }
 

@@ -37,11 +37,7 @@ UpdateAfterBackward::UpdateAfterBackward(const TrainedSet& trained,
                                          std::unique_ptr<optim::Optimizer> optimizer,
                                          LossScaler& scaler, EMAModel* ema, UpdateOptions options,
                                          std::unique_ptr<GradientReduction> reduction)
-    : trained_(trained),
-      optimizer_(std::move(optimizer)),
-      scaler_(scaler),
-      ema_(ema),
-      options_(std::move(options)),
+    : UpdatePolicy(trained, std::move(optimizer), scaler, ema, std::move(options)),
       reduction_(std::move(reduction)) {}
 
 UpdateResult UpdateAfterBackward::apply(int64_t global_step) {

@@ -38,8 +38,9 @@ struct ToyRun {
 
   ToyRun(const std::string& optimizer, bool fused, bool loss_scaling, double max_grad_norm = 0)
       : model(make_model()), scaler(loss_scaling, torch::kCPU) {
-    trained.emplace(std::vector<PipelineModule>{{"unet", "diffusion_pytorch_model", model.ptr(), {}}},
-                    std::vector<std::string>{"unet"});
+    trained.emplace(
+        std::vector<PipelineModule>{{"unet", "diffusion_pytorch_model", model.ptr(), {}}},
+        std::vector<std::string>{"unet"});
     optim::OptimizerOptions options;
     options.lr = 1e-2;
     UpdateOptions update_options;
@@ -128,7 +129,8 @@ TEST(FusedBackwardUpdate, AnInfGradientWithoutLossScalingEndsTheRunAsDiverged) {
     FAIL() << "no error";
   } catch (const Error& error) {
     EXPECT_EQ(error.code(), ExitCode::training_diverged);
-    EXPECT_NE(std::string(error.what()).find("inf/NaN at step 2"), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("inf/NaN at step 2"), std::string::npos)
+        << error.what();
   }
 }
 
@@ -142,14 +144,16 @@ TEST(FusedBackwardUpdate, ClipsEachTensorByItsOwnNorm) {
   reference.model->forward(x).backward();
   for (const auto& parameter : reference.trained->parameters()) {
     torch::Tensor grad = parameter.grad();
-    const torch::Tensor norm = torch::linalg_vector_norm(grad, 2, c10::nullopt, false, c10::nullopt);
+    const torch::Tensor norm =
+        torch::linalg_vector_norm(grad, 2, c10::nullopt, false, c10::nullopt);
     grad.mul_(torch::clamp_max(1e-3 / (norm + 1e-6), 1.0));
   }
   reference.update->apply(0);
   run.step(0);
   const auto a = run.trained->named_parameters();
   const auto b = reference.trained->named_parameters();
-  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i].second, b[i].second)) << a[i].first;
+  for (size_t i = 0; i < a.size(); ++i)
+    EXPECT_TRUE(torch::equal(a[i].second, b[i].second)) << a[i].first;
 }
 
 TEST(FusedBackwardUpdate, TheHooksGoWithThePolicy) {

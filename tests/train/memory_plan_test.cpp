@@ -14,7 +14,8 @@ namespace {
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
 TrainConfig config_with(const std::vector<std::string>& overrides) {
-  std::vector<std::string> all = {"pretrained_model_name_or_path=/model", "instance_data_dir=/photos"};
+  std::vector<std::string> all = {"pretrained_model_name_or_path=/model",
+                                  "instance_data_dir=/photos"};
   all.insert(all.end(), overrides.begin(), overrides.end());
   return load_train_config({}, all);
 }
@@ -37,24 +38,28 @@ std::string refusal(const std::function<void()>& action) {
 TEST(FusedBackwardDecision, AutoTurnsOnOnlyWhereTheResultIsUnchanged) {
   std::vector<std::string> notes;
   EXPECT_FALSE(decide_fused_backward_pass(config_with({}), notes));  // max_grad_norm 1.0
-  EXPECT_FALSE(decide_fused_backward_pass(config_with({"max_grad_norm=0", "mixed_precision=fp16"}), notes));
+  EXPECT_FALSE(
+      decide_fused_backward_pass(config_with({"max_grad_norm=0", "mixed_precision=fp16"}), notes));
   EXPECT_FALSE(decide_fused_backward_pass(
       config_with({"max_grad_norm=0", "gradient_accumulation_steps=2"}), notes));
   EXPECT_TRUE(notes.empty());
-  EXPECT_TRUE(decide_fused_backward_pass(config_with({"max_grad_norm=0", "mixed_precision=bf16"}), notes));
+  EXPECT_TRUE(
+      decide_fused_backward_pass(config_with({"max_grad_norm=0", "mixed_precision=bf16"}), notes));
   EXPECT_TRUE(has_note(notes, "fused_backward_pass auto: on")) << notes.front();
   notes.clear();
-  EXPECT_FALSE(decide_fused_backward_pass(config_with({"max_grad_norm=0", "fused_backward_pass=false"}), notes));
+  EXPECT_FALSE(decide_fused_backward_pass(
+      config_with({"max_grad_norm=0", "fused_backward_pass=false"}), notes));
   EXPECT_TRUE(notes.empty());
 }
 
 TEST(FusedBackwardDecision, RefusesGradientAccumulation) {
   std::vector<std::string> notes;
   const std::string message = refusal([&] {
-    decide_fused_backward_pass(config_with({"fused_backward_pass=true", "gradient_accumulation_steps=4"}),
-                               notes);
+    decide_fused_backward_pass(
+        config_with({"fused_backward_pass=true", "gradient_accumulation_steps=4"}), notes);
   });
-  EXPECT_NE(message.find("\"gradient_accumulation_steps\": 4 sums that many backward passes"), std::string::npos)
+  EXPECT_NE(message.find("\"gradient_accumulation_steps\": 4 sums that many backward passes"),
+            std::string::npos)
       << message;
   EXPECT_NE(message.find("set gradient_accumulation_steps 1"), std::string::npos) << message;
 }
@@ -62,9 +67,11 @@ TEST(FusedBackwardDecision, RefusesGradientAccumulation) {
 TEST(FusedBackwardDecision, AnnouncesPerTensorClippingAndPerTensorOverflowSkips) {
   std::vector<std::string> notes;
   EXPECT_TRUE(decide_fused_backward_pass(
-      config_with({"fused_backward_pass=true", "max_grad_norm=1.0", "mixed_precision=fp16"}), notes));
+      config_with({"fused_backward_pass=true", "max_grad_norm=1.0", "mixed_precision=fp16"}),
+      notes));
   ASSERT_EQ(notes.size(), 2u);
-  EXPECT_TRUE(has_note(notes, "max_grad_norm 1 clips each tensor's gradient by its own norm")) << notes[0];
+  EXPECT_TRUE(has_note(notes, "max_grad_norm 1 clips each tensor's gradient by its own norm"))
+      << notes[0];
   EXPECT_TRUE(has_note(notes, "skips only the tensors whose gradients are inf/NaN")) << notes[1];
 }
 
@@ -85,7 +92,8 @@ TEST(LeanWeights, RefusesWhatCannotWorkAndAnnouncesTheRest) {
             }).find("LoRA run's adapters"),
             std::string::npos);
   EXPECT_TRUE(notes.empty());
-  check_lean_weights(config_with({"weight_dtype=bf16", "optimizer=adamw8bit", "mixed_precision=fp16"}), notes);
+  check_lean_weights(
+      config_with({"weight_dtype=bf16", "optimizer=adamw8bit", "mixed_precision=fp16"}), notes);
   EXPECT_TRUE(has_note(notes, "rounded stochastically"));
 }
 
@@ -110,7 +118,7 @@ TEST(MemoryEstimate, CountsWhatTheRunHoldsOnTheDevice) {
   EXPECT_EQ(plain.trained_weights, 4 * unet);
   EXPECT_EQ(plain.gradients, 4 * unet);
   EXPECT_EQ(plain.frozen_weights, 2 * sizes[2].parameters);  // the VAE stays; the text encoder left
-  EXPECT_EQ(plain.autocast_copies, 0);                            // checkpointing: transient
+  EXPECT_EQ(plain.autocast_copies, 0);                       // checkpointing: transient
   const MemoryEstimate fused = estimate_memory(base, sizes, true, true);
   EXPECT_EQ(fused.gradients, 4 * (6553600 + 5000000));
   TrainConfig lean = base;
@@ -142,7 +150,8 @@ TEST(MemoryBudget, ChoosesTheLeanestSettingsInOrderAndSaysWhy) {
   ASSERT_GE(notes.size(), 4u);
   EXPECT_NE(notes[0].find("gradient_checkpointing on"), std::string::npos) << notes[0];
   EXPECT_NE(notes[1].find("optimizer adamw8bit"), std::string::npos) << notes[1];
-  EXPECT_LE(estimate_memory(config, sd21_sizes(), true, true).total(), static_cast<int64_t>(6 * kGiB));
+  EXPECT_LE(estimate_memory(config, sd21_sizes(), true, true).total(),
+            static_cast<int64_t>(6 * kGiB));
 
   TrainConfig roomy = config_with({});
   notes.clear();
@@ -151,19 +160,25 @@ TEST(MemoryBudget, ChoosesTheLeanestSettingsInOrderAndSaysWhy) {
   EXPECT_TRUE(has_note(notes, "the settings as given fit"));
 
   TrainConfig tight = config;
-  const std::string message = refusal(
-      [&] { choose_settings_for_budget(tight, sd21_sizes(), static_cast<int64_t>(1 * kGiB), notes); });
-  EXPECT_NE(message.find("even the leanest settings need an estimated"), std::string::npos) << message;
+  const std::string message = refusal([&] {
+    choose_settings_for_budget(tight, sd21_sizes(), static_cast<int64_t>(1 * kGiB), notes);
+  });
+  EXPECT_NE(message.find("even the leanest settings need an estimated"), std::string::npos)
+      << message;
 }
 
 TEST(MemoryBudget, ParsesNullAutoAndGiB) {
   EXPECT_EQ(config_with({}).compute.memory_budget.kind, MemoryBudget::Kind::none);
-  EXPECT_EQ(config_with({"memory_budget=auto"}).compute.memory_budget.kind, MemoryBudget::Kind::automatic);
+  EXPECT_EQ(config_with({"memory_budget=auto"}).compute.memory_budget.kind,
+            MemoryBudget::Kind::automatic);
   const TrainConfig six = config_with({"memory_budget=6"});
   EXPECT_EQ(six.compute.memory_budget.kind, MemoryBudget::Kind::gib);
   EXPECT_EQ(six.compute.memory_budget.gib, 6.0);
-  EXPECT_NE(refusal([] { config_with({"memory_budget=-1"}); }).find("a number of GiB > 0"), std::string::npos);
-  EXPECT_NE(refusal([] { config_with({"fused_backward_pass=sometimes"}); }).find("expected \"auto\", true or false"),
+  EXPECT_NE(refusal([] { config_with({"memory_budget=-1"}); }).find("a number of GiB > 0"),
+            std::string::npos);
+  EXPECT_NE(refusal([] {
+              config_with({"fused_backward_pass=sometimes"});
+            }).find("expected \"auto\", true or false"),
             std::string::npos);
 }
 

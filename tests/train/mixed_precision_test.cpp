@@ -8,6 +8,8 @@
 
 #include "sdtrain/train/mixed_precision.h"
 
+#include <ATen/autocast_mode.h>
+
 namespace sdtrain::train {
 namespace {
 
@@ -87,6 +89,28 @@ TEST(Autocast, ComputesInTheLowPrecisionDtypeInsideTheScopeOnly) {
     AutocastGuard none(torch::kCPU, Precision::fp32);
     EXPECT_EQ(torch::mm(a, b).scalar_type(), torch::kFloat);
   }
+}
+
+// docs/memory.md: without the cast cache each use casts anew, so no half copy of a weight
+// outlives the layer that used it; the values are the same, and the caller's setting returns.
+TEST(Autocast, WithoutTheCastCacheGivesTheSameValuesAndRestoresTheSetting) {
+  ASSERT_TRUE(at::autocast::is_autocast_cache_enabled());
+  torch::manual_seed(5);
+  torch::nn::Linear layer(16, 16);
+  const torch::Tensor x = torch::randn({4, 16});
+  torch::Tensor cached, uncached;
+  {
+    AutocastGuard guard(torch::kCPU, Precision::bf16);
+    cached = layer(x);
+  }
+  {
+    AutocastGuard guard(torch::kCPU, Precision::bf16, /*cache_casts=*/false);
+    EXPECT_FALSE(at::autocast::is_autocast_cache_enabled());
+    uncached = layer(x);
+  }
+  EXPECT_TRUE(at::autocast::is_autocast_cache_enabled());
+  EXPECT_EQ(uncached.scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(cached, uncached));
 }
 
 TEST(Precision, ParsesConfigNames) {

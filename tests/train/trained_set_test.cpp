@@ -165,3 +165,31 @@ TEST(TrainedSetRun, CheckpointAndExportFollowWhatIsTrained) {
 
 }  // namespace
 }  // namespace sdtrain::train
+
+namespace sdtrain::train {
+namespace {
+
+// docs/memory.md: the VAE (with cache_latents) and a frozen text encoder leave the GPU once
+// their work is cached, and come back for validation. Skipped without a GPU.
+TEST(FrozenModelsCuda, CachedOnesLeaveTheGpuAndComeBack) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
+  TrainConfig config = demo_config(false);
+  config.data.cache_latents = true;
+  TrainingModels models = load_training_models(io::ModelFolder(config.pretrained_model_name_or_path),
+                                               config, torch::kCUDA, Precision::fp16);
+  const auto moved = move_cached_frozen_models(models, config, torch::kCUDA, /*to_host=*/true);
+  EXPECT_EQ(moved, (std::vector<std::string>{"vae", "text_encoder"}));
+  EXPECT_TRUE(models.vae->parameters().front().device().is_cpu());
+  EXPECT_TRUE(models.text_encoder->parameters().front().device().is_cpu());
+  EXPECT_TRUE(models.unet->parameters().front().is_cuda());
+  move_cached_frozen_models(models, config, torch::kCUDA, /*to_host=*/false);
+  EXPECT_TRUE(models.vae->parameters().front().is_cuda());
+  EXPECT_TRUE(models.text_encoder->parameters().front().is_cuda());
+  // A trained text encoder and an uncached VAE stay.
+  config.data.cache_latents = false;
+  config.train_text_encoder = true;
+  EXPECT_TRUE(move_cached_frozen_models(models, config, torch::kCUDA, true).empty());
+}
+
+}  // namespace
+}  // namespace sdtrain::train

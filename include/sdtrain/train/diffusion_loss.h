@@ -93,6 +93,9 @@ class DiffusionLoss {
     double prior_loss_weight = 1.0;
     std::optional<double> snr_gamma;
     Precision precision = Precision::fp32;
+    // Off under gradient checkpointing: no half copy of every weight held through the forward
+    // (AutocastGuard, docs/memory.md).
+    bool cache_weight_casts = true;
     torch::Device device = torch::kCPU;
   };
   static Options options_for(const TrainConfig& config, Precision precision, torch::Device device);

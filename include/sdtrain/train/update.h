@@ -65,7 +65,16 @@ struct UpdateOptions {
 // then one step) and FusedBackwardUpdate (each parameter stepped inside the backward pass).
 class UpdatePolicy {
  public:
+  UpdatePolicy(const TrainedSet& trained, std::unique_ptr<optim::Optimizer> optimizer,
+               LossScaler& scaler, EMAModel* ema, UpdateOptions options)
+      : trained_(trained),
+        optimizer_(std::move(optimizer)),
+        scaler_(scaler),
+        ema_(ema),
+        options_(std::move(options)) {}
   virtual ~UpdatePolicy() = default;
+  UpdatePolicy(const UpdatePolicy&) = delete;
+  UpdatePolicy& operator=(const UpdatePolicy&) = delete;
   // Before the micro-batches of the step after `global_step` steps.
   virtual void begin_step(int64_t global_step) = 0;
   // The step after `global_step` steps: applies the accumulated gradients (or finishes what the
@@ -73,7 +82,15 @@ class UpdatePolicy {
   // scaling; without it they mean the run diverged: Error(training_diverged), with
   // options.recovery_hint() appended.
   virtual UpdateResult apply(int64_t global_step) = 0;
-  virtual optim::Optimizer& optimizer() = 0;
+  optim::Optimizer& optimizer() { return *optimizer_; }
+
+ protected:
+  // What both policies work with: the trained set, its optimizer, the loss scale and EMA.
+  const TrainedSet& trained_;
+  std::unique_ptr<optim::Optimizer> optimizer_;
+  LossScaler& scaler_;
+  EMAModel* ema_;
+  UpdateOptions options_;
 };
 
 class UpdateAfterBackward final : public UpdatePolicy {
@@ -85,14 +102,8 @@ class UpdateAfterBackward final : public UpdatePolicy {
 
   void begin_step(int64_t) override {}
   UpdateResult apply(int64_t global_step) override;
-  optim::Optimizer& optimizer() override { return *optimizer_; }
 
  private:
-  const TrainedSet& trained_;
-  std::unique_ptr<optim::Optimizer> optimizer_;
-  LossScaler& scaler_;
-  EMAModel* ema_;
-  UpdateOptions options_;
   std::unique_ptr<GradientReduction> reduction_;
 };
 
@@ -110,22 +121,14 @@ class FusedBackwardUpdate final : public UpdatePolicy {
   FusedBackwardUpdate(const TrainedSet& trained, std::unique_ptr<optim::Optimizer> optimizer,
                       LossScaler& scaler, EMAModel* ema, UpdateOptions options);
   ~FusedBackwardUpdate() override;  // removes the hooks
-  FusedBackwardUpdate(const FusedBackwardUpdate&) = delete;
-  FusedBackwardUpdate& operator=(const FusedBackwardUpdate&) = delete;
 
   void begin_step(int64_t global_step) override;
   UpdateResult apply(int64_t global_step) override;
-  optim::Optimizer& optimizer() override { return *optimizer_; }
 
   // The hook's work for optimizer parameter `index` (public for the hook object only).
   void on_gradient(size_t index);
 
  private:
-  const TrainedSet& trained_;
-  std::unique_ptr<optim::Optimizer> optimizer_;
-  LossScaler& scaler_;
-  EMAModel* ema_;
-  UpdateOptions options_;
   std::vector<torch::Tensor> parameters_;  // the optimizer's, in its order
   torch::Tensor inverse_scale_;            // float32 [1] on the device, set by begin_step
   torch::Tensor non_finite_;               // float32 [n]: 1 where a gradient held inf/NaN

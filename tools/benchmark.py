@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""The project's GPU benchmark: steps/s and peak memory of sdtrain at a table of settings, beside
+diffusers' train_dreambooth.py where it is given, with the plan's memory estimate for each row.
+
+    python3 tools/benchmark.py --sdtrain build/sdtrain \
+        [--diffusers-script path/to/diffusers/examples/dreambooth/train_dreambooth.py] \
+        [--model /tmp/sd21] [--steps 30] [--rows today,exact,lean,...] [--out /tmp/bench] \
+        [--write docs/benchmarks.md]
+
+What it runs (docs/memory.md explains the settings; docs/benchmarks.md holds the results):
+  * a random-weight SD 2.1-base folder at the real configs (tools/make_full_size_model.py; built
+    once into --model when missing, which needs diffusers), the bundled demo's generated photos
+    as instance and class images;
+  * every row at 512x512, batch 1 + prior preservation, fp16 autocast, through `sdtrain --dry-run`
+    (the estimate) and then `sdtrain` (--steps optimizer steps, no checkpoints, no validation);
+  * for the rows that have one, the same run through train_dreambooth.py, timed by
+    tools/time_training_script.py.
+Timing: median seconds between optimizer steps after the first 10 (warm-up, cuDNN autotuning),
+from logs/metrics.jsonl; memory: the peak allocated by the caching allocator during training.
+The table goes to OUT/benchmark.md and, with --write, between the benchmark markers of that file.
+"""
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
+GIB = 1024 ** 3
+
+# name -> (what it shows, sdtrain --set overrides, train_dreambooth.py extra arguments or None).
+# Common to all: 512, batch 1 + prior preservation, fp16, gradient checkpointing unless a row
+# turns it off, learning rate 2e-6 (train_dreambooth.py's documented value).
+ROWS = {
+    "today": ("before issue 15: 8-bit AdamW, every gradient held, VAE and text encoder on the GPU",
+              ["optimizer=adamw8bit", "cache_latents=false", "fused_backward_pass=false"],
+              ["--use_8bit_adam"]),
+    "exact": ("exact mode: + fused backward pass, cached latents (VAE and text encoder off the GPU)",
+              ["optimizer=adamw8bit", "cache_latents=true", "fused_backward_pass=true",
+               "max_grad_norm=0"], None),
+    "lean": ("lean mode: + bf16 weights with stochastic rounding",
+             ["optimizer=adamw8bit", "cache_latents=true", "fused_backward_pass=true",
+              "max_grad_norm=0", "weight_dtype=bf16"], None),
+    "text-encoder": ("exact mode with the text encoder trained",
+                     ["optimizer=adamw8bit", "cache_latents=true", "fused_backward_pass=true",
+                      "max_grad_norm=0", "train_text_encoder=true"],
+                     ["--use_8bit_adam", "--train_text_encoder"]),
+    "budget-6": ("memory_budget 6: the plan's own choice",
+                 ["optimizer=adamw", "gradient_checkpointing=false", "memory_budget=6"], None),
+    "lora": ("LoRA rank 4 on UNet + text encoder, AdamW (issue 13)",
+             ["train_mode=lora", "train_text_encoder=true", "optimizer=adamw",
+              "learning_rate=1e-4", "cache_latents=true"], None),
+}
+
+
+def run(command, log, env=None, timeout=600):
+    with open(log, "w") as out:
+        return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                              timeout=timeout).returncode
+
+
+def prepare(args):
+    model = Path(args.model)
+    if not (model / "model_index.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_full_size_model.py"), str(model)],
+                       check=True)
+    photos = Path(args.out) / "photos"
+    if not photos.exists():
+        photos.mkdir(parents=True)
+        for item in (ROOT / "configs" / "demo" / "instance").iterdir():
+            shutil.copy(item, photos / item.name)  # the demo's generated photos + dataset_info
+    return model, photos
+
+
+def sdtrain_settings(args, model, photos, output, overrides):
+    settings = [
+        f"pretrained_model_name_or_path={model}", f"instance_data_dir={photos}",
+        f"class_data_dir={photos}", f"output_dir={output}", f"resolution={args.resolution}", "center_crop=true",
+        "train_batch_size=1", f"max_steps={args.steps}", "with_prior_preservation=true",
+        "num_class_images=4", "instance_prompt=a photo of sks robot",
+        "class_prompt=a photo of a robot", f"mixed_precision={args.mixed_precision}",
+        "gradient_checkpointing=true",
+        "learning_rate=2e-6", "checkpointing_steps=100000", "validation_prompts=[]",
+        "save_dtype=fp16", f"device={args.device}", "seed=0"]
+    settings += overrides
+    return [a for s in settings for a in ("--set", s)]
+
+
+def median_and_peak(metrics):
+    records = [json.loads(line) for line in open(metrics)]
+    seconds = [r["seconds"] for r in records[10:]]
+    return (statistics.median(seconds) if seconds else None,
+            max(r.get("peak_memory_bytes", 0) for r in records))
+
+
+def run_sdtrain(args, name, overrides, model, photos):
+    output = Path(args.out) / f"sdtrain-{name}"
+    common = sdtrain_settings(args, model, photos, output, overrides)
+    dry_log = Path(args.out) / f"sdtrain-{name}-dry-run.log"
+    run([args.sdtrain, "train", "--dry-run", "--config", str(args.config)] + common, dry_log)
+    found = re.search(r"memory estimate \([^)]*\): ([0-9.]+) MiB", dry_log.read_text())
+    estimate = float(found.group(1)) * 2 ** 20 if found else None
+    code = run([args.sdtrain, "train", "--overwrite", "--config", str(args.config)] + common,
+               Path(args.out) / f"sdtrain-{name}.log")
+    metrics = output / "logs" / "metrics.jsonl"
+    if code != 0 or not metrics.exists():
+        return {"rc": code, "estimate": estimate}
+    seconds, peak = median_and_peak(metrics)
+    return {"rc": code, "seconds": seconds, "peak": peak, "estimate": estimate}
+
+
+def run_diffusers(args, name, extra, model, photos):
+    log = Path(args.out) / f"diffusers-{name}.log"
+    note = ""
+    if "--use_8bit_adam" in extra and importlib.util.find_spec("bitsandbytes") is None:
+        extra = [a for a in extra if a != "--use_8bit_adam"]
+        note = " (AdamW: no bitsandbytes here)"
+    command = [sys.executable, str(ROOT / "tools" / "time_training_script.py"), args.diffusers_script,
+               f"--pretrained_model_name_or_path={model}", f"--instance_data_dir={photos}",
+               f"--class_data_dir={photos}", "--with_prior_preservation", "--num_class_images=4",
+               "--instance_prompt=a photo of sks robot", "--class_prompt=a photo of a robot",
+               f"--resolution={args.resolution}", "--center_crop", "--train_batch_size=1",
+               f"--max_train_steps={args.steps}", "--learning_rate=2e-6", f"--mixed_precision={args.mixed_precision}",
+               "--gradient_checkpointing", "--checkpointing_steps=100000", "--seed=0",
+               f"--output_dir={Path(args.out) / ('diffusers-' + name)}"] + extra
+    code = run(command, log)
+    lines = [l for l in log.read_text().splitlines() if l.startswith("{\"script\"")]
+    if code != 0 or not lines:
+        return {"rc": code, "note": note}
+    report = json.loads(lines[-1])
+    return {"rc": code, "seconds": report["median_seconds"], "peak": report["peak_memory_bytes"],
+            "note": note}
+
+
+def machine():
+    query = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+    try:
+        gpu = subprocess.run(query, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        gpu = "no nvidia-smi"
+    import torch
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "(not a git tree)"
+    return f"{gpu}; torch {torch.__version__}; sdtrain commit {commit}"
+
+
+def cell_seconds(result):
+    if result is None:
+        return "—"
+    if result.get("seconds") is None:
+        return f"failed (rc {result['rc']}){result.get('note', '')}"
+    return f"{result['seconds']:.4f}{result.get('note', '')}"
+
+
+def cell_gib(result, key):
+    value = None if result is None else result.get(key)
+    return "—" if value is None else f"{value / GIB:.2f}"
+
+
+def table(results, args):
+    lines = [BEGIN, "", f"- **Machine:** {machine()}",
+             f"- **Date:** {datetime.date.today().isoformat()}",
+             f"- **Command:** `python3 tools/benchmark.py --steps {args.steps}"
+             + (" --diffusers-script …/train_dreambooth.py" if args.diffusers_script else "") + "`",
+             f"- **Run:** {Path(args.model).name} (random weights), {args.resolution}², batch 1 + prior "
+             f"preservation, {args.mixed_precision}, {args.device}, "
+             f"gradient checkpointing, {args.steps} steps; median after 10.", "",
+             "| row | settings | sdtrain s/step | sdtrain peak GiB | estimate GiB | estimate error "
+             "| diffusers s/step | diffusers peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, (ours, theirs) in results.items():
+        error = "—"
+        if ours.get("peak") and ours.get("estimate"):
+            error = f"{100.0 * (ours['estimate'] - ours['peak']) / ours['peak']:+.1f} %"
+        lines.append(f"| {name} | {ROWS[name][0]} | {cell_seconds(ours)} | {cell_gib(ours, 'peak')} "
+                     f"| {cell_gib(ours, 'estimate')} | {error} | {cell_seconds(theirs)} "
+                     f"| {cell_gib(theirs, 'peak')} |")
+    return "\n".join(lines + ["", END])
+
+
+def write_into(path, text):
+    document = path.read_text() if path.exists() else ""
+    if BEGIN in document and END in document:
+        document = document[:document.index(BEGIN)] + text + document[document.index(END) + len(END):]
+    else:
+        document = document.rstrip("\n") + "\n\n## Lean memory (issue 15): the benchmark program\n\n" + text + "\n"
+    path.write_text(document)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sdtrain", default=str(ROOT / "build" / "sdtrain"))
+    parser.add_argument("--diffusers-script", help="diffusers' examples/dreambooth/train_dreambooth.py")
+    parser.add_argument("--model", default="/tmp/sd21")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--out", default="/tmp/sdtrain-benchmark")
+    parser.add_argument("--write", help="a Markdown file to put the table in (docs/benchmarks.md)")
+    # For a smoke run of the program itself on a CPU (the demo model at 64, bf16); the table's
+    # figures mean something only at the defaults on a GPU.
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--mixed-precision", default="fp16")
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    args.config = Path(args.out) / "base.json"
+    args.config.write_text("{}\n")  # every setting comes from --set, stated above
+    model, photos = prepare(args)
+    results = {}
+    for name in args.rows.split(","):
+        description, overrides, diffusers_extra = ROWS[name]
+        ours = run_sdtrain(args, name, overrides, model, photos)
+        theirs = None
+        if args.diffusers_script and diffusers_extra is not None:
+            theirs = run_diffusers(args, name, diffusers_extra, model, photos)
+        results[name] = (ours, theirs)
+        print(name, json.dumps(ours), json.dumps(theirs), flush=True)
+    text = table(results, args)
+    (Path(args.out) / "benchmark.md").write_text(text + "\n")
+    (Path(args.out) / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.write:
+        write_into(Path(args.write), text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
