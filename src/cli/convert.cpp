@@ -2,6 +2,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "generate_support.h"
 #include "sdtrain/export/diffusers_folder.h"
 #include "sdtrain/models/base_model.h"
 #include "sdtrain/util/error.h"
@@ -22,15 +23,7 @@ void add_convert_options(CLI::App& command, ConvertArguments& args) {
                   "folder")
       ->required();
   command.add_option("--dtype", args.dtype, "fp32 or fp16 weights")->capture_default_str();
-  command.add_option("--single-file-config", args.single_file.single_file_config,
-                     "With a single file: a diffusers folder whose configs and tokenizer to use");
-  command
-      .add_option("--prediction-type", args.single_file.single_file_prediction_type,
-                  "With a single file: epsilon or v_prediction (default: its .yaml sidecar, "
-                  "else epsilon)")
-      ->check(CLI::IsMember({"epsilon", "v_prediction"}));
-  command.add_flag("--use-ema-weights", args.single_file.use_ema_weights,
-                   "With a single file: the UNet from its EMA weights (model_ema.*)");
+  add_single_file_options(command, args.single_file);
 }
 
 int run_convert(const ConvertArguments& args) {

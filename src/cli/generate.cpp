@@ -84,21 +84,25 @@ std::string image_file_name(int64_t seed, int64_t index) {
 
 std::string grid_file_name(int64_t seed) { return "grid-s" + std::to_string(seed) + ".png"; }
 
+void add_single_file_options(CLI::App& command, models::SingleFileOptions& options) {
+  command.add_option("--single-file-config", options.single_file_config,
+                     "With a single file: a diffusers folder whose configs and tokenizer to use");
+  command
+      .add_option("--prediction-type", options.single_file_prediction_type,
+                  "With a single file: epsilon or v_prediction (default: its .yaml sidecar, "
+                  "else epsilon)")
+      ->check(CLI::IsMember({"epsilon", "v_prediction"}));
+  command.add_flag("--use-ema-weights", options.use_ema_weights,
+                   "With a single file: the UNet from its EMA weights (model_ema.*)");
+}
+
 void add_generate_options(CLI::App& command, GenerateArguments& args) {
   command
       .add_option("-m,--model", args.model,
                   "Diffusers model folder (model_index.json, unet/, vae/, ...) or SD 1.x/2.x "
                   "single .safetensors file")
       ->required();
-  command.add_option("--single-file-config", args.single_file.single_file_config,
-                     "With a single file: a diffusers folder whose configs and tokenizer to use");
-  command
-      .add_option("--prediction-type", args.single_file.single_file_prediction_type,
-                  "With a single file: epsilon or v_prediction (default: its .yaml sidecar, "
-                  "else epsilon)")
-      ->check(CLI::IsMember({"epsilon", "v_prediction"}));
-  command.add_flag("--use-ema-weights", args.single_file.use_ema_weights,
-                   "With a single file: the UNet from its EMA weights (model_ema.*)");
+  add_single_file_options(command, args.single_file);
   command.add_option("-p,--prompt", args.prompt, "Text prompt (required without --jobs)");
   command.add_option("-n,--negative-prompt", args.negative_prompt,
                      "Negative prompt (the unconditional branch of guidance)");

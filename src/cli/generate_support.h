@@ -1,5 +1,6 @@
 #pragma once
-// Pieces `sdtrain generate` shares with its --jobs runner and `merge-lora` (src/cli only).
+// Pieces `sdtrain generate` shares with its --jobs runner, `merge-lora` and `convert` (src/cli
+// only).
 
 #include <chrono>
 #include <cstdio>
@@ -7,10 +8,17 @@
 #include <string>
 #include <vector>
 
+#include <CLI/CLI.hpp>
+
 #include "sdtrain/cli/generate.h"
+#include "sdtrain/models/single_file_config.h"
 #include "sdtrain/pipeline/stable_diffusion_pipeline.h"
 
 namespace sdtrain::cli {
+
+// --single-file-config, --prediction-type and --use-ema-weights: how a command that takes
+// --model reads a single-file base (generate, convert; docs/single_file.md).
+void add_single_file_options(CLI::App& command, models::SingleFileOptions& options);
 
 // Creates `out` if needed; OutputError when it cannot be written.
 void prepare_output(const std::filesystem::path& out);

@@ -169,10 +169,12 @@ MemoryEstimate estimate_memory(const TrainConfig& c, const std::vector<Component
 void choose_settings_for_budget(TrainConfig& c, const std::vector<ComponentSize>& sizes,
                                 int64_t budget_bytes, std::vector<std::string>& notes) {
   const bool full = c.lora.train_mode == TrainMode::full;
+  // The decision the plan will take for each candidate, so the budget and --dry-run agree
+  // (an "auto" that the rules turn on counts as on; its notes are the plan's to print).
   auto estimate = [&](const TrainConfig& candidate) {
-    const bool fused = candidate.length.gradient_accumulation_steps == 1 &&
-                       candidate.compute.fused_backward_pass == AutoSwitch::on;
-    return estimate_memory(candidate, sizes, true, fused).total();
+    std::vector<std::string> unused;
+    return estimate_memory(candidate, sizes, true, decide_fused_backward_pass(candidate, unused))
+        .total();
   };
   // From the most faithful to the leanest; each step keeps the ones before it.
   struct Step {
