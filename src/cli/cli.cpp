@@ -10,6 +10,7 @@
 #include "sdtrain/cli/generate.h"
 #include "sdtrain/cli/inspect.h"
 #include "sdtrain/train/plan.h"
+#include "sdtrain/train/subjects.h"
 #include "sdtrain/train/train_config.h"
 #include "sdtrain/train/trainer.h"
 #include "sdtrain/util/error.h"
@@ -26,6 +27,7 @@ constexpr const char* kExamples = R"(Examples:
   sdtrain --config configs/cat.json                 train (same as `sdtrain train --config ...`)
   sdtrain --config cat.json --set max_steps=800     override a key of the file
   sdtrain --config cat.json --dry-run               check config, model and data; print the plan
+  sdtrain --config base.json --subjects subjects.jsonl   many subjects, the base read once
   sdtrain inspect path/to/stable-diffusion-2-1-base components, tensors, parameter totals
   sdtrain generate --model DIR --prompt "a photo of a cat" --scheduler euler --seed 1 --out out
                                                     text to image (samplers: docs/sampling.md)
@@ -36,7 +38,8 @@ constexpr const char* kExamples = R"(Examples:
   sdtrain convert --model model.safetensors --out DIR     a single file as a diffusers folder
 
 Exit codes: 0 success, 1 usage/config, 2 input data, 3 model, 4 out of GPU memory,
-5 output not writable, 130/143 interrupted (after saving a resumable checkpoint).
+5 output not writable, 6 training diverged, 7 subjects failed (--subjects: the summary says which),
+130/143 interrupted (after saving a resumable checkpoint).
 Every configuration key: docs/configuration.md)";
 
 struct TrainArguments {
@@ -45,6 +48,9 @@ struct TrainArguments {
   bool dry_run = false;
   bool overwrite = false;
   std::string dump_steps;
+  std::string subjects;       // a subjects manifest (docs/scaling.md)
+  std::string subject_index;  // "", "all" or N
+  std::string summary;
 };
 
 struct InspectArguments {
@@ -52,7 +58,25 @@ struct InspectArguments {
   bool json = false;
 };
 
+int run_subjects(const TrainArguments& args) {
+  if (args.overwrite)
+    throw ConfigError("--overwrite does not apply to --subjects: a rerun skips finished subjects "
+                      "and resumes interrupted ones; remove a subject's output_dir to retrain it");
+  train::SubjectsOptions options;
+  options.config_file = args.config_file;
+  options.overrides = args.overrides;
+  options.manifest = args.subjects;
+  options.subject_index = args.subject_index;
+  options.summary = args.summary;
+  options.dry_run = args.dry_run;
+  return train::run_subjects(options);
+}
+
 int run_train(const TrainArguments& args) {
+  if (!args.subjects.empty()) return run_subjects(args);
+  if (!args.subject_index.empty() || !args.summary.empty())
+    throw ConfigError("--subject-index and --summary apply to a subjects manifest: add "
+                      "--subjects FILE (docs/scaling.md)");
   auto config = train::load_train_config(args.config_file, args.overrides);
   auto plan = train::plan_training(config);
   std::cout << "Resolved configuration\n" << plan.config.to_json().dump(2) << "\n\n" << train::format_plan(plan);
@@ -117,6 +141,15 @@ int run(int argc, char** argv) {
   train->add_flag("--dry-run", train_args.dry_run, "Validate configuration, model folder and data, print the plan, write nothing");
   train->add_flag("--overwrite", train_args.overwrite,
                   "Start afresh in an output_dir that already holds a run (removes its checkpoints)");
+  train->add_option("--subjects", train_args.subjects,
+                    "Train many subjects: a JSON-lines file, one subject's keys per line over --config "
+                    "(docs/scaling.md)")
+      ->check(CLI::ExistingFile);
+  train->add_option("--subject-index", train_args.subject_index,
+                    "With --subjects: train only subject N (0-based), or \"all\"; default: "
+                    "SLURM_ARRAY_TASK_ID, AWS_BATCH_JOB_ARRAY_INDEX or JOB_COMPLETION_INDEX when set");
+  train->add_option("--summary", train_args.summary,
+                    "With --subjects: where to write the summary (default: beside the manifest)");
   // Hidden: per-micro-batch inputs and losses for tools/dreambooth_reference.py (parity tests).
   train->add_option("--dump-steps", train_args.dump_steps, "")->group("");
 

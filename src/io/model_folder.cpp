@@ -4,6 +4,7 @@
 #include <map>
 #include <set>
 
+#include "sdtrain/io/host_weights.h"
 #include "sdtrain/io/safetensors.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/json.h"
@@ -129,6 +130,10 @@ ModelFolder::ModelFolder(const fs::path& root) : root_(root) {
   }
   std::sort(components_.begin(), components_.end(),
             [](const Component& a, const Component& b) { return a.name < b.name; });
+}
+
+void ModelFolder::keep_weights_in_host_memory() {
+  if (!host_weights_) host_weights_ = std::make_shared<HostWeights>();
 }
 
 ModelFolder::ModelFolder(const fs::path& config_root, SingleFileSource source)

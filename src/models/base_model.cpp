@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "sdtrain/io/checkpoint_kind.h"
+#include "sdtrain/io/host_weights.h"
 #include "sdtrain/io/safetensors.h"
 #include "sdtrain/models/autoencoder_kl.h"
 #include "sdtrain/models/clip_text_model.h"
@@ -17,6 +18,7 @@
 #include "sdtrain/util/atomic_file.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/json.h"
+#include "sdtrain/util/log.h"
 
 namespace sdtrain::models {
 namespace {
@@ -196,7 +198,9 @@ io::ModelFolder open_base_model(const fs::path& path, const SingleFileOptions& o
   return open_single_file(path, header, options);
 }
 
-void load_component_weights(torch::nn::Module& module, const io::ModelFolder& folder,
+namespace {
+
+void read_component_weights(torch::nn::Module& module, const io::ModelFolder& folder,
                             const std::string& name, const LoadOptions& options,
                             const std::string& variant, const KeyMapper& map_key) {
   const io::SingleFileSource* single = folder.single_file();
@@ -206,6 +210,30 @@ void load_component_weights(torch::nn::Module& module, const io::ModelFolder& fo
   assign_state_dict(
       module, from_single_file(file, name, state_dict(module), layout, single->use_ema_weights),
       options);
+}
+
+}  // namespace
+
+void load_component_weights(torch::nn::Module& module, const io::ModelFolder& folder,
+                            const std::string& name, const LoadOptions& options,
+                            const std::string& variant, const KeyMapper& map_key) {
+  io::HostWeights* host = folder.host_weights();
+  if (!host) return read_component_weights(module, folder, name, options, variant, map_key);
+  const std::string key = variant.empty() ? name : name + "/" + variant;
+  const io::NamedTensors* kept = host->find(key);
+  if (!kept) {
+    // float32 holds every dtype a file may store exactly, so a later cast to the run's dtype
+    // gives the bits a direct read would.
+    read_component_weights(module, folder, name, {torch::kFloat, torch::kCPU}, variant, map_key);
+    io::NamedTensors tensors = state_dict(module);
+    // detach: a tensor of its own, keeping this storage when assign_state_dict gives the
+    // module's tensors new data below.
+    for (auto& [tensor_key, tensor] : tensors) tensor = tensor.detach();
+    kept = &host->keep(key, std::move(tensors));
+    log::info("read the " + key + " weights from disk (" + folder.source().string() +
+              "); kept in host memory for the next subjects");
+  }
+  assign_state_dict(module, *kept, options);
 }
 
 }  // namespace sdtrain::models

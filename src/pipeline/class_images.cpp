@@ -104,18 +104,35 @@ int64_t generate_class_images(StableDiffusionPipeline& pipeline, const ClassImag
   return written;
 }
 
-int64_t generate_class_images(const fs::path& model_dir, const PipelineSettings& settings,
-                              const ClassImageOptions& options,
-                              const std::function<void(const ClassImageProgress&)>& progress) {
+namespace {
+
+template <typename Base>
+int64_t generate_with_base(const Base& base, const PipelineSettings& settings,
+                           const ClassImageOptions& options,
+                           const std::function<void(const ClassImageProgress&)>& progress) {
   const int64_t present = count_class_images(options.class_data_dir);
   if (present >= options.num_class_images) return 0;
   int64_t written = 0;
   {
-    auto pipeline = StableDiffusionPipeline::from_folder(model_dir, settings);
+    auto pipeline = StableDiffusionPipeline::from_folder(base, settings);
     written = generate_class_images(pipeline, options, progress);
   }
   release_cached_gpu_memory();
   return written;
+}
+
+}  // namespace
+
+int64_t generate_class_images(const fs::path& model_dir, const PipelineSettings& settings,
+                              const ClassImageOptions& options,
+                              const std::function<void(const ClassImageProgress&)>& progress) {
+  return generate_with_base(model_dir, settings, options, progress);
+}
+
+int64_t generate_class_images(const io::ModelFolder& base, const PipelineSettings& settings,
+                              const ClassImageOptions& options,
+                              const std::function<void(const ClassImageProgress&)>& progress) {
+  return generate_with_base(base, settings, options, progress);
 }
 
 }  // namespace sdtrain::pipeline

@@ -97,7 +97,11 @@ StableDiffusionPipeline::StableDiffusionPipeline(text::CLIPTokenizer tokenizer, 
 
 StableDiffusionPipeline StableDiffusionPipeline::from_folder(const std::filesystem::path& model_dir,
                                                              const PipelineSettings& settings) {
-  const io::ModelFolder folder = models::open_base_model(model_dir, settings.single_file);
+  return from_folder(models::open_base_model(model_dir, settings.single_file), settings);
+}
+
+StableDiffusionPipeline StableDiffusionPipeline::from_folder(const io::ModelFolder& folder,
+                                                             const PipelineSettings& settings) {
   for (const auto& name : io::stable_diffusion_components()) folder.require(name);
   const models::LoadOptions load{settings.dtype, settings.device};
   auto scheduler_config = schedulers::SchedulerConfig::from_file(folder.config_path("scheduler"));

@@ -55,7 +55,7 @@ void generate_class_images(const TrainingPlan& plan, const io::ModelFolder& base
                            " written); run again to generate the rest and train"));
     }
   };
-  pipeline::generate_class_images(base.source(), settings, class_image_options(config), on_progress);
+  pipeline::generate_class_images(base, settings, class_image_options(config), on_progress);
   progress.finish();  // generate_class_images released the sampler's GPU memory
 }
 

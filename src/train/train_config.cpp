@@ -319,7 +319,7 @@ std::string suggest_key(const std::string& unknown) {
 }
 
 TrainConfig load_train_config(const fs::path& config_file,
-                              const std::vector<std::string>& overrides) {
+                              const std::vector<std::string>& overrides, const ConfigLayer* layer) {
   TrainConfig config;
   std::map<std::string, std::string> seen;
   if (!config_file.empty()) {
@@ -328,6 +328,16 @@ TrainConfig load_train_config(const fs::path& config_file,
       throw ConfigError(config_file.string() + ": the configuration must be a JSON object");
     Origin origin{config_file.string(), fs::absolute(config_file).parent_path()};
     for (const auto& [key, value] : file.items()) apply(config, key, value, origin, seen);
+  }
+  if (layer) {
+    if (!layer->values.is_object())
+      throw ConfigError(layer->source + ": expected a JSON object of configuration keys");
+    Origin origin{layer->source, fs::absolute(layer->base_dir)};
+    std::map<std::string, std::string> seen_in_layer;
+    for (const auto& [key, value] : layer->values.items()) {
+      apply(config, key, value, origin, seen_in_layer);
+      seen.emplace(find_field(key)->info.name, key);
+    }
   }
   Origin command_line{"--set", fs::current_path()};
   std::map<std::string, std::string> seen_overrides;

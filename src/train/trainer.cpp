@@ -102,7 +102,9 @@ class TrainingRun {
         options_(options),
         device_(plan.device),
         precision_(config_.compute.mixed_precision),
-        folder_(models::open_base_model(config_.pretrained_model_name_or_path, config_.single_file)),
+        folder_(options.base ? *options.base
+                             : models::open_base_model(config_.pretrained_model_name_or_path,
+                                                       config_.single_file)),
         generator_(at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(config_.seed))),
         outputs_(plan, folder_, options.overwrite),
         profiler_(StepProfiler::from_environment(device_)) {}

@@ -15,6 +15,8 @@
 
 namespace sdtrain::io {
 
+class HostWeights;  // sdtrain/io/host_weights.h
+
 // The safetensors files that hold one component's weights: a single file, or the shards named
 // by an index JSON (diffusers/transformers sharding), optionally of a variant such as "fp16".
 struct WeightFiles {
@@ -79,11 +81,18 @@ class ModelFolder {
   // Weight files of a model component (base file name chosen from its library).
   WeightFiles weights(const std::string& name, const std::string& variant = "") const;
 
+  // From now on, models::load_component_weights keeps each component it reads in host memory
+  // and builds later copies from it (a subjects run reads the base once). Copies of this
+  // ModelFolder share the store.
+  void keep_weights_in_host_memory();
+  HostWeights* host_weights() const { return host_weights_.get(); }
+
  private:
   std::filesystem::path root_;
   std::string pipeline_class_;
   std::vector<Component> components_;
   std::optional<SingleFileSource> single_file_;
+  std::shared_ptr<HostWeights> host_weights_;
 };
 
 // The components Stable Diffusion training and sampling need.

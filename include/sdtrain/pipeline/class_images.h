@@ -50,5 +50,8 @@ int64_t generate_class_images(StableDiffusionPipeline& pipeline, const ClassImag
 int64_t generate_class_images(const std::filesystem::path& model_dir, const PipelineSettings& settings,
                               const ClassImageOptions& options,
                               const std::function<void(const ClassImageProgress&)>& progress = {});
+int64_t generate_class_images(const io::ModelFolder& base, const PipelineSettings& settings,
+                              const ClassImageOptions& options,
+                              const std::function<void(const ClassImageProgress&)>& progress = {});
 
 }  // namespace sdtrain::pipeline

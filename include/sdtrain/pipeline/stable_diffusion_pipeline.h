@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "sdtrain/io/image.h"
+#include "sdtrain/io/model_folder.h"
 #include "sdtrain/models/autoencoder_kl.h"
 #include "sdtrain/models/clip_text_model.h"
 #include "sdtrain/models/single_file_config.h"
@@ -85,6 +86,8 @@ class StableDiffusionPipeline {
   // Loads a diffusers model folder (unet, vae, text_encoder, tokenizer, scheduler): ModelError
   // (exit code 3) naming what is missing or wrong.
   static StableDiffusionPipeline from_folder(const std::filesystem::path& model_dir, const PipelineSettings& settings);
+  // An opened base (its host copy of the weights, when it keeps one: docs/scaling.md).
+  static StableDiffusionPipeline from_folder(const io::ModelFolder& folder, const PipelineSettings& settings);
 
   // [N, H, W, 3] float32 in [0, 1] on the CPU: diffusers' output_type="np" before rounding.
   // Runs without gradients with every module in eval mode and restores each module's

@@ -147,12 +147,21 @@ struct ConfigKeyInfo {
 };
 const std::vector<ConfigKeyInfo>& config_keys();
 
-// Parses `config_file` (may be empty: defaults only), then applies `overrides` ("key=value";
-// value as JSON when it parses, else as a string), then validates. Paths in the file are
-// relative to the file's folder; paths in overrides are relative to the working directory.
-// Throws ConfigError (exit 1) naming the file and key.
+// Keys laid over the configuration file before the overrides: one line of a subjects manifest
+// (docs/scaling.md). Its relative paths are relative to `base_dir`; errors name `source`.
+struct ConfigLayer {
+  nlohmann::json values;  // an object
+  std::string source;     // e.g. "subjects.jsonl line 3"
+  std::filesystem::path base_dir;
+};
+
+// Parses `config_file` (may be empty: defaults only), then applies `layer` (when given), then
+// `overrides` ("key=value"; value as JSON when it parses, else as a string), then validates.
+// Paths in the file are relative to the file's folder; paths in overrides are relative to the
+// working directory. Throws ConfigError (exit 1) naming the file and key.
 TrainConfig load_train_config(const std::filesystem::path& config_file,
-                              const std::vector<std::string>& overrides);
+                              const std::vector<std::string>& overrides,
+                              const ConfigLayer* layer = nullptr);
 
 // Cross-key checks that do not need the model or the data. Throws ConfigError.
 void check_config(const TrainConfig& config);

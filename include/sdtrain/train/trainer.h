@@ -4,8 +4,10 @@
 // checkpoints, validation images, progress and metrics on the way.
 
 #include <filesystem>
+#include <optional>
 #include <string>
 
+#include "sdtrain/io/model_folder.h"
 #include "sdtrain/train/plan.h"
 
 namespace sdtrain::train {
@@ -17,6 +19,9 @@ struct TrainOptions {
   // loss to this folder, so that tools/dreambooth_reference.py can replay the same steps with
   // diffusers' models and torch.optim.AdamW.
   std::filesystem::path dump_dir;
+  // The base, opened by the caller: a subjects run shares one, with its host copy of the
+  // weights (docs/scaling.md). Opened from the configuration when absent.
+  std::optional<io::ModelFolder> base;
 };
 
 struct TrainSummary {

@@ -15,6 +15,7 @@ enum class ExitCode : int {
   out_of_memory = 4,   // GPU memory exhausted
   output = 5,          // an output could not be written (disk full, permissions)
   training_diverged = 6,  // inf/NaN loss or gradients without loss scaling
+  subjects_failed = 7,    // a subjects run: one or more subjects failed (see its summary)
   interrupted_sigint = 130,
   interrupted_sigterm = 143,
 };
