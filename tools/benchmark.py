@@ -57,7 +57,14 @@ ROWS = {
     "lora": ("LoRA rank 4 on UNet + text encoder, AdamW (issue 13)",
              ["train_mode=lora", "train_text_encoder=true", "optimizer=adamw",
               "learning_rate=1e-4", "cache_latents=true"], None),
+    "ddp-1": ("row `today` under torchrun, one process: the data-parallel path's overhead "
+              "(NCCL, bucketed all-reduce; issue 17, target <= 3% over `today`)",
+              ["optimizer=adamw8bit", "cache_latents=false", "fused_backward_pass=false"], None),
 }
+
+# Rows started by a launcher instead of directly.
+LAUNCHERS = {"ddp-1": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       "--nproc-per-node", "1", "--no-python"]}
 
 
 def run(command, log, env=None, timeout=600):
@@ -107,7 +114,8 @@ def run_sdtrain(args, name, overrides, model, photos):
     run([args.sdtrain, "train", "--dry-run", "--config", str(args.config)] + common, dry_log)
     found = re.search(r"memory estimate \([^)]*\): ([0-9.]+) MiB", dry_log.read_text())
     estimate = float(found.group(1)) * 2 ** 20 if found else None
-    code = run([args.sdtrain, "train", "--overwrite", "--config", str(args.config)] + common,
+    code = run(LAUNCHERS.get(name, []) +
+               [args.sdtrain, "train", "--overwrite", "--config", str(args.config)] + common,
                Path(args.out) / f"sdtrain-{name}.log")
     metrics = output / "logs" / "metrics.jsonl"
     if code != 0 or not metrics.exists():

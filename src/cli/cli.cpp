@@ -9,6 +9,7 @@
 #include "sdtrain/cli/convert.h"
 #include "sdtrain/cli/generate.h"
 #include "sdtrain/cli/inspect.h"
+#include "sdtrain/train/distributed.h"
 #include "sdtrain/train/plan.h"
 #include "sdtrain/train/subjects.h"
 #include "sdtrain/train/train_config.h"
@@ -28,6 +29,7 @@ constexpr const char* kExamples = R"(Examples:
   sdtrain --config cat.json --set max_steps=800     override a key of the file
   sdtrain --config cat.json --dry-run               check config, model and data; print the plan
   sdtrain --config base.json --subjects subjects.jsonl   many subjects, the base read once
+  torchrun --no-python --standalone --nproc-per-node 4 sdtrain --config cat.json   data parallel
   sdtrain inspect path/to/stable-diffusion-2-1-base components, tensors, parameter totals
   sdtrain generate --model DIR --prompt "a photo of a cat" --scheduler euler --seed 1 --out out
                                                     text to image (samplers: docs/sampling.md)
@@ -39,7 +41,7 @@ constexpr const char* kExamples = R"(Examples:
 
 Exit codes: 0 success, 1 usage/config, 2 input data, 3 model, 4 out of GPU memory,
 5 output not writable, 6 training diverged, 7 subjects failed (--subjects: the summary says which),
-130/143 interrupted (after saving a resumable checkpoint).
+8 another data-parallel process stopped, 130/143 interrupted (after saving a resumable checkpoint).
 Every configuration key: docs/configuration.md)";
 
 struct TrainArguments {
@@ -59,6 +61,9 @@ struct InspectArguments {
 };
 
 int run_subjects(const TrainArguments& args) {
+  if (train::data_parallel_from(process_environment()).world_size > 1)
+    throw ConfigError("--subjects under torchrun: subjects are trained one process each; start "
+                      "one sdtrain per GPU as an array job instead (docs/scaling.md)");
   if (args.overwrite)
     throw ConfigError("--overwrite does not apply to --subjects: a rerun skips finished subjects "
                       "and resumes interrupted ones; remove a subject's output_dir to retrain it");
@@ -78,10 +83,16 @@ int run_train(const TrainArguments& args) {
     throw ConfigError("--subject-index and --summary apply to a subjects manifest: add "
                       "--subjects FILE (docs/scaling.md)");
   auto config = train::load_train_config(args.config_file, args.overrides);
-  auto plan = train::plan_training(config);
-  std::cout << "Resolved configuration\n" << plan.config.to_json().dump(2) << "\n\n" << train::format_plan(plan);
-  for (const auto& warning : plan.warnings) log::warn(warning);
-  for (const auto& note : plan.setting_notes) log::warn(note);
+  // Under torchrun (docs/scaling.md) the other processes keep to warnings: one log, rank 0's.
+  const train::DataParallel parallel = train::data_parallel_from(process_environment());
+  if (!parallel.is_main()) log::set_level(log::Level::warn);
+  auto plan = train::plan_training(config, parallel);
+  if (parallel.is_main())
+    std::cout << "Resolved configuration\n" << plan.config.to_json().dump(2) << "\n\n" << train::format_plan(plan);
+  if (parallel.is_main()) {
+    for (const auto& warning : plan.warnings) log::warn(warning);
+    for (const auto& note : plan.setting_notes) log::warn(note);
+  }
   if (args.dry_run) {
     log::info("dry run: configuration, model folder and data are valid; nothing was written");
     return 0;

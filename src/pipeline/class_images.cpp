@@ -51,25 +51,32 @@ int64_t count_class_images(const fs::path& dir) {
   return count;
 }
 
+std::vector<int64_t> missing_class_image_indices(const fs::path& dir, int64_t wanted) {
+  const int64_t present = count_class_images(dir);
+  std::vector<int64_t> indices;
+  for (int64_t index = present; static_cast<int64_t>(indices.size()) < wanted - present; ++index) {
+    if (!fs::exists(class_image_path(dir, index))) indices.push_back(index);
+  }
+  return indices;
+}
+
 int64_t generate_class_images(StableDiffusionPipeline& pipeline, const ClassImageOptions& options,
                               const std::function<void(const ClassImageProgress&)>& progress) {
   if (options.class_prompt.empty()) throw ConfigError("class images need a class_prompt");
   if (options.sample_batch_size < 1) throw ConfigError("sample_batch_size must be at least 1");
   prepare_folder(options.class_data_dir);
   const int64_t present = count_class_images(options.class_data_dir);
-  int64_t missing = std::max<int64_t>(0, options.num_class_images - present);
-  if (options.limit) missing = std::min(missing, *options.limit);
+  std::vector<int64_t> indices =
+      options.indices ? *options.indices
+                      : missing_class_image_indices(options.class_data_dir, options.num_class_images);
+  if (options.limit && static_cast<int64_t>(indices.size()) > *options.limit)
+    indices.resize(static_cast<size_t>(*options.limit));
+  const int64_t missing = static_cast<int64_t>(indices.size());
   if (missing == 0) return 0;
 
   const int64_t width = options.width > 0 ? options.width : pipeline.default_width();
   const int64_t height = options.height > 0 ? options.height : pipeline.default_height();
   const std::string sampler = pipeline.sampler_name(options.scheduler);
-  // Indices continue from the count; names that exist (a folder with gaps) are skipped so no
-  // file is overwritten.
-  std::vector<int64_t> indices;
-  for (int64_t index = present; static_cast<int64_t>(indices.size()) < missing; ++index) {
-    if (!fs::exists(class_image_path(options.class_data_dir, index))) indices.push_back(index);
-  }
   log::info(log::str("class images: ", present, " in ", options.class_data_dir.string(), ", generating ", missing,
                      " (", sampler, ", ", options.steps, " steps, guidance ", options.guidance_scale, ")"));
 
@@ -110,8 +117,9 @@ template <typename Base>
 int64_t generate_with_base(const Base& base, const PipelineSettings& settings,
                            const ClassImageOptions& options,
                            const std::function<void(const ClassImageProgress&)>& progress) {
-  const int64_t present = count_class_images(options.class_data_dir);
-  if (present >= options.num_class_images) return 0;
+  if (options.indices ? options.indices->empty()
+                      : count_class_images(options.class_data_dir) >= options.num_class_images)
+    return 0;
   int64_t written = 0;
   {
     auto pipeline = StableDiffusionPipeline::from_folder(base, settings);

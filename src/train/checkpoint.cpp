@@ -47,6 +47,8 @@ nlohmann::ordered_json state_to_json(const TrainerState& state) {
     json["dataset"] = {{"instance_images", state.dataset.instance_images},
                        {"class_images", state.dataset.class_images},
                        {"batches_per_epoch", state.dataset.batches_per_epoch}};
+    if (state.dataset.samples_per_batch > 0)
+      json["dataset"]["samples_per_batch"] = state.dataset.samples_per_batch;
   }
   json["config"] = state.config;
   return json;
@@ -83,6 +85,8 @@ void parse_state_fields(const nlohmann::json& json, const fs::path& path, Traine
     state.dataset.instance_images = integer_field(dataset, "instance_images", 1, path);
     state.dataset.class_images = integer_field(dataset, "class_images", 0, path);
     state.dataset.batches_per_epoch = integer_field(dataset, "batches_per_epoch", 1, path);
+    if (dataset.contains("samples_per_batch"))
+      state.dataset.samples_per_batch = integer_field(dataset, "samples_per_batch", 1, path);
   }
   if (!json.at("config").is_object()) {
     throw ModelError(path.string() + ": \"config\" must be the run's configuration object, found " +

@@ -102,12 +102,18 @@ std::unique_ptr<UpdatePolicy> make_update_policy(bool fused_backward_pass,
                                                  const TrainedSet& trained,
                                                  std::unique_ptr<optim::Optimizer> optimizer,
                                                  LossScaler& scaler, EMAModel* ema,
-                                                 UpdateOptions options) {
-  if (fused_backward_pass)
+                                                 UpdateOptions options,
+                                                 std::unique_ptr<GradientReduction> reduction) {
+  if (fused_backward_pass) {
+    // The plan keeps fused off under data parallel (plan.cpp): a fused step cannot wait for
+    // another process's gradients.
+    if (!dynamic_cast<LocalGradients*>(reduction.get()))
+      throw std::logic_error("fused_backward_pass with a gradient reduction across processes");
     return std::make_unique<FusedBackwardUpdate>(trained, std::move(optimizer), scaler, ema,
                                                  std::move(options));
+  }
   return std::make_unique<UpdateAfterBackward>(trained, std::move(optimizer), scaler, ema,
-                                               std::move(options));
+                                               std::move(options), std::move(reduction));
 }
 
 }  // namespace sdtrain::train

@@ -80,12 +80,14 @@ const std::vector<std::string>& lr_schedule_names() {
   return names;
 }
 
-LrScheduleOptions lr_schedule_options(const TrainConfig& config, int64_t total_steps) {
+LrScheduleOptions lr_schedule_options(const TrainConfig& config, int64_t total_steps,
+                                      int64_t processes) {
   LrScheduleOptions o;
   o.name = config.optimizer.lr_scheduler;
   o.learning_rate = config.optimizer.learning_rate;
   if (config.optimizer.scale_lr)
-    o.learning_rate *= config.length.train_batch_size * config.length.gradient_accumulation_steps;
+    o.learning_rate *= static_cast<double>(config.length.train_batch_size *
+                                           config.length.gradient_accumulation_steps * processes);
   o.warmup_steps = config.optimizer.lr_warmup_steps;
   o.total_steps = total_steps;
   o.num_cycles = config.optimizer.lr_num_cycles;

@@ -174,12 +174,38 @@ std::string mib(int64_t bytes) {
   return out.str();
 }
 
+// Data parallel reduces the gradients after the backward pass; a fused step would apply each
+// one before the other processes' gradients arrive.
+void keep_fused_off_in_data_parallel(TrainingPlan& plan) {
+  AutoSwitch& fused = plan.config.compute.fused_backward_pass;
+  if (!plan.parallel.launched || fused == AutoSwitch::off) return;
+  if (fused == AutoSwitch::on && plan.requested_fused_on)
+    throw ConfigError(
+        "\"fused_backward_pass\": true under torchrun: data parallel all-reduces each gradient "
+        "after the backward pass, and a fused step would apply it before; set it false");
+  fused = AutoSwitch::off;
+  plan.setting_notes.push_back(
+      "fused_backward_pass off: data parallel reduces gradients after the backward pass");
+}
+
+// The device of this process: under torchrun, the GPU of its LOCAL_RANK.
+std::string process_device(const TrainConfig& config, const DataParallel& parallel) {
+  const std::string device = resolve_device(config.device);
+  if (!parallel.launched || device == "cpu") return device;
+  if (device != "cuda")
+    throw ConfigError("\"device\": \"" + config.device +
+                      "\" under torchrun: each process trains on cuda:LOCAL_RANK; set \"device\" "
+                      "to \"auto\" or \"cuda\" (and CUDA_VISIBLE_DEVICES to choose GPUs)");
+  return "cuda:" + std::to_string(parallel.local_rank);
+}
+
 // memory_budget, lean mode and fused_backward_pass, decided in that order (each may depend on
 // what the one before chose), then the estimate on the settings finally chosen.
 void resolve_memory_settings(TrainingPlan& plan) {
   TrainConfig& c = plan.config;
   const bool gpu = plan.device != "cpu";
   const MemoryBudget& budget = c.compute.memory_budget;
+  keep_fused_off_in_data_parallel(plan);  // before the budget, which must not count on it
   if (budget.kind != MemoryBudget::Kind::none && !gpu) {
     plan.setting_notes.push_back("memory_budget: training on the CPU, so no setting is changed");
   } else if (budget.kind != MemoryBudget::Kind::none) {
@@ -191,15 +217,19 @@ void resolve_memory_settings(TrainingPlan& plan) {
   check_lean_weights(c, plan.setting_notes);
   plan.fused_backward_pass = decide_fused_backward_pass(c, plan.setting_notes);
   plan.memory = estimate_memory(c, plan.components, gpu, plan.fused_backward_pass);
+  // Data parallel's buckets hold a second copy of every gradient (gradient_buckets.h).
+  if (plan.parallel.launched) plan.memory.gradients *= 2;
 }
 
 }  // namespace
 
-TrainingPlan plan_training(const TrainConfig& config) {
+TrainingPlan plan_training(const TrainConfig& config, const DataParallel& parallel) {
   TrainingPlan plan;
   plan.config = config;
+  plan.parallel = parallel;
+  plan.requested_fused_on = config.compute.fused_backward_pass == AutoSwitch::on;
   TrainConfig& c = plan.config;
-  plan.device = resolve_device(c.device);
+  plan.device = process_device(c, parallel);
   if (plan.device == "cpu" && c.compute.mixed_precision == Precision::fp16) {
     throw ConfigError(
         "\"mixed_precision\": \"fp16\" needs a CUDA GPU; on CPU use \"no\" or \"bf16\"");
@@ -234,8 +264,8 @@ TrainingPlan plan_training(const TrainConfig& config) {
     plan.dataset_length = std::max<int64_t>(instances, c.class_images.num_class_images);
   }
   check_output_dir_is_not_an_input(c, component_names);
-  int64_t batches =
-      (plan.dataset_length + c.length.train_batch_size - 1) / c.length.train_batch_size;
+  plan.global_batch_size = int64_t{c.length.train_batch_size} * parallel.world_size;
+  const int64_t batches = (plan.dataset_length + plan.global_batch_size - 1) / plan.global_batch_size;
   plan.steps_per_epoch =
       (batches + c.length.gradient_accumulation_steps - 1) / c.length.gradient_accumulation_steps;
   plan.total_steps =
@@ -272,6 +302,10 @@ std::string format_plan(const TrainingPlan& plan) {
       << " epochs x " << plan.steps_per_epoch << " steps (" << plan.dataset_length
       << " samples/epoch, batch " << c.length.train_batch_size << ", accumulation "
       << c.length.gradient_accumulation_steps << ")\n";
+  if (plan.parallel.launched)
+    out << "  data parallel:    rank " << plan.parallel.rank << " of " << plan.parallel.world_size
+        << " (local rank " << plan.parallel.local_rank << "), global batch "
+        << plan.global_batch_size << ", gradients all-reduced in buckets during backward\n";
   if (c.lora.train_mode == TrainMode::lora) {
     int64_t adapters = 0;
     for (const auto& component : plan.components)

@@ -64,8 +64,38 @@ void check_resumable_settings(const TrainerState& saved, const nlohmann::ordered
                     "\nrestore them, or start a new run in another output_dir");
 }
 
+namespace {
+
+// The same images in global batches of another size (data parallel with another number of
+// processes): the position is the samples consumed, found again at a batch boundary when the
+// new size divides them; else the run goes on at the next epoch.
+bool moved_to_new_batch_size(TrainerState& saved, const TrainerState::Dataset& now) {
+  // Not recorded: a checkpoint of one process, whose global batch was its train_batch_size.
+  const int64_t before = saved.dataset.samples_per_batch > 0
+                             ? saved.dataset.samples_per_batch
+                             : saved.config.value("train_batch_size", int64_t{-1});
+  if (before <= 0 || now.samples_per_batch <= 0 || before == now.samples_per_batch ||
+      saved.dataset.instance_images != now.instance_images ||
+      saved.dataset.class_images != now.class_images)
+    return false;
+  const int64_t consumed = saved.batch_in_epoch * before;
+  if (consumed % now.samples_per_batch == 0) {
+    saved.batch_in_epoch = consumed / now.samples_per_batch;
+  } else {
+    saved.epoch += 1;
+    saved.batch_in_epoch = 0;
+  }
+  log::info(log::str("resuming with global batches of ", now.samples_per_batch, " samples (",
+                     before, " when the checkpoint was written): continuing at micro-batch ",
+                     saved.batch_in_epoch, " of epoch ", saved.epoch));
+  return true;
+}
+
+}  // namespace
+
 void check_saved_position(TrainerState& saved, const TrainerState::Dataset& now, bool reset_epoch,
                           const fs::path& checkpoint) {
+  if (moved_to_new_batch_size(saved, now)) return;
   const bool recorded = saved.dataset.instance_images >= 0;
   const bool changed = recorded ? saved.dataset.instance_images != now.instance_images ||
                                       saved.dataset.class_images != now.class_images ||

@@ -33,9 +33,23 @@ pipeline::ClassImageOptions class_image_options(const TrainConfig& config) {
 }  // namespace
 
 void generate_class_images(const TrainingPlan& plan, const io::ModelFolder& base,
-                           torch::Device device) {
+                           torch::Device device, ProcessGroup* group) {
   const TrainConfig& config = plan.config;
   if (!config.class_images.with_prior_preservation || plan.class_images_to_generate <= 0) return;
+  pipeline::ClassImageOptions options = class_image_options(config);
+  int64_t to_write = plan.class_images_to_generate;
+  if (group) {
+    // Every process lists the missing images before any writes one, then writes its share.
+    group->barrier();
+    const std::vector<int64_t> missing =
+        pipeline::missing_class_image_indices(options.class_data_dir, options.num_class_images);
+    group->barrier();
+    options.indices.emplace();
+    for (size_t i = static_cast<size_t>(group->rank()); i < missing.size();
+         i += static_cast<size_t>(group->size()))
+      options.indices->push_back(missing[i]);
+    to_write = static_cast<int64_t>(options.indices->size());
+  }
   pipeline::PipelineSettings settings;
   settings.device = device;
   settings.dtype = pipeline::resolve_dtype(config.class_images.prior_generation_precision, device);
@@ -44,7 +58,7 @@ void generate_class_images(const TrainingPlan& plan, const io::ModelFolder& base
   log::info(log::str("prior preservation: generating ", plan.class_images_to_generate,
                      " class images of \"", config.class_images.class_prompt, "\" in ",
                      config.class_images.class_data_dir));
-  Progress progress("class images", plan.class_images_to_generate, 0, 30.0);
+  Progress progress("class images", to_write, 0, 30.0);
   auto on_progress = [&](const pipeline::ClassImageProgress& p) {
     progress.update(p.written, "step " + std::to_string(p.step) + "/" + std::to_string(p.steps));
     if (const int signal = InterruptWatch::pending()) {
@@ -55,8 +69,9 @@ void generate_class_images(const TrainingPlan& plan, const io::ModelFolder& base
                            " written); run again to generate the rest and train"));
     }
   };
-  pipeline::generate_class_images(base, settings, class_image_options(config), on_progress);
+  pipeline::generate_class_images(base, settings, options, on_progress);
   progress.finish();  // generate_class_images released the sampler's GPU memory
+  if (group) group->barrier();  // every share written
 }
 
 std::vector<PipelineModule> TrainingModels::pipeline_modules() const {

@@ -376,9 +376,8 @@ fs::path summary_path(const SubjectsOptions& options, const SubjectSelection& se
 
 int run_subjects(const SubjectsOptions& options) {
   const std::vector<SubjectLine> subjects = read_subjects_manifest(options.manifest);
-  const EnvironmentLookup environment = options.environment
-                                            ? options.environment
-                                            : [](const char* name) { return std::getenv(name); };
+  const EnvironmentLookup environment =
+      options.environment ? options.environment : process_environment();
   const SubjectSelection selection =
       select_subject(options.subject_index, static_cast<int64_t>(subjects.size()), environment);
   if (selection.index)

@@ -99,7 +99,8 @@ const std::vector<Field>& fields() {
         field("learning_rate", &C::optimizer, &C::Optimizer::learning_rate, "Peak learning rate.",
               positive()),
         field("scale_lr", &C::optimizer, &C::Optimizer::scale_lr,
-              "Multiply learning_rate by train_batch_size x gradient_accumulation_steps."),
+              "Multiply learning_rate by train_batch_size x gradient_accumulation_steps (x the "
+              "processes under torchrun, as diffusers)."),
         field("lr_scheduler", &C::optimizer, &C::Optimizer::lr_scheduler, "Learning-rate schedule.",
               one_of({"constant", "constant_with_warmup", "linear", "cosine",
                       "cosine_with_restarts", "polynomial"})),

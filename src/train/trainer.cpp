@@ -1,6 +1,7 @@
 #include "sdtrain/train/trainer.h"
 
 #include <chrono>
+#include <csignal>
 #include <cmath>
 #include <iomanip>
 #include <sstream>
@@ -11,6 +12,8 @@
 #include "sdtrain/train/checkpoint.h"
 #include "sdtrain/train/device_memory.h"
 #include "sdtrain/train/diffusion_loss.h"
+#include "sdtrain/train/distributed.h"
+#include "sdtrain/train/gradient_buckets.h"
 #include "sdtrain/train/ema.h"
 #include "sdtrain/train/interrupt.h"
 #include "sdtrain/train/lr_schedule.h"
@@ -32,12 +35,20 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// How long a process waits for the others in a collective: long enough for the main process's
+// validation images and checkpoints (torch.distributed's default too).
+constexpr std::chrono::minutes kCollectiveTimeout{30};
+
 // Where the run is in its data: the epoch and the micro-batch next in it (both in the
-// TrainerState, so checkpoints carry them), and that epoch's sample order.
+// TrainerState, so checkpoints carry them), and that epoch's sample order. Batches are global:
+// under data parallel every process takes the same one and keeps its share (BatchShard). With
+// `even_batches` an epoch's short last batch is filled from the epoch's start, so every
+// process has train_batch_size samples (accelerate's even_batches).
 class EpochCursor {
  public:
-  EpochCursor(const DreamBoothDataset& data, uint64_t seed, int64_t batch_size, TrainerState& state)
-      : data_(data), seed_(seed), batch_size_(batch_size), state_(state) {}
+  EpochCursor(const DreamBoothDataset& data, uint64_t seed, int64_t batch_size, bool even_batches,
+              TrainerState& state)
+      : data_(data), seed_(seed), batch_size_(batch_size), even_(even_batches), state_(state) {}
 
   // The sample indices of the next micro-batch, in the epoch's order; moves past it.
   std::vector<int64_t> next() {
@@ -49,7 +60,10 @@ class EpochCursor {
     const int64_t first = state_.batch_in_epoch * batch_size_;
     const int64_t count = std::min<int64_t>(batch_size_, data_.size() - first);
     state_.batch_in_epoch += 1;
-    return {order_.begin() + first, order_.begin() + first + count};
+    std::vector<int64_t> batch(order_.begin() + first, order_.begin() + first + count);
+    for (int64_t i = 0; even_ && static_cast<int64_t>(batch.size()) < batch_size_; ++i)
+      batch.push_back(order_[static_cast<size_t>(i % data_.size())]);
+    return batch;
   }
   // The micro-batch just taken was its epoch's last.
   bool at_epoch_end() const { return state_.batch_in_epoch == state_.dataset.batches_per_epoch; }
@@ -67,13 +81,38 @@ class EpochCursor {
   const DreamBoothDataset& data_;
   uint64_t seed_;
   int64_t batch_size_;
+  bool even_;
   TrainerState& state_;
   std::vector<int64_t> order_;
   int64_t order_epoch_ = -1;
 };
 
+// This process's rows of a global batch's loss inputs: its train_batch_size instance rows and,
+// with prior preservation, the same rows of the class half (the loss splits the halves).
+class BatchShard {
+ public:
+  BatchShard(int rank, int world_size, bool prior_preservation)
+      : rank_(rank), world_(world_size), halves_(prior_preservation) {}
+  LossInputs take(const LossInputs& all) const {
+    if (world_ == 1) return all;
+    const int64_t half = halves_ ? all.latents.size(0) / 2 : all.latents.size(0);
+    const int64_t rows = half / world_;
+    auto mine = [&](const torch::Tensor& tensor) {
+      const torch::Tensor first = tensor.narrow(0, rank_ * rows, rows);
+      return halves_ ? torch::cat({first, tensor.narrow(0, half + rank_ * rows, rows)}) : first;
+    };
+    return {mine(all.latents), mine(all.noise), mine(all.timesteps)};
+  }
+
+ private:
+  int64_t rank_, world_;
+  bool halves_;
+};
+
 // The micro-batch losses since the last optimizer step, summed in float64 on the device so
-// that reading them costs one synchronisation per step, not one per micro-batch.
+// that reading them costs one synchronisation per step, not one per micro-batch. Under data
+// parallel the mean is over every process's losses (what one process with the global batch
+// would log).
 class LossWindow {
  public:
   void add(const torch::Tensor& loss) {
@@ -82,8 +121,13 @@ class LossWindow {
     ++count_;
   }
   int64_t count() const { return count_; }
-  double take_mean() {
-    const double mean = sum_.item<double>() / static_cast<double>(count_);
+  double take_mean(ProcessGroup* group) {
+    int64_t count = count_;
+    if (group) {
+      group->all_reduce_sum(sum_);
+      count *= group->size();
+    }
+    const double mean = sum_.item<double>() / static_cast<double>(count);
     sum_ = torch::Tensor();
     count_ = 0;
     return mean;
@@ -106,7 +150,7 @@ class TrainingRun {
                              : models::open_base_model(config_.pretrained_model_name_or_path,
                                                        config_.single_file)),
         generator_(at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(config_.seed))),
-        outputs_(plan, folder_, options.overwrite),
+        outputs_(plan, folder_, options.overwrite, plan.parallel.is_main()),
         profiler_(StepProfiler::from_environment(device_)) {}
 
   TrainSummary run();
@@ -121,7 +165,12 @@ class TrainingRun {
   void step();
   void check_loss(double loss) const;
   void save_checkpoint();
+  int pending_signal();
   void check_interrupt();
+  void check_same_data_everywhere();
+  void wait_for_every_process() {
+    if (group_) group_->barrier();
+  }
   EMAModel* ema() { return ema_ ? &*ema_ : nullptr; }
 
   const TrainingPlan& plan_;
@@ -133,11 +182,13 @@ class TrainingRun {
   at::Generator generator_;  // every random draw of the run, in docs/training.md's order
   RunOutputs outputs_;
   StepProfiler profiler_;  // SDTRAIN_PROFILE only
+  std::shared_ptr<ProcessGroup> group_;  // under torchrun only
 
   std::optional<TrainingModels> models_;
   std::optional<TrainedSet> trained_;
   std::optional<DreamBoothDataset> dataset_;
   std::optional<EpochCursor> cursor_;
+  std::optional<BatchShard> shard_;
   std::optional<LossInputSampler> sampler_;
   std::optional<DiffusionLoss> loss_;
   std::optional<LossScaler> scaler_;
@@ -154,23 +205,42 @@ class TrainingRun {
 };
 
 void TrainingRun::set_up() {
-  generate_class_images(plan_, folder_, device_);
+  generate_class_images(plan_, folder_, device_, group_.get());
   models_.emplace(load_training_models(folder_, config_, device_, precision_));
   trained_.emplace(models_->pipeline_modules(), trained_component_names(config_),
                    trained_part(config_));
   outputs_.dump_trained_start(options_.dump_dir, *trained_);
   dataset_.emplace(load_dataset(plan_));
   state_.config = config_.to_json();  // what checkpoints record, and what a resume compares
-  state_.dataset = {
-      dataset_->num_instance_images(), dataset_->num_class_images(),
-      (dataset_->size() + config_.length.train_batch_size - 1) / config_.length.train_batch_size};
-  cursor_.emplace(*dataset_, static_cast<uint64_t>(config_.seed), config_.length.train_batch_size,
-                  state_);
+  state_.dataset = {dataset_->num_instance_images(), dataset_->num_class_images(),
+                    (dataset_->size() + plan_.global_batch_size - 1) / plan_.global_batch_size,
+                    plan_.global_batch_size};
+  cursor_.emplace(*dataset_, static_cast<uint64_t>(config_.seed), plan_.global_batch_size,
+                  plan_.parallel.world_size > 1, state_);
+  shard_.emplace(plan_.parallel.rank, plan_.parallel.world_size,
+                 config_.class_images.with_prior_preservation);
+  check_same_data_everywhere();
   set_up_loss();
   const auto released = move_cached_frozen_models(*models_, config_, device_, /*to_host=*/true);
   for (const auto& name : released)
     log::info(name + " moved to the host: its work is cached (docs/memory.md)");
   set_up_update();
+}
+
+// Every process must walk the same data (a folder local to each node would not be): the
+// numbers of photos, class images and batches are compared across processes.
+void TrainingRun::check_same_data_everywhere() {
+  if (!group_) return;
+  const std::vector<double> mine = {static_cast<double>(state_.dataset.instance_images),
+                                    static_cast<double>(state_.dataset.class_images)};
+  torch::Tensor sums = torch::tensor(mine, torch::kDouble).to(device_);
+  group_->all_reduce_sum(sums);
+  const torch::Tensor expected = torch::tensor(mine, torch::kDouble) * group_->size();
+  if (torch::equal(sums.cpu(), expected)) return;
+  throw InputDataError(log::str(
+      "rank ", group_->rank(), " sees ", mine[0], " photos and ", mine[1],
+      " class images, other processes of the run see others: instance_data_dir and "
+      "class_data_dir must be the same folders for every process (shared storage across nodes)"));
 }
 
 void TrainingRun::set_up_loss() {
@@ -193,7 +263,8 @@ void TrainingRun::set_up_loss() {
 void TrainingRun::set_up_update() {
   optim::OptimizerOptions options;
   UpdateOptions update;
-  update.lr = lr_schedule_options(config_, plan_.total_steps);  // validated by plan_training
+  update.lr = lr_schedule_options(config_, plan_.total_steps,  // validated by plan_training
+                                  plan_.parallel.world_size);
   update.max_grad_norm = config_.optimizer.max_grad_norm;
   update.precision = precision_;
   update.recovery_hint = [this] { return outputs_.last_checkpoint_hint(); };
@@ -215,8 +286,26 @@ void TrainingRun::set_up_update() {
     // The shadow weights stay on the CPU: 4 bytes per trained UNet parameter out of GPU memory.
     ema_.emplace(trained_->component_parameters("unet"), ema_options, torch::kCPU);
   }
+  std::unique_ptr<GradientReduction> reduction = std::make_unique<LocalGradients>();
+  if (group_) {
+    // In the order the backward pass produces gradients: the UNet's, last layer first, then
+    // the text encoder's (it runs before the UNet).
+    std::vector<torch::Tensor> arrival;
+    for (const char* name : {"unet", "text_encoder"}) {
+      if (!trained_->trains(name)) continue;
+      const auto parameters = trained_->component_parameters(name);
+      for (auto it = parameters.rbegin(); it != parameters.rend(); ++it)
+        arrival.push_back(it->second);
+    }
+    TORCH_CHECK(arrival.size() == trained_->parameters().size(),
+                "data parallel: a trained component is neither the UNet nor the text encoder");
+    auto buckets = std::make_unique<BucketedAllReduce>(group_, arrival);
+    log::info(log::str("data parallel: ", group_->size(), " processes (", group_->backend(),
+                       "), gradients in ", buckets->bucket_count(), " buckets"));
+    reduction = std::move(buckets);
+  }
   update_ = make_update_policy(plan_.fused_backward_pass, *trained_, std::move(optimizer),
-                               *scaler_, ema(), update);
+                               *scaler_, ema(), update, std::move(reduction));
 }
 
 void TrainingRun::resume() {
@@ -267,8 +356,11 @@ void TrainingRun::train_loop() {
 }
 
 void TrainingRun::micro_batch(const std::vector<int64_t>& indices, bool ends_step) {
-  const LossInputs inputs = sampler_->draw(indices);
+  // Every process draws the global batch's noise and timesteps and keeps its rows, so N
+  // processes train on what one process with the global batch would.
+  const LossInputs inputs = shard_->take(sampler_->draw(indices));
   const torch::Tensor loss = (*loss_)(inputs);
+  update_->before_backward(ends_step);
   // accelerate divides the loss by the accumulation steps before backward.
   scaler_->scale(loss / static_cast<double>(config_.length.gradient_accumulation_steps)).backward();
   window_.add(loss);
@@ -278,8 +370,9 @@ void TrainingRun::micro_batch(const std::vector<int64_t>& indices, bool ends_ste
 void TrainingRun::step() {
   StepRecord record;
   record.epoch = state_.epoch;
-  record.loss = window_.take_mean();
   record.update = update_->apply(state_.global_step);
+  // After the update: its reduction is under way before the loss's all-reduce makes the host wait.
+  record.loss = window_.take_mean(group_.get());
   skipped_steps_ += record.update.skipped ? 1 : 0;
   state_.global_step += 1;
   kill_point("step");
@@ -320,8 +413,20 @@ void TrainingRun::save_checkpoint() {
   outputs_.save_checkpoint(state_, {*trained_, update_->optimizer(), ema()});
 }
 
-void TrainingRun::check_interrupt() {
+// A signal to one process stops them all at the same step boundary: under data parallel the
+// processes agree on it first, so none is left waiting in a collective the others never join.
+int TrainingRun::pending_signal() {
   const int signal = InterruptWatch::pending();
+  if (!group_) return signal;
+  torch::Tensor any = torch::full({1}, static_cast<double>(signal),
+                                  torch::TensorOptions().dtype(torch::kDouble).device(device_));
+  group_->all_reduce_sum(any);
+  if (any.item<double>() == 0) return 0;
+  return signal != 0 ? signal : SIGTERM;
+}
+
+void TrainingRun::check_interrupt() {
+  const int signal = pending_signal();
   if (signal == 0) return;
   // Nothing to save before the first step: the same command simply starts again.
   if (state_.global_step > 0 && outputs_.last_checkpoint_step() != state_.global_step)
@@ -336,7 +441,10 @@ void TrainingRun::check_interrupt() {
 TrainSummary TrainingRun::run() {
   const auto started = Clock::now();
   InterruptWatch interrupts;
+  if (plan_.parallel.launched)
+    group_ = ProcessGroup::connect(plan_.parallel, device_, kCollectiveTimeout);
   outputs_.take_output_dir();
+  wait_for_every_process();  // the main process has locked and cleaned output_dir
   set_up();
   resume();
   outputs_.start(state_.global_step, resumed_checkpoint_step_);

@@ -18,7 +18,13 @@ Target& target() {
     Target t;
     const char* spec = std::getenv("SDTRAIN_KILL_AT");
     if (!spec) return t;
-    const std::string text = spec;
+    std::string text = spec;
+    // NAME#K@R: only the data-parallel process of RANK R (a rank dying alone).
+    if (const auto at = text.find('@'); at != std::string::npos) {
+      const char* rank = std::getenv("RANK");
+      if (!rank || text.substr(at + 1) != rank) return t;
+      text.resize(at);
+    }
     const auto hash = text.find('#');
     t.name = text.substr(0, hash);
     if (hash != std::string::npos) t.reach = std::strtol(text.c_str() + hash + 1, nullptr, 10);

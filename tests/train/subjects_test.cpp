@@ -159,6 +159,9 @@ TEST(Subjects, AnArrayTaskTrainsTheSubjectItsIndexNames) {
               std::string::npos)
         << run.output;
     EXPECT_EQ(count_of(run.output, "Plan\n  model:"), 1) << run.output;
+    const char* names[] = {"anna", "bert", "carl"};  // the plan is the selected subject's
+    EXPECT_NE(run.output.find((dir / "out" / names[c.index]).string() + "\n"), std::string::npos)
+        << run.output;
   }
   // The broken subject's own exit code, from an array task.
   const CommandResult broken = sdtrain_in(

@@ -28,6 +28,9 @@ struct ClassImageOptions {
   int64_t height = 0;
   // Stop after writing this many images (tests simulate an interrupted run with it).
   std::optional<int64_t> limit;
+  // The image numbers to write instead of the missing ones: a data-parallel process's share of
+  // the list every process took before any wrote (train/run_setup.cpp).
+  std::optional<std::vector<int64_t>> indices;
 };
 
 struct ClassImageProgress {
@@ -39,6 +42,10 @@ struct ClassImageProgress {
 
 // Images (png/jpg/jpeg, any case) directly in `dir`; 0 when the folder does not exist.
 int64_t count_class_images(const std::filesystem::path& dir);
+
+// The numbers of the images generate_class_images would write to have `wanted` in `dir`:
+// continuing from the count, passing over names that exist (a folder with gaps).
+std::vector<int64_t> missing_class_image_indices(const std::filesystem::path& dir, int64_t wanted);
 
 // Generates the missing class images with `pipeline`; returns how many were written. A folder
 // that cannot be created or written is an OutputError (exit code 5).

@@ -44,6 +44,8 @@ struct TrainerState {
     int64_t instance_images = -1;
     int64_t class_images = -1;
     int64_t batches_per_epoch = -1;
+    // The global batch (train_batch_size x processes); -1: not recorded (before data parallel).
+    int64_t samples_per_batch = -1;
   } dataset;
   torch::Tensor rng_state;        // CPU generator state (uint8)
   nlohmann::ordered_json config;  // the run's resolved TrainConfig

@@ -28,9 +28,10 @@ const std::vector<std::string>& lr_schedule_names();
 
 // lr_scheduler, lr_warmup_steps, lr_num_cycles, lr_power and learning_rate of the configuration
 // for a run of `total_steps` optimizer steps (the plan's total_steps). With scale_lr the base
-// rate is learning_rate x train_batch_size x gradient_accumulation_steps, as diffusers'
-// --scale_lr on one process: callers use this rate and do not scale again.
-LrScheduleOptions lr_schedule_options(const TrainConfig& config, int64_t total_steps);
+// rate is learning_rate x train_batch_size x gradient_accumulation_steps x `processes`, as
+// diffusers' --scale_lr (accelerator.num_processes): callers use this rate and do not scale again.
+LrScheduleOptions lr_schedule_options(const TrainConfig& config, int64_t total_steps,
+                                      int64_t processes = 1);
 
 // Throws ConfigError for an unknown name or a combination diffusers rejects (polynomial with
 // learning_rate <= lr_end).

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "sdtrain/train/instance_data.h"
+#include "sdtrain/train/distributed.h"
 #include "sdtrain/train/train_config.h"
 
 namespace sdtrain::train {
@@ -50,13 +51,18 @@ struct TrainingPlan {
   // new meaning, with why: printed at start-up and by --dry-run.
   bool fused_backward_pass = false;
   std::vector<std::string> setting_notes;
+  // torchrun's processes (docs/scaling.md): each takes train_batch_size samples of every global
+  // batch of train_batch_size x world_size.
+  DataParallel parallel;
+  int64_t global_batch_size = 1;
+  bool requested_fused_on = false;  // the configuration said fused_backward_pass: true
   std::vector<std::string> warnings;
 };
 
 // Checks the model folder (configs and weight headers), the instance data (every image
 // decoded), prompts, class images and device, and derives the schedule. Throws the
 // documented errors (ConfigError, InputDataError, ModelError).
-TrainingPlan plan_training(const TrainConfig& config);
+TrainingPlan plan_training(const TrainConfig& config, const DataParallel& parallel = {});
 
 std::string format_plan(const TrainingPlan& plan);
 

@@ -2,7 +2,7 @@
 // Everything a run writes, behind one guard: output_dir's lock and train_config.json,
 // logs/metrics.jsonl, the progress line, checkpoints, validation grids and the exported model.
 // With several processes only the main one writes (is_main_process false: each call does
-// nothing); today a run has one process, which is the main one.
+// nothing): under torchrun (docs/scaling.md) every rank but 0.
 
 #include <torch/torch.h>
 

@@ -13,6 +13,7 @@
 #include "sdtrain/schedulers/noise_schedule.h"
 #include "sdtrain/text/clip_tokenizer.h"
 #include "sdtrain/train/dataset.h"
+#include "sdtrain/train/distributed.h"
 #include "sdtrain/train/mixed_precision.h"
 #include "sdtrain/train/plan.h"
 #include "sdtrain/train/trained_set.h"
@@ -22,8 +23,10 @@ namespace sdtrain::train {
 // Generates the class images the plan found missing, before the training models load (as
 // train_dreambooth.py does, so the sampler's memory is free again when training starts).
 // Interrupted: every image written so far is kept and the Error carries the signal's code.
+// Under data parallel (`group`), the processes count the images together, each writes its share
+// and all wait until every image is there.
 void generate_class_images(const TrainingPlan& plan, const io::ModelFolder& base,
-                           torch::Device device);
+                           torch::Device device, ProcessGroup* group = nullptr);
 
 struct TrainingModels {
   text::CLIPTokenizer tokenizer;

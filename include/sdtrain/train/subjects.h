@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "sdtrain/train/train_config.h"
+#include "sdtrain/util/environment.h"
 
 namespace sdtrain::train {
 
@@ -37,7 +38,6 @@ struct SubjectSelection {
   std::optional<int64_t> index;
   std::string source;  // "--subject-index", the variable's name, or "" (every subject)
 };
-using EnvironmentLookup = std::function<const char*(const char*)>;
 // ConfigError, naming where the index came from, when it is not an index of the
 // `subject_count` subjects.
 SubjectSelection select_subject(const std::string& flag, int64_t subject_count,

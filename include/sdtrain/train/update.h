@@ -27,6 +27,8 @@ namespace sdtrain::train {
 class GradientReduction {
  public:
   virtual ~GradientReduction() = default;
+  // Before each backward pass; `last_of_step`: the pass that completes the step's gradients.
+  virtual void before_backward(bool /*last_of_step*/) {}
   // `gradients` are still multiplied by the loss scale; undefined entries had no gradient.
   virtual void reduce(const std::vector<torch::Tensor>& gradients) = 0;
 };
@@ -77,6 +79,8 @@ class UpdatePolicy {
   UpdatePolicy& operator=(const UpdatePolicy&) = delete;
   // Before the micro-batches of the step after `global_step` steps.
   virtual void begin_step(int64_t global_step) = 0;
+  // Before each micro-batch's backward pass; `ends_step`: the step's last.
+  virtual void before_backward(bool /*ends_step*/) {}
   // The step after `global_step` steps: applies the accumulated gradients (or finishes what the
   // backward pass applied) and clears them. Non-finite gradients skip the step under fp16 loss
   // scaling; without it they mean the run diverged: Error(training_diverged), with
@@ -101,6 +105,7 @@ class UpdateAfterBackward final : public UpdatePolicy {
                           std::make_unique<LocalGradients>());
 
   void begin_step(int64_t) override {}
+  void before_backward(bool ends_step) override { reduction_->before_backward(ends_step); }
   UpdateResult apply(int64_t global_step) override;
 
  private:
@@ -135,11 +140,12 @@ class FusedBackwardUpdate final : public UpdatePolicy {
   torch::Tensor norms_;                    // float32 [n]: each gradient's 2-norm, unclipped
 };
 
-// The policy the plan chose: fused or after backward.
-std::unique_ptr<UpdatePolicy> make_update_policy(bool fused_backward_pass,
-                                                 const TrainedSet& trained,
-                                                 std::unique_ptr<optim::Optimizer> optimizer,
-                                                 LossScaler& scaler, EMAModel* ema,
-                                                 UpdateOptions options);
+// The policy the plan chose: fused or after backward (with `reduction`: a data-parallel run
+// reduces across processes; the plan refuses fused_backward_pass there).
+std::unique_ptr<UpdatePolicy> make_update_policy(
+    bool fused_backward_pass, const TrainedSet& trained,
+    std::unique_ptr<optim::Optimizer> optimizer, LossScaler& scaler, EMAModel* ema,
+    UpdateOptions options,
+    std::unique_ptr<GradientReduction> reduction = std::make_unique<LocalGradients>());
 
 }  // namespace sdtrain::train

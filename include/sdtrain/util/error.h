@@ -16,6 +16,7 @@ enum class ExitCode : int {
   output = 5,          // an output could not be written (disk full, permissions)
   training_diverged = 6,  // inf/NaN loss or gradients without loss scaling
   subjects_failed = 7,    // a subjects run: one or more subjects failed (see its summary)
+  peer_lost = 8,          // data parallel: another process of the run stopped or went silent
   interrupted_sigint = 130,
   interrupted_sigterm = 143,
 };

@@ -1,7 +1,8 @@
 #pragma once
 // Named points where a test can kill the run as `kill -9` or a power cut would: with
 // SDTRAIN_KILL_AT=NAME#K set, the K-th time (default the first) the run reaches kill_point(NAME)
-// it sends itself SIGKILL, so nothing is flushed, cleaned up or renamed after it. The run-safety
+// it sends itself SIGKILL, so nothing is flushed, cleaned up or renamed after it (NAME#K@R: only
+// in the data-parallel process whose RANK is R). The run-safety
 // tests (tests/train/run_safety_test.cpp) use them to prove that a run killed anywhere resumes
 // to the same bytes. Unset, a point costs one comparison against an empty name.
 //
