@@ -137,6 +137,36 @@ TEST(Subjects, ThreeSubjectsOneBrokenTrainTheOthersFromOneReadOfTheBase) {
   EXPECT_EQ(count_of(third.output, "skipped"), 2) << third.output;
 }
 
+// A process killed inside a subject (SIGKILL: nothing recorded for it) leaves that subject's
+// checkpoints; the rerun resumes it from the last one and trains the rest.
+TEST(Subjects, ARerunResumesTheSubjectAKillInterrupted) {
+  const fs::path dir = scratch_dir();
+  write_subjects(dir);
+  {
+    std::ofstream manifest(dir / "two.jsonl");
+    const std::string photos = (demo() / "instance").string();
+    manifest << json{{"instance_data_dir", photos}, {"output_dir", "out/dora"}}.dump() << "\n"
+             << json{{"instance_data_dir", photos}, {"output_dir", "out/emil"}}.dump() << "\n";
+  }
+  const std::string command =
+      "train --config base.json --subjects two.jsonl --set checkpointing_steps=1";
+  const CommandResult killed = sdtrain_in(dir, command, "SDTRAIN_KILL_AT=step#2");
+  EXPECT_NE(killed.code, 0) << killed.output;
+  ASSERT_TRUE(fs::exists(dir / "out" / "dora" / "checkpoint-1"));
+  EXPECT_FALSE(fs::exists(dir / "out" / "emil"));
+
+  const CommandResult rerun = sdtrain_in(dir, command);
+  ASSERT_EQ(rerun.code, 0) << rerun.output;
+  EXPECT_NE(rerun.output.find("resuming from " + (dir / "out" / "dora" / "checkpoint-1").string()),
+            std::string::npos)
+      << rerun.output;
+  auto records = statuses(dir / "subjects-summary.json");
+  EXPECT_EQ(records["dora"]["status"], "done");
+  EXPECT_EQ(records["dora"]["steps"], 3);
+  EXPECT_EQ(records["dora"]["steps_this_run"], 2);
+  EXPECT_EQ(records["emil"]["status"], "done");
+}
+
 TEST(Subjects, AnArrayTaskTrainsTheSubjectItsIndexNames) {
   const fs::path dir = scratch_dir();
   write_subjects(dir);
