@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <csignal>
+#include <cstdlib>
 #include <cmath>
 #include <iomanip>
 #include <sstream>
@@ -299,7 +300,12 @@ void TrainingRun::set_up_update() {
     }
     TORCH_CHECK(arrival.size() == trained_->parameters().size(),
                 "data parallel: a trained component is neither the UNet nor the text encoder");
-    auto buckets = std::make_unique<BucketedAllReduce>(group_, arrival);
+    // SDTRAIN_BUCKET_BYTES: DDP's bucket_cap_mb, in bytes (tests use small buckets to have many).
+    const char* bucket_bytes = std::getenv("SDTRAIN_BUCKET_BYTES");
+    auto buckets = std::make_unique<BucketedAllReduce>(
+        group_, arrival,
+        bucket_bytes ? std::max<int64_t>(1, std::atoll(bucket_bytes))
+                     : BucketedAllReduce::kDefaultBucketBytes);
     log::info(log::str("data parallel: ", group_->size(), " processes (", group_->backend(),
                        "), gradients in ", buckets->bucket_count(), " buckets"));
     reduction = std::move(buckets);

@@ -86,14 +86,25 @@ TEST(DataParallel, TwoProcessesTrainWhatOneProcessWithTheGlobalBatchTrains) {
   fs::create_directories(dir / "two");
   fs::create_directories(dir / "one");
   fs::create_directories(dir / "small");
-  const CommandResult two = torchrun_sdtrain(write_config(dir / "two", dp_config(1, 4, 1000)));
+  // The text encoder trained too, and 64 KiB buckets: many buckets, started in the same order
+  // on both processes as their gradients arrive (the UNet's, then the text encoder's).
+  auto with_text_encoder = [](int batch) {
+    json settings = dp_config(batch, 4, 1000);
+    settings["train_text_encoder"] = true;
+    return settings;
+  };
+  const CommandResult two = torchrun_sdtrain(write_config(dir / "two", with_text_encoder(1)),
+                                             "SDTRAIN_BUCKET_BYTES=65536");
   ASSERT_EQ(two.code, 0) << two.output;
   EXPECT_NE(two.output.find("data parallel: 2 processes (gloo)"), std::string::npos) << two.output;
+  const auto buckets_at = two.output.find("gradients in ");
+  ASSERT_NE(buckets_at, std::string::npos) << two.output;
+  EXPECT_GT(std::stoi(two.output.substr(buckets_at + 13)), 10) << two.output;
   const CommandResult one =
-      run(sdtrain_exe() + " --config " + write_config(dir / "one", dp_config(2, 4, 1000)).string());
+      run(sdtrain_exe() + " --config " + write_config(dir / "one", with_text_encoder(2)).string());
   ASSERT_EQ(one.code, 0) << one.output;
   const CommandResult small = run(sdtrain_exe() + " --config " +
-                                  write_config(dir / "small", dp_config(1, 4, 1000)).string());
+                                  write_config(dir / "small", with_text_encoder(1)).string());
   ASSERT_EQ(small.code, 0) << small.output;
 
   // The loss of each step, over both processes' samples, is the one process's loss.
