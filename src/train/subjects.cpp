@@ -189,14 +189,15 @@ class SubjectsSummary {
         {"manifest", fs::absolute(options.manifest).string()},
         {"config", options.config_file.empty() ? "" : fs::absolute(options.config_file).string()},
         {"selected_by", selected_by.empty() ? "every subject" : selected_by}};
+    // Every summary beside this one: a subject finished by the whole manifest is known to an
+    // array task, and the other way round.
     std::error_code ignored;
-    if (!fs::is_regular_file(path_, ignored)) return;
-    const json previous = json::parse(read_file(path_, ExitCode::usage), nullptr, false);
-    if (!previous.is_object() || !previous.contains("subjects")) return;
-    for (const auto& record : previous["subjects"])
-      if (record.is_object() &&
-          (record.value("status", "") == "done" || record.value("status", "") == "skipped"))
-        done_before_[record.value("output_dir", "")] = record;
+    for (const auto& entry : fs::directory_iterator(path_.parent_path(), ignored)) {
+      const std::string name = entry.path().filename().string();
+      if (entry.path() == path_ ||
+          (name.starts_with("subjects-summary") && entry.path().extension() == ".json"))
+        read_finished(entry.path());
+    }
   }
 
   // The record of an earlier run that finished the subject writing `output_dir`, when the
@@ -222,6 +223,18 @@ class SubjectsSummary {
   const fs::path& path() const { return path_; }
 
  private:
+  void read_finished(const fs::path& summary) {
+    std::error_code ignored;
+    if (!fs::is_regular_file(summary, ignored)) return;
+    const json previous = json::parse(read_file(summary, ExitCode::usage), nullptr, false);
+    if (!previous.is_object() || !previous.contains("subjects")) return;
+    for (const auto& record : previous["subjects"]) {
+      const std::string status = record.is_object() ? record.value("status", "") : "";
+      if (status == "done" || status == "skipped")
+        done_before_[record.value("output_dir", "")] = record;
+    }
+  }
+
   fs::path path_;
   json header_;
   std::map<std::string, json> done_before_;
@@ -366,8 +379,8 @@ SubjectResult run_subject(SubjectsRun& run, const SubjectLine& subject, int64_t 
 fs::path summary_path(const SubjectsOptions& options, const SubjectSelection& selection) {
   if (!options.summary.empty()) return fs::absolute(options.summary);
   const fs::path folder = fs::absolute(options.manifest).parent_path();
-  // One file per array task: tasks running at once never write the same file.
-  return folder / (selection.index && selection.source != "--subject-index"
+  // One file per selected subject: array tasks running at once never write the same file.
+  return folder / (selection.index
                        ? "subjects-summary-" + std::to_string(*selection.index) + ".json"
                        : std::string("subjects-summary.json"));
 }

@@ -135,6 +135,12 @@ TEST(Subjects, ThreeSubjectsOneBrokenTrainTheOthersFromOneReadOfTheBase) {
   // ... and so does the next, from a summary whose records say "skipped".
   const CommandResult third = sdtrain_in(dir, "train --config base.json --subjects subjects.jsonl");
   EXPECT_EQ(count_of(third.output, "skipped"), 2) << third.output;
+  // An array task of a finished subject knows it from the whole manifest's summary.
+  const CommandResult task = sdtrain_in(dir, "train --config base.json --subjects subjects.jsonl",
+                                        "SLURM_ARRAY_TASK_ID=2");
+  EXPECT_EQ(task.code, 0) << task.output;
+  EXPECT_EQ(count_of(task.output, "skipped"), 1) << task.output;
+  EXPECT_TRUE(fs::exists(dir / "subjects-summary-2.json"));
 }
 
 // A process killed inside a subject (SIGKILL: nothing recorded for it) leaves that subject's
