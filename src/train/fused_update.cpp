@@ -3,27 +3,13 @@
 // optimizer in the backward pass (Tensor.register_post_accumulate_grad_hook): it runs once per
 // parameter per backward, after every contribution to the gradient has been summed, when no
 // node still to run reads the parameter, so stepping it there cannot change another gradient.
-#include <torch/csrc/autograd/function_hook.h>
-#include <torch/csrc/autograd/variable.h>
 
 #include <cmath>
 
+#include "sdtrain/train/gradient_hooks.h"
 #include "sdtrain/train/update.h"
 
 namespace sdtrain::train {
-namespace {
-
-class StepInBackward final : public torch::autograd::PostAccumulateGradHook {
- public:
-  StepInBackward(FusedBackwardUpdate& owner, size_t index) : owner_(owner), index_(index) {}
-  void operator()(const torch::autograd::Variable&) override { owner_.on_gradient(index_); }
-
- private:
-  FusedBackwardUpdate& owner_;
-  size_t index_;
-};
-
-}  // namespace
 
 FusedBackwardUpdate::FusedBackwardUpdate(const TrainedSet& trained,
                                          std::unique_ptr<optim::Optimizer> optimizer,
@@ -37,14 +23,13 @@ FusedBackwardUpdate::FusedBackwardUpdate(const TrainedSet& trained,
   norms_ = torch::zeros({static_cast<int64_t>(parameters_.size())}, on_device);
   inverse_scale_ = scaler_.inverse_scale();
   for (size_t i = 0; i < parameters_.size(); ++i) {
-    torch::autograd::impl::set_post_acc_grad_hooks(parameters_[i],
-                                                   std::make_unique<StepInBackward>(*this, i));
+    set_post_accumulate_grad_hook(parameters_[i], [this, i] { on_gradient(i); });
   }
 }
 
 FusedBackwardUpdate::~FusedBackwardUpdate() {
   for (const auto& parameter : parameters_)
-    torch::autograd::impl::set_post_acc_grad_hooks(parameter, nullptr);
+    set_post_accumulate_grad_hook(parameter, nullptr);
 }
 
 void FusedBackwardUpdate::begin_step(int64_t global_step) {

@@ -1,23 +1,8 @@
 #include "sdtrain/train/gradient_buckets.h"
 
-#include <torch/csrc/autograd/function_hook.h>
-#include <torch/csrc/autograd/variable.h>
+#include "sdtrain/train/gradient_hooks.h"
 
 namespace sdtrain::train {
-
-namespace {
-
-class CountInBucket final : public torch::autograd::PostAccumulateGradHook {
- public:
-  CountInBucket(BucketedAllReduce& owner, size_t index) : owner_(owner), index_(index) {}
-  void operator()(const torch::autograd::Variable&) override { owner_.on_gradient(index_); }
-
- private:
-  BucketedAllReduce& owner_;
-  size_t index_;
-};
-
-}  // namespace
 
 BucketedAllReduce::BucketedAllReduce(std::shared_ptr<ProcessGroup> group,
                                      std::vector<torch::Tensor> parameters, int64_t bucket_bytes)
@@ -43,13 +28,11 @@ BucketedAllReduce::BucketedAllReduce(std::shared_ptr<ProcessGroup> group,
     bucket.flat = torch::empty({numel}, parameters_[bucket.members.front()].options());
   }
   for (size_t i = 0; i < parameters_.size(); ++i)
-    torch::autograd::impl::set_post_acc_grad_hooks(parameters_[i],
-                                                   std::make_unique<CountInBucket>(*this, i));
+    set_post_accumulate_grad_hook(parameters_[i], [this, i] { on_gradient(i); });
 }
 
 BucketedAllReduce::~BucketedAllReduce() {
-  for (const auto& parameter : parameters_)
-    torch::autograd::impl::set_post_acc_grad_hooks(parameter, nullptr);
+  for (const auto& parameter : parameters_) set_post_accumulate_grad_hook(parameter, nullptr);
 }
 
 void BucketedAllReduce::before_backward(bool last_of_step) { armed_ = last_of_step; }

@@ -175,11 +175,11 @@ std::string mib(int64_t bytes) {
 }
 
 // Data parallel reduces the gradients after the backward pass; a fused step would apply each
-// one before the other processes' gradients arrive.
+// one before the other processes' gradients arrive. Decided first, so `on` is the user's.
 void keep_fused_off_in_data_parallel(TrainingPlan& plan) {
   AutoSwitch& fused = plan.config.compute.fused_backward_pass;
   if (!plan.parallel.launched || fused == AutoSwitch::off) return;
-  if (fused == AutoSwitch::on && plan.requested_fused_on)
+  if (fused == AutoSwitch::on)
     throw ConfigError(
         "\"fused_backward_pass\": true under torchrun: data parallel all-reduces each gradient "
         "after the backward pass, and a fused step would apply it before; set it false");
@@ -227,7 +227,6 @@ TrainingPlan plan_training(const TrainConfig& config, const DataParallel& parall
   TrainingPlan plan;
   plan.config = config;
   plan.parallel = parallel;
-  plan.requested_fused_on = config.compute.fused_backward_pass == AutoSwitch::on;
   TrainConfig& c = plan.config;
   plan.device = process_device(c, parallel);
   if (plan.device == "cpu" && c.compute.mixed_precision == Precision::fp16) {

@@ -229,7 +229,7 @@ void TrainingRun::set_up() {
 }
 
 // Every process must walk the same data (a folder local to each node would not be): the
-// numbers of photos, class images and batches are compared across processes.
+// numbers of photos and class images are compared across processes.
 void TrainingRun::check_same_data_everywhere() {
   if (!group_) return;
   const std::vector<double> mine = {static_cast<double>(state_.dataset.instance_images),

@@ -55,7 +55,6 @@ struct TrainingPlan {
   // batch of train_batch_size x world_size.
   DataParallel parallel;
   int64_t global_batch_size = 1;
-  bool requested_fused_on = false;  // the configuration said fused_backward_pass: true
   std::vector<std::string> warnings;
 };
 
