@@ -2,6 +2,7 @@
 
 #include "config_reader.h"
 #include "sdtrain/models/base_model.h"
+#include "sdtrain/models/uninitialised.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/json.h"
 
@@ -119,14 +120,17 @@ std::optional<std::string> vae_key_mapper(const std::string& key) {
 }
 
 AutoencoderKL load_vae(const std::filesystem::path& component_dir, const LoadOptions& options, const std::string& variant) {
-  AutoencoderKL vae(AutoencoderKLConfig::from_file(component_dir / "config.json"));
+  const auto config = AutoencoderKLConfig::from_file(component_dir / "config.json");
+  auto vae = build_uninitialised([&] { return AutoencoderKL(config); });
   load_state_dict(*vae, io::find_weight_files(component_dir, "diffusion_pytorch_model", variant), options, vae_key_mapper);
   return vae;
 }
 
 AutoencoderKL load_vae(const io::ModelFolder& folder, const LoadOptions& options, const std::string& variant) {
   folder.require("vae");
-  AutoencoderKL vae(AutoencoderKLConfig::from_json(folder.config("vae"), folder.config_path("vae").string()));
+  const auto config =
+      AutoencoderKLConfig::from_json(folder.config("vae"), folder.config_path("vae").string());
+  auto vae = build_uninitialised([&] { return AutoencoderKL(config); });
   load_component_weights(*vae, folder, "vae", options, variant, vae_key_mapper);
   return vae;
 }

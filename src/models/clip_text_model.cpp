@@ -3,6 +3,7 @@
 #include "config_reader.h"
 #include "sdtrain/models/base_model.h"
 #include "sdtrain/models/gradient_checkpointing.h"
+#include "sdtrain/models/uninitialised.h"
 
 #include <algorithm>
 
@@ -207,7 +208,7 @@ CLIPTextModel load_text_encoder(const io::ModelFolder& folder, const LoadOptions
                      "/" + component.class_name + "; only transformers/CLIPTextModel is supported");
   }
   auto config = CLIPTextConfig::from_json(folder.config("text_encoder"), folder.config_path("text_encoder").string());
-  CLIPTextModel model(config);
+  auto model = build_uninitialised([&] { return CLIPTextModel(config); });
   load_component_weights(*model, folder, "text_encoder", options, variant, map_text_encoder_key);
   return model;
 }

@@ -4,6 +4,7 @@
 
 #include "config_reader.h"
 #include "sdtrain/models/base_model.h"
+#include "sdtrain/models/uninitialised.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/json.h"
 
@@ -347,7 +348,8 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample,
 
 UNet2DConditionModel load_unet(const std::filesystem::path& component_dir,
                                const LoadOptions& options, const std::string& variant) {
-  UNet2DConditionModel unet(UNet2DConditionConfig::from_file(component_dir / "config.json"));
+  const auto config = UNet2DConditionConfig::from_file(component_dir / "config.json");
+  auto unet = build_uninitialised([&] { return UNet2DConditionModel(config); });
   load_state_dict(*unet, io::find_weight_files(component_dir, "diffusion_pytorch_model", variant),
                   options);
   return unet;
@@ -356,8 +358,9 @@ UNet2DConditionModel load_unet(const std::filesystem::path& component_dir,
 UNet2DConditionModel load_unet(const io::ModelFolder& folder, const LoadOptions& options,
                                const std::string& variant) {
   folder.require("unet");
-  UNet2DConditionModel unet(
-      UNet2DConditionConfig::from_json(folder.config("unet"), folder.config_path("unet").string()));
+  const auto config =
+      UNet2DConditionConfig::from_json(folder.config("unet"), folder.config_path("unet").string());
+  auto unet = build_uninitialised([&] { return UNet2DConditionModel(config); });
   load_component_weights(*unet, folder, "unet", options, variant);
   return unet;
 }

@@ -1,0 +1,128 @@
+// Times loading each model component of a diffusers folder, and what building it with its
+// random initialisation would add (what every load paid before models/uninitialised.h).
+// Prints one JSON line per component:
+//   build_initialised_s    the module built from its config as torch::nn initialises it
+//   build_uninitialised_s  the same inside UninitialisedScope
+//   load_s                 models::load_* from the folder to --device in --dtype, as sdtrain
+//                          loads it (uninitialised build + strict copy from the mapped file)
+//
+//   bench_model_load --model DIR [--device cpu|cuda:0] [--dtype float32|float16|bfloat16]
+//       [--components unet,vae,text_encoder]
+//
+// Each timing is taken once, in a fresh process state per component (the page cache is warm
+// after the first read: run it twice and keep the second line for a warm-cache figure).
+
+#include <torch/torch.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <functional>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "sdtrain/io/model_folder.h"
+#include "sdtrain/models/autoencoder_kl.h"
+#include "sdtrain/models/clip_text_model.h"
+#include "sdtrain/models/state_dict.h"
+#include "sdtrain/models/unet_2d_condition.h"
+#include "sdtrain/models/uninitialised.h"
+#include "sdtrain/util/error.h"
+
+namespace {
+
+using namespace sdtrain;
+using Clock = std::chrono::steady_clock;
+
+double seconds_of(const std::function<void()>& work) {
+  const auto start = Clock::now();
+  work();
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+void synchronize(const torch::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize(device.index() < 0 ? 0 : device.index());
+}
+
+c10::ScalarType parse_dtype(const std::string& name) {
+  if (name == "float32") return torch::kFloat;
+  if (name == "float16") return torch::kHalf;
+  if (name == "bfloat16") return torch::kBFloat16;
+  throw ConfigError("--dtype " + name + ": expected float32, float16 or bfloat16");
+}
+
+// One component's three timings, given how to build it from its config and how to load it.
+template <typename Module>
+nlohmann::json time_component(const std::string& name, const std::function<Module()>& build,
+                              const std::function<Module()>& load, const torch::Device& device) {
+  const double initialised = seconds_of([&] { build(); });
+  const double uninitialised = seconds_of([&] { models::build_uninitialised(build); });
+  int64_t parameters = 0;
+  const double loaded = seconds_of([&] {
+    Module module = load();
+    synchronize(device);
+    parameters = models::parameter_count(*module);
+  });
+  return {{"component", name},
+          {"parameters", parameters},
+          {"build_initialised_s", initialised},
+          {"build_uninitialised_s", uninitialised},
+          {"load_s", loaded}};
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"Times loading each model component, with and without the random initialisation"};
+  std::string model_dir, device_name = "cpu", dtype_name = "float32";
+  std::vector<std::string> components = {"unet", "vae", "text_encoder"};
+  app.add_option("--model", model_dir, "diffusers model folder (with model_index.json)")
+      ->required();
+  app.add_option("--device", device_name, "cpu, cuda, cuda:N");
+  app.add_option("--dtype", dtype_name, "float32, float16 or bfloat16");
+  app.add_option("--components", components, "which components, comma separated")->delimiter(',');
+  CLI11_PARSE(app, argc, argv);
+
+  const io::ModelFolder folder(model_dir);
+  const models::LoadOptions options{parse_dtype(dtype_name), torch::Device(device_name)};
+  for (const auto& name : components) {
+    nlohmann::json report;
+    if (name == "unet") {
+      const auto config = models::UNet2DConditionConfig::from_json(folder.config("unet"));
+      report = time_component<models::UNet2DConditionModel>(
+          name, [&] { return models::UNet2DConditionModel(config); },
+          [&] { return models::load_unet(folder, options); }, options.device);
+    } else if (name == "vae") {
+      const auto config = models::AutoencoderKLConfig::from_json(folder.config("vae"));
+      report = time_component<models::AutoencoderKL>(
+          name, [&] { return models::AutoencoderKL(config); },
+          [&] { return models::load_vae(folder, options); }, options.device);
+    } else if (name == "text_encoder") {
+      const auto config =
+          models::CLIPTextConfig::from_json(folder.config("text_encoder"), "text_encoder");
+      report = time_component<models::CLIPTextModel>(
+          name, [&] { return models::CLIPTextModel(config); },
+          [&] { return models::load_text_encoder(folder, options); }, options.device);
+    } else {
+      throw ConfigError("--components: " + name + " is not one of unet, vae, text_encoder");
+    }
+    report["device"] = device_name;
+    report["dtype"] = dtype_name;
+    report["threads"] = at::get_num_threads();
+    std::cout << report.dump() << std::endl;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const sdtrain::Error& error) {
+    std::cerr << "bench_model_load: " << error.what() << "\n";
+    return static_cast<int>(error.code());
+  } catch (const std::exception& error) {
+    std::cerr << "bench_model_load: " << error.what() << "\n";
+    return 1;
+  }
+}
