@@ -207,6 +207,28 @@ void AdamW8bit::step() {
   if (!cuda_indices.empty()) step_cuda(cuda_indices, cuda_grads);
 }
 
+std::vector<size_t> AdamW8bit::step_unless(const torch::Tensor& skip) {
+  std::vector<size_t> cuda_indices;
+  std::vector<torch::Tensor> cuda_grads;
+  bool any_cpu = false;
+  for (size_t i = 0; i < parameters_.size(); ++i) {
+    const torch::Tensor& grad = parameters_[i].second.grad();
+    if (!grad.defined()) continue;
+    any_cpu = any_cpu || !parameters_[i].second.is_cuda();
+    if (!parameters_[i].second.is_cuda()) continue;
+    check_gradient(i, grad);
+    cuda_indices.push_back(i);
+    cuda_grads.push_back(grad);
+  }
+  if (cuda_indices.empty()) return Optimizer::step_unless(skip);
+  TORCH_CHECK(!any_cpu, "adamw8bit: step_unless with parameters on the CPU and on CUDA");
+  TORCH_CHECK(skip.numel() == 1 && skip.scalar_type() == torch::kFloat32 &&
+                  skip.device() == cuda_grads.front().device(),
+              "adamw8bit: skip must be one float32 on ", cuda_grads.front().device());
+  step_cuda(cuda_indices, cuda_grads, skip);
+  return cuda_indices;
+}
+
 void AdamW8bit::step_parameter(size_t index, const torch::Tensor& grad,
                                const torch::Tensor& skip) {
   check_gradient(index, grad);

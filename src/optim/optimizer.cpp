@@ -36,6 +36,11 @@ void Optimizer::step() {
   for (size_t i = 0; i < parameters_.size(); ++i) step_parameter(i);
 }
 
+std::vector<size_t> Optimizer::step_unless(const torch::Tensor& skip) {
+  if (skip.item<float>() == 0.0f) step();
+  return {};
+}
+
 void Optimizer::step_parameter(size_t index) {
   const torch::Tensor& grad = parameters_.at(index).second.grad();
   if (grad.defined()) step_parameter(index, grad);

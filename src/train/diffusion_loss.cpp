@@ -18,6 +18,21 @@ LossInputSampler::Options LossInputSampler::options_for(const TrainConfig& confi
   return options;
 }
 
+namespace {
+
+// Host tensors on their way to `device`: drawn into pinned memory when it is a GPU, so the copy
+// is queued without the host waiting for the device (docs/performance.md). The caching host
+// allocator keeps each block until its copy has run.
+torch::TensorOptions staging(const torch::TensorOptions& options, const torch::Device& device) {
+  return options.device(torch::kCPU).pinned_memory(device.is_cuda());
+}
+
+torch::Tensor to_device(const torch::Tensor& host, const torch::Device& device) {
+  return host.to(device, /*non_blocking=*/device.is_cuda());
+}
+
+}  // namespace
+
 LossInputSampler::LossInputSampler(const DreamBoothDataset& data, models::AutoencoderKL vae,
                                    Options options, at::Generator generator)
     : data_(data), vae_(std::move(vae)), options_(options), generator_(std::move(generator)) {}
@@ -52,8 +67,9 @@ torch::Tensor LossInputSampler::sample_cached(const std::vector<int64_t>& indice
     for (int64_t i : indices) add(cached_class_[i % cached_class_.size()]);
   }
   const torch::Tensor mean = torch::cat(means);
-  const auto cpu = mean.options().device(torch::kCPU);
-  const torch::Tensor noise = at::randn(mean.sizes(), generator_, cpu).to(options_.device);
+  const torch::Tensor noise = to_device(
+      at::randn(mean.sizes(), generator_, staging(mean.options(), options_.device)),
+      options_.device);
   return mean + torch::cat(stds) * noise;
 }
 
@@ -72,18 +88,19 @@ torch::Tensor LossInputSampler::latents_for(const std::vector<int64_t>& indices)
 LossInputs LossInputSampler::draw(const std::vector<int64_t>& indices) {
   // With cache_latents the crops and flips were drawn once, when the latents were cached.
   const torch::Tensor latents = latents_for(indices);
-  const auto cpu = latents.options().device(torch::kCPU);
-  torch::Tensor noise = at::randn(latents.sizes(), generator_, cpu).to(options_.device);
+  const torch::Device device = options_.device;
+  const auto host = staging(latents.options(), device);
+  torch::Tensor noise = to_device(at::randn(latents.sizes(), generator_, host), device);
   if (options_.offset_noise) {
     // diffusers' offset noise: 0.1 × N(0,1) per sample and channel.
     const torch::Tensor offset =
-        at::randn({latents.size(0), latents.size(1), 1, 1}, generator_, cpu);
-    noise = noise + 0.1 * offset.to(options_.device);
+        at::randn({latents.size(0), latents.size(1), 1, 1}, generator_, host);
+    noise = noise + 0.1 * to_device(offset, device);
   }
-  const torch::Tensor timesteps =
+  const torch::Tensor timesteps = to_device(
       at::randint(0, options_.num_train_timesteps, {latents.size(0)}, generator_,
-                  torch::TensorOptions().dtype(torch::kLong))
-          .to(options_.device);
+                  staging(torch::TensorOptions().dtype(torch::kLong), device)),
+      device);
   return {latents, noise, timesteps};
 }
 

@@ -4,8 +4,6 @@
 // parameter per backward, after every contribution to the gradient has been summed, when no
 // node still to run reads the parameter, so stepping it there cannot change another gradient.
 
-#include <cmath>
-
 #include "sdtrain/train/gradient_hooks.h"
 #include "sdtrain/train/update.h"
 
@@ -55,32 +53,27 @@ void FusedBackwardUpdate::on_gradient(size_t index) {
   grad = torch::Tensor();
 }
 
-UpdateResult FusedBackwardUpdate::apply(int64_t global_step) {
-  // One host read per step, as the unfused update's finite check.
+void FusedBackwardUpdate::apply(int64_t global_step) {
+  require_settled();
   const torch::Tensor total_norm =
       torch::linalg_vector_norm(norms_, 2, c10::nullopt, false, c10::nullopt).reshape({1});
-  const torch::Tensor host = torch::cat({non_finite_, total_norm}).to(torch::kCPU);
-  const float* values = host.data_ptr<float>();
-  UpdateResult result;
-  result.lr = learning_rate_at(options_.lr, global_step);
-  result.loss_scale = scaler_.scale_value();
-  result.grad_norm = values[parameters_.size()];
-  if (!std::isfinite(result.grad_norm)) result.grad_norm = 0;  // as a skipped unfused step
-  bool any_non_finite = false;
-  for (size_t i = 0; i < parameters_.size(); ++i) {
-    if (values[i] == 0.0f) continue;
-    any_non_finite = true;
-    optimizer_->retract_step(i);  // the kernel left it untouched; its count goes back
-  }
-  if (any_non_finite && !scaler_.enabled()) throw_diverged(global_step, options_);
-  result.skipped = any_non_finite;
-  // EMA follows the unfused rule: an overflowed step is not averaged in.
-  if (!any_non_finite && ema_) ema_->step(trained_.component_parameters("unet"));
-  scaler_.update(any_non_finite);
+  const torch::Tensor figures = torch::cat({non_finite_, total_norm, scaler_.scale_snapshot()});
+  scaler_.update(non_finite_.amax().reshape({1}));
   non_finite_.zero_();
   norms_.zero_();
-  optimizer_->zero_grad(true);  // parameters the backward pass never reached
-  return result;
+  release_gradients();  // parameters the backward pass never reached
+  // Every parameter the hooks stepped may have to take its count back; finish() reads which.
+  queue_settlement(global_step, learning_rate_at(options_.lr, global_step), {}, figures);
+}
+
+UpdateResult FusedBackwardUpdate::finish(const Pending& step, const std::vector<float>& figures) {
+  Pending overflowed = step;
+  for (size_t i = 0; i < parameters_.size(); ++i) {
+    if (figures.at(i) != 0.0f) overflowed.counted.push_back(i);
+  }
+  // A skipped fused step retracts only the tensors that overflowed: the others were stepped.
+  return conclude(overflowed, !overflowed.counted.empty(), figures.at(parameters_.size()),
+                  figures.at(parameters_.size() + 1));
 }
 
 std::unique_ptr<UpdatePolicy> make_update_policy(bool fused_backward_pass,

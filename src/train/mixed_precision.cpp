@@ -83,6 +83,10 @@ void LossScaler::unscale_and_flag(const torch::Tensor& grad, const torch::Tensor
 }
 
 bool LossScaler::unscale_and_check(const std::vector<torch::Tensor>& gradients) {
+  return unscale(gradients).item<float>() == 0.0f;
+}
+
+torch::Tensor LossScaler::unscale(const std::vector<torch::Tensor>& gradients) {
   found_inf_.zero_();
   const torch::Tensor inv_scale = inverse_scale();
   // The fused kernel wants one device and dtype per list, as GradScaler groups them.
@@ -96,13 +100,18 @@ bool LossScaler::unscale_and_check(const std::vector<torch::Tensor>& gradients) 
     at::_amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale.to(device));
     found_inf_.add_(found.to(found_inf_.device()));
   }
-  return found_inf_.item<float>() == 0.0f;
+  return found_inf_;
 }
 
 void LossScaler::update(bool found_non_finite) {
   if (!enabled_) return;
   found_inf_.fill_(found_non_finite ? 1.0 : 0.0);
-  at::_amp_update_scale_(scale_, growth_tracker_, found_inf_, options_.growth_factor,
+  update(found_inf_);
+}
+
+void LossScaler::update(const torch::Tensor& found_non_finite) {
+  if (!enabled_) return;
+  at::_amp_update_scale_(scale_, growth_tracker_, found_non_finite, options_.growth_factor,
                          options_.backoff_factor, options_.growth_interval);
 }
 

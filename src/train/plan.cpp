@@ -1,5 +1,7 @@
 #include "sdtrain/train/plan.h"
 
+#include "sdtrain/train/micro_batch_pass.h"
+
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -188,6 +190,25 @@ void keep_fused_off_in_data_parallel(TrainingPlan& plan) {
       "fused_backward_pass off: data parallel reduces gradients after the backward pass");
 }
 
+// cuda_graphs: auto captures where nothing stands in the way and says why not on a GPU where
+// something does (on the CPU there is nothing to say); true refuses what stands in the way.
+void decide_cuda_graphs(TrainingPlan& plan) {
+  const AutoSwitch wanted = plan.config.compute.cuda_graphs;
+  if (wanted == AutoSwitch::off) return;
+  const bool gpu = plan.device != "cpu";
+  const auto obstacle =
+      cuda_graph_obstacle(gpu, plan.parallel.launched, plan.fused_backward_pass,
+                          plan.config.length.gradient_accumulation_steps);
+  if (!obstacle) {
+    plan.cuda_graphs = true;
+    return;
+  }
+  if (wanted == AutoSwitch::on)
+    throw ConfigError("\"cuda_graphs\": true, but " + *obstacle +
+                      "; set it to \"auto\" or false");
+  if (gpu) plan.setting_notes.push_back("cuda_graphs off: " + *obstacle);
+}
+
 // The device of this process: under torchrun, the GPU of its LOCAL_RANK.
 std::string process_device(const TrainConfig& config, const DataParallel& parallel) {
   const std::string device = resolve_device(config.device);
@@ -216,6 +237,7 @@ void resolve_memory_settings(TrainingPlan& plan) {
   }
   check_lean_weights(c, plan.setting_notes);
   plan.fused_backward_pass = decide_fused_backward_pass(c, plan.setting_notes);
+  decide_cuda_graphs(plan);
   plan.memory = estimate_memory(c, plan.components, gpu, plan.fused_backward_pass);
   // Data parallel's buckets hold a second copy of every gradient (gradient_buckets.h).
   if (plan.parallel.launched) plan.memory.gradients *= 2;
@@ -317,7 +339,8 @@ std::string format_plan(const TrainingPlan& plan) {
       << " (" << c.optimizer.lr_scheduler << ", warmup " << c.optimizer.lr_warmup_steps << ")\n";
   out << "  memory:           fused_backward_pass " << (plan.fused_backward_pass ? "on" : "off")
       << ", weight_dtype " << (c.compute.weight_dtype == Precision::bf16 ? "bf16" : "fp32")
-      << ", gradient_checkpointing " << (c.compute.gradient_checkpointing ? "on" : "off") << "\n";
+      << ", gradient_checkpointing " << (c.compute.gradient_checkpointing ? "on" : "off")
+      << ", cuda_graphs " << (plan.cuda_graphs ? "on" : "off") << "\n";
   for (const auto& note : plan.setting_notes) out << "    " << note << "\n";
   out << "  memory estimate (" << plan.device << ", peak of a step): " << mib(plan.memory.total())
       << "\n"

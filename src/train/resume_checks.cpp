@@ -38,7 +38,9 @@ const std::vector<std::string>& resumable_differences() {
                                                 // optimizer state is the same either way, and the
                                                 // settings a budget chose are compared themselves.
                                                 "fused_backward_pass",
-                                                "memory_budget"};
+                                                "memory_budget",
+                                                // The same kernels, launched from a graph.
+                                                "cuda_graphs"};
   return keys;
 }
 

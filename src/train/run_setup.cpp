@@ -1,5 +1,7 @@
 #include "sdtrain/train/run_setup.h"
 
+#include <chrono>
+
 #include "sdtrain/models/lora_adapters.h"
 #include "sdtrain/pipeline/class_images.h"
 #include "sdtrain/pipeline/stable_diffusion_pipeline.h"
@@ -115,6 +117,7 @@ TrainingModels load_training_models(const io::ModelFolder& base, const TrainConf
   const std::string& variant = config.variant;
   log::info("loading " + base.source().string() +
             (variant.empty() ? "" : " (variant " + variant + ")"));
+  const auto loading = std::chrono::steady_clock::now();
   // Lean mode (weight_dtype bf16) keeps the fully trained weights themselves in bf16.
   const c10::ScalarType trained =
       config.compute.weight_dtype == Precision::bf16 ? torch::kBFloat16 : torch::kFloat;
@@ -127,6 +130,14 @@ TrainingModels load_training_models(const io::ModelFolder& base, const TrainConf
                         schedulers::NoiseSchedule(schedulers::SchedulerConfig::from_json(
                             base.config("scheduler"), base.config_path("scheduler").string())),
                         frozen};
+  if (device.is_cuda()) torch::cuda::synchronize(device.index() < 0 ? 0 : device.index());
+  // tools/benchmark.py reads this line (the load time it reports).
+  log::info(log::str("models loaded in ",
+                     format_number(std::chrono::duration<double>(
+                                       std::chrono::steady_clock::now() - loading)
+                                       .count(),
+                                   3),
+                     " s"));
   if (lora) attach_training_adapters(models, config);
   if (config.compute.gradient_checkpointing) {
     models.unet->set_gradient_checkpointing(true);

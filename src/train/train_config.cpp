@@ -136,6 +136,13 @@ const std::vector<Field>& fields() {
             "the gradients are never all held (docs/memory.md). auto: on where the result is "
             "unchanged (max_grad_norm 0, no fp16, gradient_accumulation_steps 1) or "
             "memory_budget needs it."),
+        auto_switch_field(
+            "cuda_graphs", &C::compute, &C::Compute::cuda_graphs,
+            "Replay each micro-batch's forward and backward pass from a CUDA graph, so the GPU "
+            "does not wait for kernel launches (docs/performance.md). auto: on a GPU unless data "
+            "parallel, fused_backward_pass or gradient accumulation stands in the way (one "
+            "logged line says which), and off again if the capture or its check fails; true: "
+            "refuse those."),
         enum_field("weight_dtype", &C::compute, &C::Compute::weight_dtype,
                    "Storage of the trained weights: fp32, or bf16 (lean mode: half the memory, "
                    "updated by adamw8bit with stochastic rounding; docs/memory.md).",

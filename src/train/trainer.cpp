@@ -12,12 +12,14 @@
 #include "sdtrain/optim/optimizer.h"
 #include "sdtrain/train/checkpoint.h"
 #include "sdtrain/train/device_memory.h"
+#include "sdtrain/train/device_readback.h"
 #include "sdtrain/train/diffusion_loss.h"
 #include "sdtrain/train/distributed.h"
 #include "sdtrain/train/gradient_buckets.h"
 #include "sdtrain/train/ema.h"
 #include "sdtrain/train/interrupt.h"
 #include "sdtrain/train/lr_schedule.h"
+#include "sdtrain/train/micro_batch_pass.h"
 #include "sdtrain/train/run_outputs.h"
 #include "sdtrain/train/run_setup.h"
 #include "sdtrain/train/step_profiler.h"
@@ -110,10 +112,10 @@ class BatchShard {
   bool halves_;
 };
 
-// The micro-batch losses since the last optimizer step, summed in float64 on the device so
-// that reading them costs one synchronisation per step, not one per micro-batch. Under data
-// parallel the mean is over every process's losses (what one process with the global batch
-// would log).
+// The micro-batch losses since the last optimizer step, summed in float64 on the device; the
+// mean stays there (the step reads it a forward pass later, with its other figures). Under
+// data parallel the mean is over every process's losses (what one process with the global
+// batch would log).
 class LossWindow {
  public:
   void add(const torch::Tensor& loss) {
@@ -122,13 +124,14 @@ class LossWindow {
     ++count_;
   }
   int64_t count() const { return count_; }
-  double take_mean(ProcessGroup* group) {
+  // float32 [1] on the loss's device.
+  torch::Tensor take_mean(ProcessGroup* group) {
     int64_t count = count_;
     if (group) {
       group->all_reduce_sum(sum_);
       count *= group->size();
     }
-    const double mean = sum_.item<double>() / static_cast<double>(count);
+    const torch::Tensor mean = (sum_ / static_cast<double>(count)).to(torch::kFloat).reshape({1});
     sum_ = torch::Tensor();
     count_ = 0;
     return mean;
@@ -163,8 +166,11 @@ class TrainingRun {
   void resume();
   void train_loop();
   void micro_batch(const std::vector<int64_t>& indices, bool ends_step);
+  torch::Tensor run_pass(const LossInputs& inputs, bool ends_step);
+  void use_eager_pass();
   void step();
-  void check_loss(double loss) const;
+  void settle_step();
+  void check_loss(double loss, int64_t step) const;
   void save_checkpoint();
   int pending_signal();
   void check_interrupt();
@@ -195,14 +201,20 @@ class TrainingRun {
   std::optional<LossScaler> scaler_;
   std::optional<EMAModel> ema_;
   std::unique_ptr<UpdatePolicy> update_;
+  std::unique_ptr<MicroBatchPass> pass_;
 
   TrainerState state_;
   LossWindow window_;
+  // The step applied last, until settle_step records it: its record without the figures the
+  // device computes, and its loss on the way to the host.
+  std::optional<StepRecord> unsettled_;
+  DeviceReadback loss_readback_;
   int64_t micro_index_ = 0;
   int64_t steps_this_run_ = 0;
   int64_t skipped_steps_ = 0;
   int64_t resumed_checkpoint_step_ = -1;
   Clock::time_point step_started_;
+  Clock::time_point started_ = Clock::now();
 };
 
 void TrainingRun::set_up() {
@@ -257,8 +269,10 @@ void TrainingRun::set_up_loss() {
                                                  models_->frozen_dtype, device_),
                    generator_);
   sampler_->cache_latents();
-  loss_.emplace(models_->schedule, models_->unet, std::move(prompts),
-                DiffusionLoss::options_for(config_, precision_, device_));
+  DiffusionLoss::Options options = DiffusionLoss::options_for(config_, precision_, device_);
+  // A cast cache would hold tensors of the graph's memory pool (micro_batch_pass.h).
+  if (plan_.cuda_graphs) options.cache_weight_casts = false;
+  loss_.emplace(models_->schedule, models_->unet, std::move(prompts), options);
 }
 
 void TrainingRun::set_up_update() {
@@ -312,6 +326,14 @@ void TrainingRun::set_up_update() {
   }
   update_ = make_update_policy(plan_.fused_backward_pass, *trained_, std::move(optimizer),
                                *scaler_, ema(), update, std::move(reduction));
+  if (!plan_.cuda_graphs) return use_eager_pass();
+  pass_ = std::make_unique<CapturedPass>(*loss_, *scaler_, *trained_);
+  update_->keep_gradients(true);
+}
+
+void TrainingRun::use_eager_pass() {
+  pass_ = std::make_unique<EagerPass>(*loss_, *scaler_, config_.length.gradient_accumulation_steps);
+  update_->keep_gradients(false);
 }
 
 void TrainingRun::resume() {
@@ -350,6 +372,12 @@ void TrainingRun::resume() {
 void TrainingRun::train_loop() {
   check_interrupt();
   step_started_ = Clock::now();
+  // tools/benchmark.py reads this line (the time to the first step it reports).
+  outputs_.note(log::str("first step ",
+                         format_number(std::chrono::duration<double>(step_started_ - started_)
+                                           .count(),
+                                       3),
+                         " s after the run started"));
   profiler_.at_step_boundary(state_.global_step);
   while (state_.global_step < plan_.total_steps) {
     if (window_.count() == 0) update_->begin_step(state_.global_step);
@@ -359,37 +387,51 @@ void TrainingRun::train_loop() {
     micro_batch(indices, ends_step);
     if (ends_step) step();
   }
+  settle_step();
 }
 
 void TrainingRun::micro_batch(const std::vector<int64_t>& indices, bool ends_step) {
   // Every process draws the global batch's noise and timesteps and keeps its rows, so N
   // processes train on what one process with the global batch would.
   const LossInputs inputs = shard_->take(sampler_->draw(indices));
-  const torch::Tensor loss = (*loss_)(inputs);
-  update_->before_backward(ends_step);
-  // accelerate divides the loss by the accumulation steps before backward.
-  scaler_->scale(loss / static_cast<double>(config_.length.gradient_accumulation_steps)).backward();
+  const torch::Tensor loss = run_pass(inputs, ends_step);
   window_.add(loss);
   outputs_.dump_micro_batch(options_.dump_dir, micro_index_++, inputs, loss, ends_step);
+}
+
+torch::Tensor TrainingRun::run_pass(const LossInputs& inputs, bool ends_step) {
+  // Once the forward pass is queued, the device has work while the host reads the last step.
+  const auto before_backward = [&] {
+    settle_step();
+    update_->before_backward(ends_step);
+  };
+  try {
+    return pass_->run(inputs, before_backward);
+  } catch (const CaptureFailed& failed) {
+    if (config_.compute.cuda_graphs == AutoSwitch::on)
+      throw ConfigError(log::str("\"cuda_graphs\": true, but the capture failed: ", failed.what(),
+                                 "; set it to \"auto\" or false"));
+    outputs_.note(log::str("cuda_graphs off: the capture failed (", failed.what(),
+                           "); the passes run eagerly"));
+    use_eager_pass();
+    return pass_->run(inputs, before_backward);
+  }
 }
 
 void TrainingRun::step() {
   StepRecord record;
   record.epoch = state_.epoch;
-  record.update = update_->apply(state_.global_step);
-  // After the update: its reduction is under way before the loss's all-reduce makes the host wait.
-  record.loss = window_.take_mean(group_.get());
-  skipped_steps_ += record.update.skipped ? 1 : 0;
+  update_->apply(state_.global_step);
+  // After the update: its reduction is under way before the loss's all-reduce.
+  loss_readback_.queue(window_.take_mean(group_.get()));
   state_.global_step += 1;
   kill_point("step");
-  state_.last_loss = record.loss;
   ++steps_this_run_;
-  check_loss(record.loss);
   record.step = state_.global_step;
   record.seconds = std::chrono::duration<double>(Clock::now() - step_started_).count();
   record.peak_memory = peak_device_memory_bytes(device_);
   step_started_ = Clock::now();
-  outputs_.record_step(record, scaler_->enabled(), device_.is_cuda());
+  unsettled_ = record;
   cursor_->close_finished_epoch();
   const int64_t step = state_.global_step;
   if (config_.outputs.checkpointing_steps > 0 && step % config_.outputs.checkpointing_steps == 0 &&
@@ -397,6 +439,7 @@ void TrainingRun::step() {
     save_checkpoint();
   }
   if (config_.outputs.validation_steps > 0 && step % config_.outputs.validation_steps == 0) {
+    settle_step();  // EMA's average includes this step
     move_cached_frozen_models(*models_, config_, device_, /*to_host=*/false);
     outputs_.sample_validation_images(step, *models_, *trained_, ema(), precision_);
     move_cached_frozen_models(*models_, config_, device_, /*to_host=*/true);
@@ -405,14 +448,29 @@ void TrainingRun::step() {
   profiler_.at_step_boundary(state_.global_step);
 }
 
-void TrainingRun::check_loss(double loss) const {
+// The last step's figures reach the host: its metrics line and progress, the loss checks, and
+// what the update does once it knows them (update.h).
+void TrainingRun::settle_step() {
+  if (!unsettled_) return;
+  StepRecord record = *unsettled_;
+  unsettled_.reset();
+  record.update = *update_->settle();
+  record.loss = loss_readback_.take().at(0);
+  skipped_steps_ += record.update.skipped ? 1 : 0;
+  state_.last_loss = record.loss;
+  check_loss(record.loss, record.step);
+  outputs_.record_step(record, scaler_->enabled(), device_.is_cuda());
+}
+
+void TrainingRun::check_loss(double loss, int64_t step) const {
   if (std::isfinite(loss) || scaler_->enabled()) return;
   throw Error(ExitCode::training_diverged,
-              log::str("the loss is ", loss, " at step ", state_.global_step,
+              log::str("the loss is ", loss, " at step ", step,
                        ": training diverged; lower learning_rate"));
 }
 
 void TrainingRun::save_checkpoint() {
+  settle_step();  // the step counts and EMA the checkpoint holds are the settled ones
   state_.loss_scale = scaler_->scale_value();
   state_.loss_scale_growth_tracker = scaler_->growth_tracker();
   state_.rng_state = generator_.get_state();
@@ -434,6 +492,7 @@ int TrainingRun::pending_signal() {
 void TrainingRun::check_interrupt() {
   const int signal = pending_signal();
   if (signal == 0) return;
+  settle_step();
   // Nothing to save before the first step: the same command simply starts again.
   if (state_.global_step > 0 && outputs_.last_checkpoint_step() != state_.global_step)
     save_checkpoint();
@@ -445,7 +504,7 @@ void TrainingRun::check_interrupt() {
 }
 
 TrainSummary TrainingRun::run() {
-  const auto started = Clock::now();
+  const auto started = started_ = Clock::now();
   InterruptWatch interrupts;
   if (plan_.parallel.launched)
     group_ = ProcessGroup::connect(plan_.parallel, device_, kCollectiveTimeout);

@@ -1,18 +1,22 @@
 #include "sdtrain/train/update.h"
 
+#include <cmath>
+#include <stdexcept>
+
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/log.h"
 
 namespace sdtrain::train {
 
-double clip_gradient_norm(const std::vector<torch::Tensor>& gradients, double max_norm) {
+torch::Tensor clip_gradient_norm_on_device(const std::vector<torch::Tensor>& gradients,
+                                           double max_norm) {
   std::vector<torch::Tensor> norms;
   for (const auto& grad : gradients) {
     if (grad.defined()) {
       norms.push_back(torch::linalg_vector_norm(grad, 2, c10::nullopt, false, c10::nullopt));
     }
   }
-  if (norms.empty()) return 0.0;
+  if (norms.empty()) return torch::zeros({1}, torch::kFloat32);
   const torch::Tensor total =
       torch::linalg_vector_norm(torch::stack(norms), 2, c10::nullopt, false, c10::nullopt);
   if (max_norm > 0) {
@@ -21,7 +25,11 @@ double clip_gradient_norm(const std::vector<torch::Tensor>& gradients, double ma
       if (grad.defined()) grad.mul_(coefficient.to(grad.device(), grad.scalar_type()));
     }
   }
-  return total.item<double>();
+  return total.to(torch::kFloat32).reshape({1});
+}
+
+double clip_gradient_norm(const std::vector<torch::Tensor>& gradients, double max_norm) {
+  return clip_gradient_norm_on_device(gradients, max_norm).item<double>();
 }
 
 [[noreturn]] void throw_diverged(int64_t global_step, const UpdateOptions& options) {
@@ -40,30 +48,65 @@ UpdateAfterBackward::UpdateAfterBackward(const TrainedSet& trained,
     : UpdatePolicy(trained, std::move(optimizer), scaler, ema, std::move(options)),
       reduction_(std::move(reduction)) {}
 
-UpdateResult UpdateAfterBackward::apply(int64_t global_step) {
+void UpdatePolicy::require_settled() const {
+  if (pending_) throw std::logic_error("UpdatePolicy: the previous step was not settled");
+}
+
+void UpdatePolicy::queue_settlement(int64_t global_step, double lr, std::vector<size_t> counted,
+                                    const torch::Tensor& figures) {
+  require_settled();
+  figures_.queue(figures.to(torch::kFloat32));
+  pending_ = Pending{global_step, lr, std::move(counted)};
+}
+
+std::optional<UpdateResult> UpdatePolicy::settle() {
+  if (!pending_) return std::nullopt;
+  const Pending step = std::move(*pending_);
+  pending_.reset();
+  return finish(step, figures_.take());
+}
+
+UpdateResult UpdatePolicy::conclude(const Pending& step, bool skipped, double grad_norm,
+                                    double loss_scale) {
+  if (skipped) {
+    // The kernels left these untouched; their counts go back, as if never stepped.
+    for (size_t index : step.counted) optimizer_->retract_step(index);
+    if (!scaler_.enabled()) throw_diverged(step.global_step, options_);
+  } else if (ema_) {
+    // diffusers' EMA averages the UNet (its trained part: every weight, or its adapters), not
+    // after an overflowed step. The weights are still this step's: the next is not applied yet.
+    ema_->step(trained_.component_parameters("unet"));
+  }
+  UpdateResult result;
+  result.lr = step.lr;
+  result.loss_scale = loss_scale;
+  result.skipped = skipped;
+  result.grad_norm = skipped || !std::isfinite(grad_norm) ? 0.0 : grad_norm;
+  return result;
+}
+
+void UpdateAfterBackward::apply(int64_t global_step) {
+  require_settled();
   const std::vector<torch::Tensor> gradients = trained_.gradients();
   // Reduced while still scaled, as DistributedDataParallel does during backward: every process
   // then unscales the same sums and agrees on whether the step is skipped.
   reduction_->reduce(gradients);
-  // One host synchronisation, as GradScaler.step has: the finite check decides the step.
-  const bool finite = scaler_.unscale_and_check(gradients);
-  UpdateResult result;
-  result.lr = learning_rate_at(options_.lr, global_step);
-  result.loss_scale = scaler_.scale_value();
-  if (finite) {
-    result.grad_norm = clip_gradient_norm(gradients, options_.max_grad_norm);
-    optimizer_->set_lr(result.lr);
-    optimizer_->step();
-    // diffusers' EMA averages the UNet (its trained part: every weight, or its adapters).
-    if (ema_) ema_->step(trained_.component_parameters("unet"));
-  } else if (!scaler_.enabled()) {
-    throw_diverged(global_step, options_);
-  } else {
-    result.skipped = true;
-  }
-  scaler_.update(!finite);
-  optimizer_->zero_grad(true);
-  return result;
+  const torch::Tensor found_inf = scaler_.unscale(gradients);
+  // Clipping an overflowed step's gradients makes them NaN; the step is skipped all the same.
+  const torch::Tensor norm = clip_gradient_norm_on_device(gradients, options_.max_grad_norm);
+  const torch::Tensor scale = scaler_.scale_snapshot();
+  const double lr = learning_rate_at(options_.lr, global_step);
+  optimizer_->set_lr(lr);
+  std::vector<size_t> counted = optimizer_->step_unless(found_inf);
+  const torch::Tensor figures = torch::cat(
+      {found_inf.reshape({1}), norm.to(found_inf.device()), scale.to(found_inf.device())});
+  scaler_.update(found_inf);
+  release_gradients();
+  queue_settlement(global_step, lr, std::move(counted), figures);
+}
+
+UpdateResult UpdateAfterBackward::finish(const Pending& step, const std::vector<float>& figures) {
+  return conclude(step, figures.at(0) != 0.0f, figures.at(1), figures.at(2));
 }
 
 }  // namespace sdtrain::train

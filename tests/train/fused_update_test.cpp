@@ -6,63 +6,11 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include "sdtrain/optim/optimizer.h"
-#include "sdtrain/train/update.h"
 #include "sdtrain/util/error.h"
+#include "update_support.h"
 
 namespace sdtrain::train {
 namespace {
-
-// Two independent branches, so one can overflow while the other stays finite. The first layer
-// of each has 8192 weights: over adamw8bit's min_8bit_size, so the quantized path runs too.
-struct TwoBranchesImpl : torch::nn::Module {
-  TwoBranchesImpl() {
-    a1 = register_module("a1", torch::nn::Linear(64, 128));
-    a2 = register_module("a2", torch::nn::Linear(128, 8));
-    b1 = register_module("b1", torch::nn::Linear(64, 128));
-  }
-  torch::Tensor forward(const torch::Tensor& x, double b_factor = 1.0) {
-    const torch::Tensor a = a2(torch::gelu(a1(x)));
-    const torch::Tensor b = b1(x * b_factor);
-    return a.pow(2).mean() + b.pow(2).mean();
-  }
-  torch::nn::Linear a1{nullptr}, a2{nullptr}, b1{nullptr};
-};
-TORCH_MODULE(TwoBranches);
-
-struct ToyRun {
-  TwoBranches model;
-  std::optional<TrainedSet> trained;
-  LossScaler scaler;
-  std::unique_ptr<UpdatePolicy> update;
-
-  ToyRun(const std::string& optimizer, bool fused, bool loss_scaling, double max_grad_norm = 0)
-      : model(make_model()), scaler(loss_scaling, torch::kCPU) {
-    trained.emplace(
-        std::vector<PipelineModule>{{"unet", "diffusion_pytorch_model", model.ptr(), {}}},
-        std::vector<std::string>{"unet"});
-    optim::OptimizerOptions options;
-    options.lr = 1e-2;
-    UpdateOptions update_options;
-    update_options.max_grad_norm = max_grad_norm;
-    update_options.lr.learning_rate = options.lr;
-    update = make_update_policy(
-        fused, *trained, optim::make_optimizer(optimizer, trained->named_parameters(), options),
-        scaler, nullptr, update_options);
-  }
-  static TwoBranches make_model() {
-    torch::manual_seed(3);
-    return TwoBranches();
-  }
-  // One step on batch `step`; `b_factor` multiplies branch b's input (inf: its gradient overflows).
-  UpdateResult step(int64_t step, double b_factor = 1.0) {
-    torch::manual_seed(100 + step);
-    const torch::Tensor x = torch::randn({4, 64});
-    update->begin_step(step);
-    scaler.scale(model->forward(x, b_factor)).backward();
-    return update->apply(step);
-  }
-};
 
 class FusedEqualsUnfused : public ::testing::TestWithParam<std::string> {};
 
@@ -70,13 +18,11 @@ TEST_P(FusedEqualsUnfused, TenStepsGiveTheSameBitsAndNoGradientSurvivesBackward)
   ToyRun fused(GetParam(), true, false);
   ToyRun unfused(GetParam(), false, false);
   for (int64_t step = 0; step < 10; ++step) {
-    torch::manual_seed(100 + step);
-    const torch::Tensor x = torch::randn({4, 64});
-    fused.update->begin_step(step);
-    fused.scaler.scale(fused.model->forward(x)).backward();
+    fused.backward(step);
     for (const auto& parameter : fused.trained->parameters())
       ASSERT_FALSE(parameter.grad().defined()) << "a gradient survived the backward pass";
-    const UpdateResult fused_result = fused.update->apply(step);
+    fused.update->apply(step);
+    const UpdateResult fused_result = *fused.update->settle();
     const UpdateResult unfused_result = unfused.step(step);
     EXPECT_FALSE(fused_result.skipped);
     // The reported norm is the same 2-norm of per-tensor norms, summed in another order.
@@ -149,6 +95,7 @@ TEST(FusedBackwardUpdate, ClipsEachTensorByItsOwnNorm) {
     grad.mul_(torch::clamp_max(1e-3 / (norm + 1e-6), 1.0));
   }
   reference.update->apply(0);
+  reference.update->settle();
   run.step(0);
   const auto a = run.trained->named_parameters();
   const auto b = reference.trained->named_parameters();

@@ -22,6 +22,9 @@ class AdamW8bit : public Optimizer {
   // CUDA parameters with gradients are updated together in a few multi-tensor launches on the
   // current stream, with no host synchronisation; CPU parameters one by one.
   void step() override;
+  // CUDA parameters: the flag goes to the kernels (one launch for all, no host read); CPU
+  // parameters read it on the host, as the base does.
+  std::vector<size_t> step_unless(const torch::Tensor& skip) override;
   using Optimizer::step_parameter;
   void step_parameter(size_t index, const torch::Tensor& grad,
                       const torch::Tensor& skip) override;

@@ -47,6 +47,12 @@ class Optimizer {
   // Steps every parameter whose .grad() is defined. Parameters without a gradient keep their
   // state and step count, as in torch.optim.
   virtual void step();
+  // step(), unless `skip` (a one-element float32 tensor) is nonzero: then no parameter or state
+  // changes (an fp16 overflow). Returns the parameters whose step count advanced without the
+  // flag having been read (the caller reads it later and calls retract_step for each of them if
+  // it was set). This base version reads `skip` on the host first and returns none; adamw8bit
+  // hands it to its CUDA kernels, which read it on the device (no host synchronisation).
+  virtual std::vector<size_t> step_unless(const torch::Tensor& skip);
   // Steps parameter `index` with `grad` (same shape, dtype and device as the parameter), so a
   // backward hook can step and free each gradient as soon as it is ready.
   void step_parameter(size_t index, const torch::Tensor& grad) {

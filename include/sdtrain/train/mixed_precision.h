@@ -56,8 +56,13 @@ class LossScaler {
   // loss * scale (the loss itself when disabled).
   torch::Tensor scale(const torch::Tensor& loss) const;
   // Divides every gradient by the scale in place (ATen's fused
-  // _amp_foreach_non_finite_check_and_unscale_) and returns true when all are finite.
-  // One host synchronisation, as GradScaler.step has.
+  // _amp_foreach_non_finite_check_and_unscale_) and returns found_inf: float32 [1] on the
+  // scaler's device, nonzero when a gradient held inf/NaN. No host read: the trainer's step
+  // hands the flag to the optimizer and reads it a forward pass later (device_readback.h).
+  // The tensor is the scaler's own, overwritten by the next unscale.
+  torch::Tensor unscale(const std::vector<torch::Tensor>& gradients);
+  // unscale, then the flag read on the host: true when all are finite. One host
+  // synchronisation, as GradScaler.step has.
   bool unscale_and_check(const std::vector<torch::Tensor>& gradients);
   // 1 / scale as float32 [1] on the device, computed as GradScaler does (float64, rounded once).
   torch::Tensor inverse_scale() const;
@@ -69,6 +74,10 @@ class LossScaler {
   // After each optimizer step attempt: backoff on inf/NaN, growth after growth_interval
   // clean steps (ATen's _amp_update_scale_). No-op when disabled.
   void update(bool found_non_finite);
+  // The same with the flag on the device (what unscale returned): no host read.
+  void update(const torch::Tensor& found_non_finite);
+  // A copy of the scale as float32 [1] on the device: what this step used, for its record.
+  torch::Tensor scale_snapshot() const { return scale_.clone(); }
 
   double scale_value() const;
   int64_t growth_tracker() const;

@@ -50,6 +50,8 @@ struct TrainingPlan {
   // fused_backward_pass as decided (memory_plan.h), and each setting the plan changed or gave a
   // new meaning, with why: printed at start-up and by --dry-run.
   bool fused_backward_pass = false;
+  // cuda_graphs as decided (micro_batch_pass.h): the trainer captures the pass.
+  bool cuda_graphs = false;
   std::vector<std::string> setting_notes;
   // torchrun's processes (docs/scaling.md): each takes train_batch_size samples of every global
   // batch of train_batch_size x world_size.

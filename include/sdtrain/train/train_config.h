@@ -96,6 +96,9 @@ struct TrainConfig {
     AutoSwitch fused_backward_pass = AutoSwitch::automatic;
     Precision weight_dtype = Precision::fp32;  // key values "fp32", "bf16"
     MemoryBudget memory_budget;
+    // Replay each micro-batch's forward and backward pass from a CUDA graph
+    // (train/micro_batch_pass.h, docs/performance.md).
+    AutoSwitch cuda_graphs = AutoSwitch::automatic;
   } compute;
 
   struct Ema {

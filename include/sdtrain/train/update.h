@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "sdtrain/optim/optimizer.h"
+#include "sdtrain/train/device_readback.h"
 #include "sdtrain/train/ema.h"
 #include "sdtrain/train/lr_schedule.h"
 #include "sdtrain/train/mixed_precision.h"
@@ -47,7 +48,11 @@ struct UpdateResult {
 };
 
 // torch.nn.utils.clip_grad_norm_: the 2-norm of the per-tensor 2-norms, each gradient scaled by
-// min(1, max_norm / (norm + 1e-6)) when max_norm > 0. Returns the norm before clipping.
+// min(1, max_norm / (norm + 1e-6)) when max_norm > 0. Returns the norm before clipping as a
+// float32 [1] tensor on the gradients' device (zero without gradients): no host read.
+torch::Tensor clip_gradient_norm_on_device(const std::vector<torch::Tensor>& gradients,
+                                           double max_norm);
+// The same, the norm read on the host.
 double clip_gradient_norm(const std::vector<torch::Tensor>& gradients, double max_norm);
 
 struct UpdateOptions {
@@ -63,8 +68,18 @@ struct UpdateOptions {
 [[noreturn]] void throw_diverged(int64_t global_step, const UpdateOptions& options);
 
 // The update as the trainer drives it: begin_step before the first micro-batch of a step,
-// apply after its last backward pass. Two policies: UpdateAfterBackward (every gradient held,
-// then one step) and FusedBackwardUpdate (each parameter stepped inside the backward pass).
+// apply after its last backward pass, settle once the next step's forward pass is queued (and
+// before anything reads the weights, the optimizer state or the step's figures: checkpoints,
+// validation, the end). Two policies: UpdateAfterBackward (every gradient held, then one step)
+// and FusedBackwardUpdate (each parameter stepped inside the backward pass).
+//
+// No host synchronisation in apply (docs/performance.md): whether the step overflowed is
+// decided on the device (the optimizer skips on a device flag), and the step's figures go
+// to the host through a DeviceReadback that settle reads a forward pass later. settle then does
+// what needs the host to know: it takes back the step counts of a skipped step, averages EMA
+// (after the weights it averages were stepped, before the next step changes them), and ends a
+// run whose gradients went inf/NaN without loss scaling (after an unfused step the weights are
+// those before it: it was skipped on the device).
 class UpdatePolicy {
  public:
   UpdatePolicy(const TrainedSet& trained, std::unique_ptr<optim::Optimizer> optimizer,
@@ -82,19 +97,52 @@ class UpdatePolicy {
   // Before each micro-batch's backward pass; `ends_step`: the step's last.
   virtual void before_backward(bool /*ends_step*/) {}
   // The step after `global_step` steps: applies the accumulated gradients (or finishes what the
-  // backward pass applied) and clears them. Non-finite gradients skip the step under fp16 loss
-  // scaling; without it they mean the run diverged: Error(training_diverged), with
+  // backward pass applied) and clears them, reading nothing on the host. Non-finite gradients
+  // skip the step. std::logic_error while the previous step is not settled.
+  virtual void apply(int64_t global_step) = 0;
+  // What the step apply() queued did, once settled as above; nullopt when none is pending.
+  // Non-finite gradients without loss scaling: Error(training_diverged), with
   // options.recovery_hint() appended.
-  virtual UpdateResult apply(int64_t global_step) = 0;
+  std::optional<UpdateResult> settle();
+  bool pending() const { return pending_.has_value(); }
   optim::Optimizer& optimizer() { return *optimizer_; }
+  // A captured pass (micro_batch_pass.h) keeps the gradients in its graph's buffers, which
+  // each replay overwrites: the update then leaves them where they are instead of freeing them.
+  void keep_gradients(bool keep) { keep_gradients_ = keep; }
 
  protected:
+  // What apply() leaves for settle: the step, its learning rate, the parameters whose step
+  // count advanced before the overflow flag was read, and `figures` (float32 on the device,
+  // laid out as the policy's finish() reads them) queued for the host.
+  void queue_settlement(int64_t global_step, double lr, std::vector<size_t> counted,
+                        const torch::Tensor& figures);
+  void require_settled() const;
+  struct Pending {
+    int64_t global_step = 0;
+    double lr = 0;
+    std::vector<size_t> counted;
+  };
+  // The policy's part of settle(), given the figures it queued.
+  virtual UpdateResult finish(const Pending& step, const std::vector<float>& figures) = 0;
+  // The common ending: retracts `counted` when skipped, then either throws (skipped without loss
+  // scaling) or averages EMA (not skipped); returns the result.
+  UpdateResult conclude(const Pending& step, bool skipped, double grad_norm, double loss_scale);
+  // After a step: the gradients freed, unless kept (keep_gradients).
+  void release_gradients() {
+    if (!keep_gradients_) optimizer_->zero_grad(true);
+  }
+
   // What both policies work with: the trained set, its optimizer, the loss scale and EMA.
   const TrainedSet& trained_;
   std::unique_ptr<optim::Optimizer> optimizer_;
   LossScaler& scaler_;
   EMAModel* ema_;
   UpdateOptions options_;
+
+ private:
+  std::optional<Pending> pending_;
+  DeviceReadback figures_;
+  bool keep_gradients_ = false;
 };
 
 class UpdateAfterBackward final : public UpdatePolicy {
@@ -106,9 +154,11 @@ class UpdateAfterBackward final : public UpdatePolicy {
 
   void begin_step(int64_t) override {}
   void before_backward(bool ends_step) override { reduction_->before_backward(ends_step); }
-  UpdateResult apply(int64_t global_step) override;
+  void apply(int64_t global_step) override;
 
  private:
+  // figures: [found_inf, grad_norm, loss_scale].
+  UpdateResult finish(const Pending& step, const std::vector<float>& figures) override;
   std::unique_ptr<GradientReduction> reduction_;
 };
 
@@ -120,7 +170,9 @@ class UpdateAfterBackward final : public UpdatePolicy {
 //   - under fp16, a tensor whose gradient is inf/NaN is not stepped (weights and moments kept),
 //     the tensors stepped before it keep their step, and the scale backs off as usual;
 //   - gradient accumulation is refused by the plan (the step needs the whole sum).
-// EMA and the loss-scale update run in apply, as after an unfused step.
+// The loss-scale update runs in apply and EMA in settle, as after an unfused step. Without loss
+// scaling the hooks step every tensor unflagged (the flag would cost AdamW a copy of each), so
+// the run that settle ends on an inf/NaN has stepped it, as before.
 class FusedBackwardUpdate final : public UpdatePolicy {
  public:
   FusedBackwardUpdate(const TrainedSet& trained, std::unique_ptr<optim::Optimizer> optimizer,
@@ -128,12 +180,14 @@ class FusedBackwardUpdate final : public UpdatePolicy {
   ~FusedBackwardUpdate() override;  // removes the hooks
 
   void begin_step(int64_t global_step) override;
-  UpdateResult apply(int64_t global_step) override;
+  void apply(int64_t global_step) override;
 
   // The hook's work for optimizer parameter `index` (public for the hook object only).
   void on_gradient(size_t index);
 
  private:
+  // figures: [non_finite per parameter..., grad_norm, loss_scale].
+  UpdateResult finish(const Pending& step, const std::vector<float>& figures) override;
   std::vector<torch::Tensor> parameters_;  // the optimizer's, in its order
   torch::Tensor inverse_scale_;            // float32 [1] on the device, set by begin_step
   torch::Tensor non_finite_;               // float32 [n]: 1 where a gradient held inf/NaN

@@ -1,0 +1,110 @@
+#pragma once
+// One micro-batch's forward and backward pass, as the trainer's loop runs it: run eagerly, or
+// replayed from a CUDA graph (cuda_graphs, docs/performance.md).
+//
+// Replaying a graph launches the thousands of kernels of a forward and backward pass with one
+// call, so the GPU no longer waits for the host to launch them. The captured region is the loss
+// (include/sdtrain/train/diffusion_loss.h) and its backward pass, with gradient checkpointing
+// where enabled. The update (unscale, clip, 8-bit AdamW: a handful of launches) stays eager and
+// reads the gradients the replay wrote.
+//
+// What a graph needs, and how the trainer gives it:
+//   - static shapes: a micro-batch of another shape (an epoch's short last batch) runs eagerly;
+//   - static addresses: the inputs are copied into buffers captured with the graph, and the
+//     gradients stay where the capture put them (the update does not free them,
+//     UpdateOptions::keep_gradients). The replayed backward writes them rather than adding to
+//     them, so gradient accumulation cannot be captured;
+//   - no host synchronisation and no host-built tensor in the region: the loss piece is tested
+//     under CUDA's sync debug mode (tests/train/diffusion_loss_test.cpp);
+//   - no autocast weight-cast cache (it would hold tensors of the graph's memory pool).
+// The plan decides whether a run can be captured (cuda_graph_obstacle).
+
+#include <torch/torch.h>
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "sdtrain/train/diffusion_loss.h"
+#include "sdtrain/train/mixed_precision.h"
+#include "sdtrain/train/trained_set.h"
+
+namespace sdtrain::train {
+
+class MicroBatchPass {
+ public:
+  virtual ~MicroBatchPass() = default;
+  // Queues the loss of `inputs` and the backward pass of scale × loss / accumulation_steps.
+  // `before_backward` runs once the forward pass is queued. Returns the loss: float32, detached,
+  // on the device, valid until the next run.
+  virtual torch::Tensor run(const LossInputs& inputs,
+                            const std::function<void()>& before_backward) = 0;
+};
+
+class EagerPass final : public MicroBatchPass {
+ public:
+  EagerPass(DiffusionLoss& loss, LossScaler& scaler, int64_t accumulation_steps)
+      : loss_(loss), scaler_(scaler), accumulation_steps_(accumulation_steps) {}
+  torch::Tensor run(const LossInputs& inputs,
+                    const std::function<void()>& before_backward) override;
+
+ private:
+  DiffusionLoss& loss_;
+  LossScaler& scaler_;
+  int64_t accumulation_steps_;
+};
+
+// Why this run cannot be captured, or nullopt when it can: the device is not a GPU, data
+// parallel (collectives in the backward pass), fused_backward_pass (the optimizer runs inside
+// the backward pass), gradient accumulation (see above).
+std::optional<std::string> cuda_graph_obstacle(bool cuda_device, bool data_parallel,
+                                               bool fused_backward_pass,
+                                               int64_t gradient_accumulation_steps);
+
+// Thrown by CapturedPass when the capture, or the check of its first replay, fails.
+class CaptureFailed : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The pass from a CUDA graph. The first run captures it:
+//   1. three eager passes on a side stream (library handles, workspaces, the autograd engine's
+//      first use: work that must not happen in a capture): two on the inputs scaled by 1/2,
+//      the third on the real inputs, whose loss and gradient fingerprint are kept;
+//   2. the capture of one pass on a static copy of the halved inputs (the warm-up's memory is
+//      released first, so it and the graph's pool are never reserved together);
+//   3. a check: a replay on the real inputs must give the third pass's loss and, for every
+//      trained tensor, its gradient sum and sum of squares, to a relative 1e-3 (the backward
+//      convolutions may add in another order from run to run: cuDNN's non-deterministic
+//      algorithms differ at about 1e-6; a graph that read stale inputs or wrote elsewhere
+//      differs by far more). The replay is the first micro-batch's pass.
+// CaptureFailed names what failed; the trainer then runs eagerly (cuda_graphs "auto") or stops
+// (true). Later runs copy the inputs in and replay. CUDA builds only; elsewhere the first run
+// throws CaptureFailed.
+class CapturedPass final : public MicroBatchPass {
+ public:
+  CapturedPass(DiffusionLoss& loss, LossScaler& scaler, const TrainedSet& trained);
+  ~CapturedPass() override;
+  torch::Tensor run(const LossInputs& inputs,
+                    const std::function<void()>& before_backward) override;
+
+ private:
+  struct Graph;
+  // An eager pass's loss and gradient fingerprint: per trained tensor, [sum, sum of squares].
+  struct Reference {
+    double loss = 0;
+    torch::Tensor gradients;
+  };
+  void capture(const LossInputs& inputs);
+  torch::Tensor eager(const LossInputs& inputs);
+  void check_first_replay(const LossInputs& inputs, const Reference& reference);
+
+  DiffusionLoss& loss_;
+  LossScaler& scaler_;
+  const TrainedSet& trained_;
+  std::unique_ptr<Graph> graph_;
+  bool told_of_other_shapes_ = false;
+};
+
+}  // namespace sdtrain::train
