@@ -112,7 +112,10 @@ bench() {
 echo "== 6. the lean-memory benchmark (tools/benchmark.py)"
 full_size_model || return
 local script=(); [ -f "$R/.whl/train_dreambooth.py" ] && script=(--diffusers-script "$R/.whl/train_dreambooth.py")
+# BENCH_ROWS: the rows (tools/benchmark.py); every row with diffusers beside does not fit the
+# 420 s. Each row's figures are printed as it ends, so a time-out keeps the rows before it.
 timeout 420 python3 "$R/tools/benchmark.py" --sdtrain "$B/sdtrain" --model /tmp/sd21 \
+  --rows "${BENCH_ROWS:-today,today-eager,batch-32,exact,lean}" \
   --out "$O/bench" "${script[@]}" 2>&1 | tail -15
 }
 for section in "${@:-tests demo timing profile}"; do

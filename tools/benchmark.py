@@ -11,12 +11,16 @@ What it runs (docs/memory.md explains the settings; docs/benchmarks.md holds the
   * a random-weight SD 2.1-base folder at the real configs (tools/make_full_size_model.py; built
     once into --model when missing, which needs diffusers), the bundled demo's generated photos
     as instance and class images;
-  * every row at 512x512, batch 1 + prior preservation, fp16 autocast, through `sdtrain --dry-run`
-    (the estimate) and then `sdtrain` (--steps optimizer steps, no checkpoints, no validation);
+  * every row at 512x512, batch 1 + prior preservation (the batch-32 row: 32 without), fp16
+    autocast, through `sdtrain --dry-run` (the estimate) and then `sdtrain` (--steps optimizer
+    steps, no checkpoints, no validation);
   * for the rows that have one, the same run through train_dreambooth.py, timed by
     tools/time_training_script.py.
 Timing: median seconds between optimizer steps after the first 10 (warm-up, cuDNN autotuning),
 from logs/metrics.jsonl; memory: the peak allocated by the caching allocator during training.
+Throughput: samples/s, the speed-up over diffusers, the model FLOPs per step counted by
+tools/flop_count.py and their share of the GPU's dense fp16 peak; start-up: the load time and
+the time to the first step, from the trainer's log.
 The table goes to OUT/benchmark.md and, with --write, between the benchmark markers of that file.
 """
 import argparse
@@ -42,6 +46,10 @@ ROWS = {
     "today": ("before issue 15: 8-bit AdamW, every gradient held, VAE and text encoder on the GPU",
               ["optimizer=adamw8bit", "cache_latents=false", "fused_backward_pass=false"],
               ["--use_8bit_adam"]),
+    "today-eager": ("row `today` with cuda_graphs false: what replaying the pass from a CUDA "
+                    "graph gains (issue 16)",
+                    ["optimizer=adamw8bit", "cache_latents=false", "fused_backward_pass=false",
+                     "cuda_graphs=false"], None),
     "exact": ("exact mode: + fused backward pass, cached latents (VAE and text encoder off the GPU)",
               ["optimizer=adamw8bit", "cache_latents=true", "fused_backward_pass=true",
                "max_grad_norm=0"], None),
@@ -57,8 +65,14 @@ ROWS = {
     "lora": ("LoRA rank 4 on UNet + text encoder, AdamW (issue 13)",
              ["train_mode=lora", "train_text_encoder=true", "optimizer=adamw",
               "learning_rate=1e-4", "cache_latents=true"], None),
+    "batch-32": ("throughput: batch 32 without prior preservation, cached latents, no "
+                 "checkpointing (issue 16: >= 80 samples/s on an H100, MLPerf's 128 the ceiling)",
+                 ["optimizer=adamw8bit", "cache_latents=true", "gradient_checkpointing=false",
+                  "train_batch_size=32", "with_prior_preservation=false",
+                  "fused_backward_pass=false"], None),
     "ddp-1": ("row `today` under torchrun, one process: the data-parallel path's overhead "
-              "(NCCL, bucketed all-reduce; issue 17, target <= 3% over `today`)",
+              "(NCCL, bucketed all-reduce, no CUDA graph; issue 17, target <= 3% over "
+              "`today-eager`)",
               ["optimizer=adamw8bit", "cache_latents=false", "fused_backward_pass=false"], None),
 }
 
@@ -80,10 +94,51 @@ def prepare(args):
                        check=True)
     photos = Path(args.out) / "photos"
     if not photos.exists():
+        # The demo's generated photos, each 8 times (32: one batch of the batch-32 row), and its
+        # dataset_info.json.
         photos.mkdir(parents=True)
         for item in (ROOT / "configs" / "demo" / "instance").iterdir():
-            shutil.copy(item, photos / item.name)  # the demo's generated photos + dataset_info
+            if item.suffix == ".json":
+                shutil.copy(item, photos / item.name)
+                continue
+            for copy in range(8):
+                shutil.copy(item, photos / f"{item.stem}-{copy}{item.suffix}")
     return model, photos
+
+
+def row_shape(overrides):
+    """(train_batch_size, prior preservation, text encoder trained) of a row."""
+    settings = dict(o.split("=", 1) for o in overrides)
+    return (int(settings.get("train_batch_size", 1)),
+            settings.get("with_prior_preservation", "true") == "true",
+            settings.get("train_text_encoder", "false") == "true")
+
+
+def samples_per_step(overrides):
+    batch, prior, _ = row_shape(overrides)
+    return batch * (2 if prior else 1)
+
+
+def counted_flops(args, overrides, cache={}):
+    """The row's model FLOPs per step (tools/flop_count.py), counted once per shape."""
+    batch, prior, text_encoder = row_shape(overrides)
+    key = (samples_per_step(overrides), text_encoder)
+    if key not in cache:
+        sys.path.insert(0, str(ROOT / "tools"))
+        from flop_count import step_flops
+        try:
+            cache[key] = step_flops(args.model, key[0], args.resolution, text_encoder)
+        except Exception as error:  # no diffusers here: the table says so instead
+            print(f"FLOPs not counted: {error}", file=sys.stderr)
+            cache[key] = None
+    return cache[key]
+
+
+def startup_seconds(log_text):
+    """(models loaded in, first step after) as the sdtrain log states them, in seconds."""
+    loaded = re.search(r"models loaded in ([0-9.e+-]+) s", log_text)
+    first = re.search(r"first step ([0-9.e+-]+) s after the run started", log_text)
+    return (float(loaded.group(1)) if loaded else None, float(first.group(1)) if first else None)
 
 
 def sdtrain_settings(args, model, photos, output, overrides):
@@ -114,14 +169,16 @@ def run_sdtrain(args, name, overrides, model, photos):
     run([args.sdtrain, "train", "--dry-run", "--config", str(args.config)] + common, dry_log)
     found = re.search(r"memory estimate \([^)]*\): ([0-9.]+) MiB", dry_log.read_text())
     estimate = float(found.group(1)) * 2 ** 20 if found else None
+    log = Path(args.out) / f"sdtrain-{name}.log"
     code = run(LAUNCHERS.get(name, []) +
-               [args.sdtrain, "train", "--overwrite", "--config", str(args.config)] + common,
-               Path(args.out) / f"sdtrain-{name}.log")
+               [args.sdtrain, "train", "--overwrite", "--config", str(args.config)] + common, log)
     metrics = output / "logs" / "metrics.jsonl"
     if code != 0 or not metrics.exists():
         return {"rc": code, "estimate": estimate}
     seconds, peak = median_and_peak(metrics)
-    return {"rc": code, "seconds": seconds, "peak": peak, "estimate": estimate}
+    load, first_step = startup_seconds(log.read_text())
+    return {"rc": code, "seconds": seconds, "peak": peak, "estimate": estimate, "load": load,
+            "first_step": first_step}
 
 
 def run_diffusers(args, name, extra, model, photos):
@@ -172,6 +229,38 @@ def cell_gib(result, key):
     return "—" if value is None else f"{value / GIB:.2f}"
 
 
+def gpu_name():
+    query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+    try:
+        return subprocess.run(query, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def throughput_cells(name, ours, theirs, args):
+    """samples/s, speed-up over diffusers, TFLOP/step and utilisation of the GPU's dense peak."""
+    overrides = ROWS[name][1]
+    if ours.get("seconds") is None:
+        return ["—"] * 4
+    samples = samples_per_step(overrides) / ours["seconds"]
+    speedup = "—"
+    if theirs and theirs.get("seconds"):
+        speedup = f"{theirs['seconds'] / ours['seconds']:.2f}×"
+    flops = counted_flops(args, overrides)
+    if flops is None:
+        return [f"{samples:.1f}", speedup, "—", "—"]
+    sys.path.insert(0, str(ROOT / "tools"))
+    from flop_count import dense_peak
+    peak = dense_peak(gpu_name())
+    mfu = "—" if peak is None else f"{100.0 * flops / ours['seconds'] / peak:.1f} %"
+    return [f"{samples:.1f}", speedup, f"{flops / 1e12:.2f}", mfu]
+
+
+def cell_number(result, key):
+    value = None if result is None else result.get(key)
+    return "—" if value is None else f"{value:.2f}"
+
+
 def table(results, args):
     lines = [BEGIN, "", f"- **Machine:** {machine()}",
              f"- **Date:** {datetime.date.today().isoformat()}",
@@ -180,16 +269,24 @@ def table(results, args):
              f"- **Run:** {Path(args.model).name} (random weights), {args.resolution}², batch 1 + prior "
              f"preservation, {args.mixed_precision}, {args.device}, "
              f"gradient checkpointing, {args.steps} steps; median after 10.", "",
+             "- **Throughput:** samples/s counts instance and class rows; TFLOP/step is the "
+             "model's forward + backward counted by `tools/flop_count.py` (recompute under "
+             "checkpointing not counted); utilisation is that over the GPU's dense fp16 peak. "
+             "Load: the trainer's `models loaded in` line; first step: its `first step … after "
+             "the run started` line (class images, loading, latent caching).", "",
              "| row | settings | sdtrain s/step | sdtrain peak GiB | estimate GiB | estimate error "
-             "| diffusers s/step | diffusers peak GiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| diffusers s/step | diffusers peak GiB | samples/s | vs diffusers | TFLOP/step "
+             "| utilisation | load s | first step s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, (ours, theirs) in results.items():
         error = "—"
         if ours.get("peak") and ours.get("estimate"):
             error = f"{100.0 * (ours['estimate'] - ours['peak']) / ours['peak']:+.1f} %"
+        cells = throughput_cells(name, ours, theirs, args)
         lines.append(f"| {name} | {ROWS[name][0]} | {cell_seconds(ours)} | {cell_gib(ours, 'peak')} "
                      f"| {cell_gib(ours, 'estimate')} | {error} | {cell_seconds(theirs)} "
-                     f"| {cell_gib(theirs, 'peak')} |")
+                     f"| {cell_gib(theirs, 'peak')} | {' | '.join(cells)} "
+                     f"| {cell_number(ours, 'load')} | {cell_number(ours, 'first_step')} |")
     return "\n".join(lines + ["", END])
 
 
