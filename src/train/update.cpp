@@ -1,7 +1,9 @@
 #include "sdtrain/train/update.h"
 
 #include <cmath>
+#include <map>
 #include <stdexcept>
+#include <utility>
 
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/log.h"
@@ -10,19 +12,32 @@ namespace sdtrain::train {
 
 torch::Tensor clip_gradient_norm_on_device(const std::vector<torch::Tensor>& gradients,
                                            double max_norm) {
-  std::vector<torch::Tensor> norms;
+  // As torch.nn.utils.clip_grad_norm_ with foreach: per (device, dtype) group, the per-tensor
+  // norms in one multi-tensor launch and the clip in another, where one launch per tensor took
+  // 1,374 launches for SD 2.1-base (docs/benchmarks.md, the profile). On the CPU the
+  // multi-tensor ops run tensor by tensor, the same arithmetic as before. The groups keep the
+  // gradients' order; a run's trained tensors share one dtype, so the norms stack as before.
+  std::map<std::pair<std::string, c10::ScalarType>, std::vector<torch::Tensor>> groups;
+  std::vector<std::pair<std::string, c10::ScalarType>> order;
   for (const auto& grad : gradients) {
-    if (grad.defined()) {
-      norms.push_back(torch::linalg_vector_norm(grad, 2, c10::nullopt, false, c10::nullopt));
-    }
+    if (!grad.defined()) continue;
+    const auto key = std::make_pair(grad.device().str(), grad.scalar_type());
+    if (!groups.count(key)) order.push_back(key);
+    groups[key].push_back(grad);
   }
-  if (norms.empty()) return torch::zeros({1}, torch::kFloat32);
+  if (order.empty()) return torch::zeros({1}, torch::kFloat32);
+  const torch::Device first_device = groups[order.front()].front().device();
+  std::vector<torch::Tensor> norms;
+  for (const auto& key : order) {
+    for (const auto& norm : at::_foreach_norm(groups[key], 2)) norms.push_back(norm.to(first_device));
+  }
   const torch::Tensor total =
       torch::linalg_vector_norm(torch::stack(norms), 2, c10::nullopt, false, c10::nullopt);
   if (max_norm > 0) {
     const torch::Tensor coefficient = torch::clamp_max(max_norm / (total + 1e-6), 1.0);
-    for (const auto& grad : gradients) {
-      if (grad.defined()) grad.mul_(coefficient.to(grad.device(), grad.scalar_type()));
+    for (const auto& key : order) {
+      std::vector<torch::Tensor>& grads = groups[key];
+      at::_foreach_mul_(grads, coefficient.to(grads.front().device(), key.second));
     }
   }
   return total.to(torch::kFloat32).reshape({1});
