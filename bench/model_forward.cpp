@@ -35,6 +35,7 @@
 #include "sdtrain/models/clip_text_model.h"
 #include "sdtrain/models/state_dict.h"
 #include "sdtrain/models/unet_2d_condition.h"
+#include "bench_main.h"
 #include "sdtrain/util/error.h"
 
 namespace {
@@ -192,13 +193,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const sdtrain::Error& error) {
-    std::cerr << "bench_model_forward: " << error.what() << "\n";
-    return static_cast<int>(error.code());
-  } catch (const std::exception& error) {
-    std::cerr << "bench_model_forward: " << error.what() << "\n";
-    return 1;
-  }
+  return run_reporting_errors("bench_model_forward", [&] { return run(argc, argv); });
 }

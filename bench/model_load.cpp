@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_main.h"
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/models/autoencoder_kl.h"
 #include "sdtrain/models/clip_text_model.h"
@@ -116,13 +117,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const sdtrain::Error& error) {
-    std::cerr << "bench_model_load: " << error.what() << "\n";
-    return static_cast<int>(error.code());
-  } catch (const std::exception& error) {
-    std::cerr << "bench_model_load: " << error.what() << "\n";
-    return 1;
-  }
+  return run_reporting_errors("bench_model_load", [&] { return run(argc, argv); });
 }

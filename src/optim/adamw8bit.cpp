@@ -190,43 +190,37 @@ AdamStepConstants AdamW8bit::step_constants(const OptimizerOptions& options, int
   return c;
 }
 
-void AdamW8bit::step() {
-  std::vector<size_t> cuda_indices;
-  std::vector<torch::Tensor> cuda_grads;
+AdamW8bit::GradientsByDevice AdamW8bit::gradients_by_device() const {
+  GradientsByDevice split;
   for (size_t i = 0; i < parameters_.size(); ++i) {
     const torch::Tensor& grad = parameters_[i].second.grad();
     if (!grad.defined()) continue;
-    if (parameters_[i].second.is_cuda()) {
-      check_gradient(i, grad);
-      cuda_indices.push_back(i);
-      cuda_grads.push_back(grad);
-    } else {
-      step_parameter(i, grad);
+    if (!parameters_[i].second.is_cuda()) {
+      split.cpu.push_back(i);
+      continue;
     }
+    check_gradient(i, grad);
+    split.cuda.push_back(i);
+    split.cuda_grads.push_back(grad);
   }
-  if (!cuda_indices.empty()) step_cuda(cuda_indices, cuda_grads);
+  return split;
+}
+
+void AdamW8bit::step() {
+  const GradientsByDevice split = gradients_by_device();
+  for (size_t i : split.cpu) step_parameter(i, parameters_[i].second.grad());
+  if (!split.cuda.empty()) step_cuda(split.cuda, split.cuda_grads);
 }
 
 std::vector<size_t> AdamW8bit::step_unless(const torch::Tensor& skip) {
-  std::vector<size_t> cuda_indices;
-  std::vector<torch::Tensor> cuda_grads;
-  bool any_cpu = false;
-  for (size_t i = 0; i < parameters_.size(); ++i) {
-    const torch::Tensor& grad = parameters_[i].second.grad();
-    if (!grad.defined()) continue;
-    any_cpu = any_cpu || !parameters_[i].second.is_cuda();
-    if (!parameters_[i].second.is_cuda()) continue;
-    check_gradient(i, grad);
-    cuda_indices.push_back(i);
-    cuda_grads.push_back(grad);
-  }
-  if (cuda_indices.empty()) return Optimizer::step_unless(skip);
-  TORCH_CHECK(!any_cpu, "adamw8bit: step_unless with parameters on the CPU and on CUDA");
+  const GradientsByDevice split = gradients_by_device();
+  if (split.cuda.empty()) return Optimizer::step_unless(skip);
+  TORCH_CHECK(split.cpu.empty(), "adamw8bit: step_unless with parameters on the CPU and on CUDA");
   TORCH_CHECK(skip.numel() == 1 && skip.scalar_type() == torch::kFloat32 &&
-                  skip.device() == cuda_grads.front().device(),
-              "adamw8bit: skip must be one float32 on ", cuda_grads.front().device());
-  step_cuda(cuda_indices, cuda_grads, skip);
-  return cuda_indices;
+                  skip.device() == split.cuda_grads.front().device(),
+              "adamw8bit: skip must be one float32 on ", split.cuda_grads.front().device());
+  step_cuda(split.cuda, split.cuda_grads, skip);
+  return split.cuda;
 }
 
 void AdamW8bit::step_parameter(size_t index, const torch::Tensor& grad,

@@ -45,8 +45,9 @@ struct CapturedPass::Graph {
   torch::Tensor loss;  // the loss the graph writes
 };
 
+// Capture needs gradient accumulation 1 (cuda_graph_obstacle): the passes divide by nothing.
 CapturedPass::CapturedPass(DiffusionLoss& loss, LossScaler& scaler, const TrainedSet& trained)
-    : loss_(loss), scaler_(scaler), trained_(trained) {}
+    : eager_(loss, scaler, 1), trained_(trained) {}
 
 CapturedPass::~CapturedPass() = default;
 
@@ -101,12 +102,6 @@ void zero_gradients(const TrainedSet& trained) {
 
 }  // namespace
 
-torch::Tensor CapturedPass::eager(const LossInputs& inputs) {
-  const torch::Tensor loss = loss_(inputs);
-  scaler_.scale(loss).backward();
-  return loss.detach();
-}
-
 torch::Tensor CapturedPass::run(const LossInputs& inputs,
                                 const std::function<void()>& before_backward) {
   if (!graph_) {
@@ -120,10 +115,7 @@ torch::Tensor CapturedPass::run(const LossInputs& inputs,
     told_of_other_shapes_ = true;
     // The gradients stay in the graph's buffers: cleared here, added to by the eager pass.
     zero_gradients(trained_);
-    const torch::Tensor loss = loss_(inputs);
-    before_backward();
-    scaler_.scale(loss).backward();
-    return loss.detach();
+    return eager_.run(inputs, before_backward);
   }
   copy_into(graph_->inputs, inputs);
 #if SDTRAIN_WITH_CUDA

@@ -2,8 +2,7 @@
 
 #include <ATen/autocast_mode.h>
 
-#include <map>
-
+#include "sdtrain/train/tensor_groups.h"
 #include "sdtrain/util/error.h"
 
 namespace sdtrain::train {
@@ -90,12 +89,8 @@ torch::Tensor LossScaler::unscale(const std::vector<torch::Tensor>& gradients) {
   found_inf_.zero_();
   const torch::Tensor inv_scale = inverse_scale();
   // The fused kernel wants one device and dtype per list, as GradScaler groups them.
-  std::map<std::pair<std::string, c10::ScalarType>, std::vector<torch::Tensor>> groups;
-  for (const auto& grad : gradients) {
-    if (grad.defined()) groups[{grad.device().str(), grad.scalar_type()}].push_back(grad);
-  }
-  for (auto& [key, grads] : groups) {
-    const torch::Device device(key.first);
+  for (auto& grads : group_by_device_and_dtype(gradients)) {
+    const torch::Device device = grads.front().device();
     torch::Tensor found = torch::zeros({1}, found_inf_.options().device(device));
     at::_amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale.to(device));
     found_inf_.add_(found.to(found_inf_.device()));

@@ -214,7 +214,7 @@ class TrainingRun {
   int64_t skipped_steps_ = 0;
   int64_t resumed_checkpoint_step_ = -1;
   Clock::time_point step_started_;
-  Clock::time_point started_ = Clock::now();
+  Clock::time_point started_;  // when run() began
 };
 
 void TrainingRun::set_up() {
@@ -504,7 +504,7 @@ void TrainingRun::check_interrupt() {
 }
 
 TrainSummary TrainingRun::run() {
-  const auto started = started_ = Clock::now();
+  started_ = Clock::now();
   InterruptWatch interrupts;
   if (plan_.parallel.launched)
     group_ = ProcessGroup::connect(plan_.parallel, device_, kCollectiveTimeout);
@@ -521,7 +521,7 @@ TrainSummary TrainingRun::run() {
   summary.steps = state_.global_step;
   summary.steps_this_run = steps_this_run_;
   summary.skipped_steps = skipped_steps_;
-  summary.seconds = std::chrono::duration<double>(Clock::now() - started).count();
+  summary.seconds = std::chrono::duration<double>(Clock::now() - started_).count();
   summary.final_loss = state_.last_loss;
   summary.output_dir = config_.outputs.output_dir;
   return summary;

@@ -1,10 +1,9 @@
 #include "sdtrain/train/update.h"
 
 #include <cmath>
-#include <map>
 #include <stdexcept>
-#include <utility>
 
+#include "sdtrain/train/tensor_groups.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/log.h"
 
@@ -17,27 +16,20 @@ torch::Tensor clip_gradient_norm_on_device(const std::vector<torch::Tensor>& gra
   // 1,374 launches for SD 2.1-base (docs/benchmarks.md, the profile). On the CPU the
   // multi-tensor ops run tensor by tensor, the same arithmetic as before. The groups keep the
   // gradients' order; a run's trained tensors share one dtype, so the norms stack as before.
-  std::map<std::pair<std::string, c10::ScalarType>, std::vector<torch::Tensor>> groups;
-  std::vector<std::pair<std::string, c10::ScalarType>> order;
-  for (const auto& grad : gradients) {
-    if (!grad.defined()) continue;
-    const auto key = std::make_pair(grad.device().str(), grad.scalar_type());
-    if (!groups.count(key)) order.push_back(key);
-    groups[key].push_back(grad);
-  }
-  if (order.empty()) return torch::zeros({1}, torch::kFloat32);
-  const torch::Device first_device = groups[order.front()].front().device();
+  std::vector<std::vector<torch::Tensor>> groups = group_by_device_and_dtype(gradients);
+  if (groups.empty()) return torch::zeros({1}, torch::kFloat32);
+  const torch::Device first_device = groups.front().front().device();
   std::vector<torch::Tensor> norms;
-  for (const auto& key : order) {
-    for (const auto& norm : at::_foreach_norm(groups[key], 2)) norms.push_back(norm.to(first_device));
+  for (const auto& group : groups) {
+    for (const auto& norm : at::_foreach_norm(group, 2)) norms.push_back(norm.to(first_device));
   }
   const torch::Tensor total =
       torch::linalg_vector_norm(torch::stack(norms), 2, c10::nullopt, false, c10::nullopt);
   if (max_norm > 0) {
     const torch::Tensor coefficient = torch::clamp_max(max_norm / (total + 1e-6), 1.0);
-    for (const auto& key : order) {
-      std::vector<torch::Tensor>& grads = groups[key];
-      at::_foreach_mul_(grads, coefficient.to(grads.front().device(), key.second));
+    for (auto& group : groups) {
+      at::_foreach_mul_(group,
+                        coefficient.to(group.front().device(), group.front().scalar_type()));
     }
   }
   return total.to(torch::kFloat32).reshape({1});

@@ -57,6 +57,14 @@ class AdamW8bit : public Optimizer {
                                           size_t index = 0);
 
  private:
+  // The parameters with a gradient, by device: the CUDA ones (checked, with their gradients)
+  // for one launch, and the CPU ones.
+  struct GradientsByDevice {
+    std::vector<size_t> cuda;
+    std::vector<torch::Tensor> cuda_grads;
+    std::vector<size_t> cpu;
+  };
+  GradientsByDevice gradients_by_device() const;
   void step_cpu(size_t index, const torch::Tensor& grad);
   void step_cuda(const std::vector<size_t>& indices, const std::vector<torch::Tensor>& grads,
                  const torch::Tensor& skip = torch::Tensor());

@@ -97,11 +97,12 @@ class CapturedPass final : public MicroBatchPass {
     torch::Tensor gradients;
   };
   void capture(const LossInputs& inputs);
-  torch::Tensor eager(const LossInputs& inputs);
+  torch::Tensor eager(const LossInputs& inputs) {
+    return eager_.run(inputs, [] {});
+  }
   void check_first_replay(const LossInputs& inputs, const Reference& reference);
 
-  DiffusionLoss& loss_;
-  LossScaler& scaler_;
+  EagerPass eager_;  // the warm-up, the check's reference and batches of another shape
   const TrainedSet& trained_;
   std::unique_ptr<Graph> graph_;
   bool told_of_other_shapes_ = false;
