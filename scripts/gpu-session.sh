@@ -17,8 +17,10 @@
 #   6. bench (issue 15): tools/benchmark.py, every lean-memory row beside train_dreambooth.py
 #      when .whl/train_dreambooth.py was packed; the table in $OUT/bench/benchmark.md, ready for
 #      docs/benchmarks.md.
-# Arguments pick sections: tests demo timing profile lora bench (default: the first four). See
-# docs/gpu.md.
+#   7. sampling (issue 16): tools/benchmark_sampling.py, images/s of `sdtrain generate` and of
+#      class-image generation beside diffusers' StableDiffusionPipeline; $OUT/sampling/sampling.md.
+# Arguments pick sections: tests demo timing profile lora bench sampling (default: the first
+# four). See docs/gpu.md.
 set -uo pipefail
 R="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; O="${OUT:-/tmp/gpu-session}"; mkdir -p "$O"
 exec > >(tee "$O/session.log") 2>&1
@@ -117,6 +119,12 @@ local script=(); [ -f "$R/.whl/train_dreambooth.py" ] && script=(--diffusers-scr
 timeout 420 python3 "$R/tools/benchmark.py" --sdtrain "$B/sdtrain" --model /tmp/sd21 \
   --rows "${BENCH_ROWS:-today,today-eager,batch-32,exact,lean}" \
   --out "$O/bench" "${script[@]}" 2>&1 | tail -15
+}
+sampling() {
+echo "== 7. sampling against diffusers' pipeline (tools/benchmark_sampling.py)"
+full_size_model || return
+timeout 240 python3 "$R/tools/benchmark_sampling.py" --sdtrain "$B/sdtrain" --model /tmp/sd21 \
+  --out "$O/sampling" 2>&1 | tail -12
 }
 for section in "${@:-tests demo timing profile}"; do
   for s in $section; do "$s"; done

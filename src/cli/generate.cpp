@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -66,12 +67,16 @@ void report_progress(const pipeline::GenerationProgress& p) {
     std::fprintf(stderr, "\rimages %lld/%lld  step %lld/%lld",
                  static_cast<long long>(p.images_done), static_cast<long long>(p.images),
                  static_cast<long long>(p.step), static_cast<long long>(p.steps));
-    if (p.step == p.steps) std::fprintf(stderr, "\n");
+    if (p.step == p.steps) std::fprintf(stderr, "  (%.3f s)\n", p.batch_seconds);
     std::fflush(stderr);
   } else if (p.step == p.steps) {
-    // This batch's own range: images 1..4, 5..8, ... of 16.
+    // This batch's own range: images 1..4, 5..8, ... of 16; tools/benchmark_sampling.py reads
+    // the seconds.
+    char rate[64];
+    std::snprintf(rate, sizeof rate, "in %.3f s (%.2f images/s)", p.batch_seconds,
+                  static_cast<double>(p.batch_images) / std::max(p.batch_seconds, 1e-9));
     log::info(log::str("sampled images ", p.images_done + 1, "..", p.images_done + p.batch_images,
-                       " of ", p.images, " (", p.steps, " steps)"));
+                       " of ", p.images, " (", p.steps, " steps) ", rate));
   }
 }
 

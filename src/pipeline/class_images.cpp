@@ -2,6 +2,8 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 
 #include "sdtrain/util/error.h"
@@ -80,6 +82,7 @@ int64_t generate_class_images(StableDiffusionPipeline& pipeline, const ClassImag
   log::info(log::str("class images: ", present, " in ", options.class_data_dir.string(), ", generating ", missing,
                      " (", sampler, ", ", options.steps, " steps, guidance ", options.guidance_scale, ")"));
 
+  const auto started = std::chrono::steady_clock::now();
   int64_t written = 0;
   for (std::size_t first = 0; first < indices.size(); first += options.sample_batch_size) {
     const std::size_t count = std::min<std::size_t>(options.sample_batch_size, indices.size() - first);
@@ -108,6 +111,13 @@ int64_t generate_class_images(StableDiffusionPipeline& pipeline, const ClassImag
     }
     if (progress) progress({written, missing, options.steps, options.steps});
   }
+  // The pipeline is loaded: this is the sampling rate (PNG writing included) that
+  // tools/benchmark_sampling.py sets beside diffusers' pipeline.
+  const std::chrono::duration<double> seconds = std::chrono::steady_clock::now() - started;
+  char rate[96];
+  std::snprintf(rate, sizeof rate, "%.3f s (%.3f images/s)", seconds.count(),
+                static_cast<double>(written) / std::max(seconds.count(), 1e-9));
+  log::info(log::str("class images: generated ", written, " in ", rate));
   return written;
 }
 

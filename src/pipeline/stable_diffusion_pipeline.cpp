@@ -2,6 +2,8 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <chrono>
+
 #ifdef SDTRAIN_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
@@ -156,6 +158,7 @@ torch::Tensor StableDiffusionPipeline::generate_float(const GenerationOptions& o
 torch::Tensor StableDiffusionPipeline::generate_batch(const GenerationOptions& options, int64_t first, int64_t count,
                                                       const std::vector<at::Generator>& generators, int64_t width,
                                                       int64_t height, int64_t images_done) {
+  const auto started = std::chrono::steady_clock::now();
   std::vector<std::string> prompts;
   for (int64_t i = first; i < first + count; ++i) {
     prompts.push_back(options.prompts.size() == 1 ? options.prompts[0] : options.prompts[i]);
@@ -188,12 +191,20 @@ torch::Tensor StableDiffusionPipeline::generate_batch(const GenerationOptions& o
       prediction = halves[0] + options.guidance_scale * (halves[1] - halves[0]);
     }
     latents = sampler->step(prediction, i, latents, noise);
-    if (options.progress) options.progress({images_done, options.num_images, i + 1, sampler->num_steps(), count});
+    if (options.progress && i + 1 < sampler->num_steps())
+      options.progress({images_done, options.num_images, i + 1, sampler->num_steps(), count});
   }
 
   torch::Tensor image = vae_->decode(latents / vae_->config().scaling_factor);  // [B, 3, H, W]
   image = (image * 0.5 + 0.5).clamp(0, 1);
-  return image.cpu().permute({0, 2, 3, 1}).to(torch::kFloat32).contiguous();  // [B, H, W, 3]
+  // The copy to the host waits for the GPU: the time below is the batch's whole work.
+  image = image.cpu().permute({0, 2, 3, 1}).to(torch::kFloat32).contiguous();  // [B, H, W, 3]
+  if (options.progress) {
+    const std::chrono::duration<double> seconds = std::chrono::steady_clock::now() - started;
+    options.progress({images_done, options.num_images, sampler->num_steps(), sampler->num_steps(),
+                      count, seconds.count()});
+  }
+  return image;
 }
 
 std::vector<io::Image> StableDiffusionPipeline::generate(const GenerationOptions& options) {

@@ -85,6 +85,33 @@ TEST(Pipeline, BatchAfterBatchFromOneGeneratorEqualsOneCall) {
   EXPECT_LE(max_abs(actual, reference("pndm_negative")), kTolerance);
 }
 
+TEST(Pipeline, ReportsEveryStepAndTimesEachBatchOnce) {
+  // Three images in batches of two, three steps: the reports run 1, 2, 3 per batch, and only
+  // each batch's last one (sent after its decode) carries its seconds, which
+  // `generate`'s log and tools/benchmark_sampling.py use.
+  auto options = options_of(cases().at("pndm_negative"));
+  options.num_images = 3;
+  options.batch_size = 2;
+  options.steps = 3;
+  options.scheduler = "euler";  // three model calls for three steps (PNDM's warm-up adds one)
+  std::vector<GenerationProgress> reports;
+  options.progress = [&](const GenerationProgress& p) { reports.push_back(p); };
+  sdtrain::testing::demo_pipeline().generate_float(options);
+  ASSERT_EQ(reports.size(), 6u);
+  for (size_t i = 0; i < reports.size(); ++i) {
+    const GenerationProgress& p = reports[i];
+    EXPECT_EQ(p.step, static_cast<int64_t>(i % 3) + 1);
+    EXPECT_EQ(p.steps, 3);
+    EXPECT_EQ(p.images_done, i < 3 ? 0 : 2);
+    EXPECT_EQ(p.batch_images, i < 3 ? 2 : 1);
+    if (p.step == p.steps) {
+      EXPECT_GT(p.batch_seconds, 0.0);
+    } else {
+      EXPECT_EQ(p.batch_seconds, 0.0);
+    }
+  }
+}
+
 TEST(Pipeline, Uint8ImagesRoundLikeNumpyToPil) {
   const torch::Tensor images = torch::tensor({0.0f, 0.5f / 255, 1.5f / 255, 2.5f / 255, 0.99999f, 1.0f}).reshape({1, 1, 2, 3});
   const auto out = StableDiffusionPipeline::to_images(images);

@@ -37,6 +37,10 @@ struct GenerationProgress {
   int64_t step = 0;         // steps done in the current batch
   int64_t steps = 0;        // steps per batch
   int64_t batch_images = 0;  // images in the current batch
+  // With the batch's last report (step == steps), sent once its images are on the host: the
+  // batch's wall time from its prompts' encoding to the copy of its images, VAE decode
+  // included (what diffusers' pipeline call does); 0 in the reports before.
+  double batch_seconds = 0;
 };
 
 struct GenerationOptions {
