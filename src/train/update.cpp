@@ -35,10 +35,6 @@ torch::Tensor clip_gradient_norm_on_device(const std::vector<torch::Tensor>& gra
   return total.to(torch::kFloat32).reshape({1});
 }
 
-double clip_gradient_norm(const std::vector<torch::Tensor>& gradients, double max_norm) {
-  return clip_gradient_norm_on_device(gradients, max_norm).item<double>();
-}
-
 [[noreturn]] void throw_diverged(int64_t global_step, const UpdateOptions& options) {
   throw Error(ExitCode::training_diverged,
               log::str("the gradients became inf/NaN at step ", global_step + 1, " (",

@@ -52,8 +52,6 @@ struct UpdateResult {
 // float32 [1] tensor on the gradients' device (zero without gradients): no host read.
 torch::Tensor clip_gradient_norm_on_device(const std::vector<torch::Tensor>& gradients,
                                            double max_norm);
-// The same, the norm read on the host.
-double clip_gradient_norm(const std::vector<torch::Tensor>& gradients, double max_norm);
 
 struct UpdateOptions {
   double max_grad_norm = 1.0;
