@@ -148,11 +148,11 @@ def machine():
     return step_benchmark_machine()
 
 
-def cell(result, key, digits=2):
+def cell(result, key):
     value = None if result is None else result.get(key)
     if value is None:
         return f"failed (rc {result.get('rc')})" if result and key == "images_per_second" else "—"
-    return f"{value:.{digits}f}"
+    return f"{value:.3g}"
 
 
 def table(results, args):
@@ -161,8 +161,8 @@ def table(results, args):
              f"- **Command:** `python3 tools/benchmark_sampling.py --batches {args.batches} "
              f"--batch-size {args.batch_size} --steps {args.steps} --class-steps {args.class_steps}`",
              f"- **Run:** {Path(args.model).name} (random weights), {args.resolution}², {args.dtype}, "
-             f"{args.device}, guidance 7.5, the model's own scheduler, batches of {args.batch_size} "
-             "prompts (twice that through the UNet with guidance).",
+             f"{args.device}, guidance 7.5, the model's own scheduler, {args.batch_size} prompt(s) per "
+             "batch (twice that through the UNet with guidance).",
              "- **generate:** the median batch after the first; **class images:** every batch, the "
              "PNG writes included. Load: reading the model and moving it to the device.", "",
              "| row | steps | sdtrain images/s | diffusers images/s | sdtrain ÷ diffusers "

@@ -1,15 +1,18 @@
 // cuda_graphs (include/sdtrain/train/micro_batch_pass.h, docs/performance.md). On the CPU: what
 // stands in the way of a capture is named, `true` refuses it before anything is loaded, `auto`
 // says nothing where there is no GPU. On a GPU (skipped without one): the demo trained with its
-// passes replayed from a graph logs the capture and gives the eager run's losses.
+// passes replayed from a graph logs the capture and gives the eager run's losses; a captured
+// run resumes after SIGKILL and SIGTERM, capturing anew, and samples validation images.
 #include "sdtrain/train/micro_batch_pass.h"
 
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "sdtrain/train/plan.h"
+#include "sdtrain/util/atomic_file.h"
 #include "sdtrain/util/error.h"
 #include "train_support.h"
 
@@ -21,6 +24,21 @@ namespace {
 
 TrainConfig demo_config(const std::vector<std::string>& overrides) {
   return load_train_config(sdtrain::testing::source_dir() / "configs" / "demo.json", overrides);
+}
+
+// Each logged step's loss, by step: a resumed run's metrics continue its first run's.
+std::map<int64_t, double> losses_by_step(const fs::path& output_dir) {
+  std::map<int64_t, double> values;
+  std::ifstream metrics(output_dir / "logs" / "metrics.jsonl");
+  for (std::string line; std::getline(metrics, line);) {
+    const auto record = nlohmann::json::parse(line);
+    values[record["step"].get<int64_t>()] = record["loss"].get<double>();
+  }
+  return values;
+}
+
+bool logs_capture(const std::string& output) {
+  return output.find("cuda_graphs: the forward and backward pass is captured") != std::string::npos;
 }
 
 std::vector<double> losses(const fs::path& output_dir) {
@@ -90,4 +108,76 @@ TEST(CudaGraphs, TheDemoGivesTheEagerLossesOnTheGpu) {
   for (size_t i = 0; i < 10; ++i)
     EXPECT_NEAR(runs["captured"][i], runs["eager"][i], 1e-2 * std::abs(runs["eager"][i]))
         << "step " << i + 1;
+}
+
+// With graphs on (true: a failed capture would stop the run), a run killed at step 5 resumes
+// from checkpoint-4, captures anew in the new process and gives the uninterrupted run's losses
+// for steps 5..8 (1e-2 relative: the reason above); validation at step 4 samples between
+// replays and training goes on; SIGTERM stops a captured run at a step boundary with exit 143
+// and a checkpoint, from which a run resumes and captures again.
+TEST(CudaGraphs, ResumeSigtermValidationAndCheckpointsWorkWithGraphsOn) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
+  using namespace sdtrain::testing;
+  const fs::path dir = scratch_dir();
+  const nlohmann::json settings = {{"device", "cuda"},
+                                   {"mixed_precision", "fp16"},
+                                   {"optimizer", "adamw8bit"},
+                                   {"gradient_checkpointing", true},
+                                   {"with_prior_preservation", true},
+                                   {"num_class_images", 4},
+                                   {"cuda_graphs", true},
+                                   {"max_steps", 8},
+                                   {"checkpointing_steps", 2},
+                                   {"validation_prompts", {"a photo of sks robot"}},
+                                   {"validation_steps", 4},
+                                   {"num_validation_images", 1}};
+  fs::create_directories(dir / "whole");
+  const auto whole = run_sdtrain("--config " + write_config(dir / "whole", settings).string());
+  ASSERT_EQ(whole.code, 0) << whole.output;
+  EXPECT_TRUE(logs_capture(whole.output)) << whole.output;
+  EXPECT_TRUE(fs::exists(dir / "whole" / "out" / "samples" / "step-4.png"));
+  const auto uninterrupted = losses_by_step(dir / "whole" / "out");
+  ASSERT_EQ(uninterrupted.size(), 8u);
+
+  fs::create_directories(dir / "killed");
+  const fs::path killed_config = write_config(dir / "killed", settings);
+  int status = 0;
+  ::waitpid(start_sdtrain(dir / "killed", killed_config, {"SDTRAIN_KILL_AT=step#5"}), &status, 0);
+  ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << read_file(dir / "killed" / "log.txt");
+  const auto resumed =
+      run_sdtrain("--config " + killed_config.string() + " --set resume_from_checkpoint=latest");
+  ASSERT_EQ(resumed.code, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("checkpoint-4"), std::string::npos) << resumed.output;
+  EXPECT_TRUE(logs_capture(resumed.output)) << "the graph is rebuilt after a resume\n" << resumed.output;
+  const auto after_resume = losses_by_step(dir / "killed" / "out");
+  for (int64_t step = 5; step <= 8; ++step) {
+    ASSERT_TRUE(after_resume.count(step)) << "step " << step;
+    EXPECT_NEAR(after_resume.at(step), uninterrupted.at(step), 1e-2 * std::abs(uninterrupted.at(step)))
+        << "step " << step;
+  }
+
+  nlohmann::json endless = settings;
+  endless["max_steps"] = 100000;
+  endless["checkpointing_steps"] = 100000;
+  endless["validation_prompts"] = nlohmann::json::array();
+  fs::create_directories(dir / "stopped");
+  const fs::path stopped_config = write_config(dir / "stopped", endless);
+  const fs::path metrics = dir / "stopped" / "out" / "logs" / "metrics.jsonl";
+  const pid_t child = start_sdtrain(dir / "stopped", stopped_config);
+  ASSERT_TRUE(wait_until([&] { return losses_by_step(dir / "stopped" / "out").size() >= 3; }, 300))
+      << read_file(dir / "stopped" / "log.txt");
+  status = stop_sdtrain(child, SIGTERM);
+  const std::string stopped_log = read_file(dir / "stopped" / "log.txt");
+  ASSERT_TRUE(WIFEXITED(status)) << stopped_log;
+  EXPECT_EQ(WEXITSTATUS(status), 143) << stopped_log;
+  EXPECT_TRUE(logs_capture(stopped_log)) << stopped_log;
+  const int64_t stopped_at = losses_by_step(dir / "stopped" / "out").rbegin()->first;
+  ASSERT_TRUE(fs::exists(dir / "stopped" / "out" / ("checkpoint-" + std::to_string(stopped_at))))
+      << stopped_log;
+  const auto continued = run_sdtrain("--config " + stopped_config.string() + " --set max_steps=" +
+                                     std::to_string(stopped_at + 2) +
+                                     " --set resume_from_checkpoint=latest");
+  ASSERT_EQ(continued.code, 0) << continued.output;
+  EXPECT_TRUE(logs_capture(continued.output)) << continued.output;
+  EXPECT_EQ(losses_by_step(dir / "stopped" / "out").rbegin()->first, stopped_at + 2);
 }
