@@ -290,12 +290,15 @@ def table(results, args):
     return "\n".join(lines + ["", END])
 
 
-def write_into(path, text):
+def write_into(path, text, begin=BEGIN, end=END,
+               heading="## Lean memory (issue 15): the benchmark program"):
+    """Puts text (which starts with begin and ends with end) in place of the marked block of the
+    Markdown file at path, or at its end under heading when it has none."""
     document = path.read_text() if path.exists() else ""
-    if BEGIN in document and END in document:
-        document = document[:document.index(BEGIN)] + text + document[document.index(END) + len(END):]
+    if begin in document and end in document:
+        document = document[:document.index(begin)] + text + document[document.index(end) + len(end):]
     else:
-        document = document.rstrip("\n") + "\n\n## Lean memory (issue 15): the benchmark program\n\n" + text + "\n"
+        document = document.rstrip("\n") + f"\n\n{heading}\n\n" + text + "\n"
     path.write_text(document)
 
 

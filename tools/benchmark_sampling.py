@@ -178,15 +178,6 @@ def table(results, args):
     return "\n".join(lines + ["", END])
 
 
-def write_into(path, text):
-    document = path.read_text() if path.exists() else ""
-    if BEGIN in document and END in document:
-        document = document[:document.index(BEGIN)] + text + document[document.index(END) + len(END):]
-    else:
-        document = document.rstrip("\n") + "\n\n## Sampling (issue 16): the benchmark program\n\n" + text + "\n"
-    path.write_text(document)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sdtrain", default=str(ROOT / "build" / "sdtrain"))
@@ -217,7 +208,10 @@ def main():
     (Path(args.out) / "sampling.md").write_text(text + "\n")
     (Path(args.out) / "sampling.json").write_text(json.dumps(results, indent=2) + "\n")
     if args.write:
-        write_into(Path(args.write), text)
+        sys.path.insert(0, str(ROOT / "tools"))
+        from benchmark import write_into
+        write_into(Path(args.write), text, BEGIN, END,
+                   "## Sampling against diffusers' pipeline (issue 16): the benchmark program")
     print(text)
 
 
