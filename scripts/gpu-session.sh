@@ -40,7 +40,7 @@ median() {  # file: median, p25 and peak memory of the steps after the first 10
 tests() {
 echo "== 1. GPU tests"
 for t in test_train test_optim; do
-  timeout 180 "$B/$t" --gtest_filter='*Cuda*:*CUDA*:*LossInputSampler*:*TrainedSet*' 2>&1 | grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) |Failure|error"
+  timeout 300 "$B/$t" --gtest_filter='*Cuda*:*CUDA*:*LossInputSampler*:*TrainedSet*' 2>&1 | grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) |Failure|error"
 done
 }
 demo() {
@@ -117,7 +117,7 @@ local script=(); [ -f "$R/.whl/train_dreambooth.py" ] && script=(--diffusers-scr
 # BENCH_ROWS: the rows (tools/benchmark.py); every row with diffusers beside does not fit the
 # 420 s. Each row's figures are printed as it ends, so a time-out keeps the rows before it.
 timeout 420 python3 "$R/tools/benchmark.py" --sdtrain "$B/sdtrain" --model /tmp/sd21 \
-  --rows "${BENCH_ROWS:-today,today-eager,batch-32,exact,lean}" \
+  --rows "${BENCH_ROWS:-today,today-eager,batch-32,exact,exact-eager,lean}" \
   --out "$O/bench" "${script[@]}" 2>&1 | tail -15
 }
 sampling() {

@@ -53,6 +53,10 @@ ROWS = {
     "exact": ("exact mode: + fused backward pass, cached latents (VAE and text encoder off the GPU)",
               ["optimizer=adamw8bit", "cache_latents=true", "fused_backward_pass=true",
                "max_grad_norm=0"], None),
+    "exact-eager": ("row `exact` with cuda_graphs false: what capturing the pass with the "
+                    "optimizer's steps in it gains (issue 16)",
+                    ["optimizer=adamw8bit", "cache_latents=true", "fused_backward_pass=true",
+                     "max_grad_norm=0", "cuda_graphs=false"], None),
     "lean": ("lean mode: + bf16 weights with stochastic rounding",
              ["optimizer=adamw8bit", "cache_latents=true", "fused_backward_pass=true",
               "max_grad_norm=0", "weight_dtype=bf16"], None),
@@ -237,8 +241,11 @@ def gpu_name():
         return ""
 
 
-def throughput_cells(name, ours, theirs, args):
-    """samples/s, speed-up over diffusers, TFLOP/step and utilisation of the GPU's dense peak."""
+def throughput_cells(name, ours, theirs, args, today_theirs=None):
+    """samples/s, speed-up over diffusers, TFLOP/step and utilisation of the GPU's dense peak.
+    A row without its own diffusers run that trains what row `today` trains (batch 1 + prior,
+    UNet only) is compared with today's: the same train_dreambooth.py job, since the rows differ
+    only in how sdtrain holds memory and launches work; the cell says so with a dagger."""
     overrides = ROWS[name][1]
     if ours.get("seconds") is None:
         return ["—"] * 4
@@ -246,6 +253,9 @@ def throughput_cells(name, ours, theirs, args):
     speedup = "—"
     if theirs and theirs.get("seconds"):
         speedup = f"{theirs['seconds'] / ours['seconds']:.2f}×"
+    elif (today_theirs and today_theirs.get("seconds")
+          and row_shape(overrides) == row_shape(ROWS["today"][1])):
+        speedup = f"{today_theirs['seconds'] / ours['seconds']:.2f}×†"
     flops = counted_flops(args, overrides)
     if flops is None:
         return [f"{samples:.1f}", speedup, "—", "—"]
@@ -273,7 +283,8 @@ def table(results, args):
              "model's forward + backward counted by `tools/flop_count.py` (recompute under "
              "checkpointing not counted); utilisation is that over the GPU's dense fp16 peak. "
              "Load: the trainer's `models loaded in` line; first step: its `first step … after "
-             "the run started` line (class images, loading, latent caching).", "",
+             "the run started` line (class images, loading, latent caching). † against row "
+             "`today`'s diffusers run (the same job).", "",
              "| row | settings | sdtrain s/step | sdtrain peak GiB | estimate GiB | estimate error "
              "| diffusers s/step | diffusers peak GiB | samples/s | vs diffusers | TFLOP/step "
              "| utilisation | load s | first step s |",
@@ -282,7 +293,7 @@ def table(results, args):
         error = "—"
         if ours.get("peak") and ours.get("estimate"):
             error = f"{100.0 * (ours['estimate'] - ours['peak']) / ours['peak']:+.1f} %"
-        cells = throughput_cells(name, ours, theirs, args)
+        cells = throughput_cells(name, ours, theirs, args, results.get("today", (None, None))[1])
         lines.append(f"| {name} | {ROWS[name][0]} | {cell_seconds(ours)} | {cell_gib(ours, 'peak')} "
                      f"| {cell_gib(ours, 'estimate')} | {error} | {cell_seconds(theirs)} "
                      f"| {cell_gib(theirs, 'peak')} | {' | '.join(cells)} "

@@ -286,8 +286,10 @@ void AdamW8bit::step_cuda(const std::vector<size_t>& indices,
     const size_t i = indices[k];
     ParameterState& state = states_[i];
     device_qmaps(parameters_[i].second.device());
-    state.step += 1;
+    // A captured step is counted by prepare_replay, when it is replayed.
+    if (!capturing_) state.step += 1;
     detail::CudaParameterUpdate update;
+    update.index = i;
     update.param = parameters_[i].second;
     update.grad = grads[k].contiguous();
     update.quantized = state.quantized;
@@ -295,17 +297,67 @@ void AdamW8bit::step_cuda(const std::vector<size_t>& indices,
     update.state2 = state.state2;
     update.absmax1 = state.absmax1;
     update.absmax2 = state.absmax2;
-    update.constants = step_constants(options_, state.step, i);
+    update.constants = step_constants(options_, capturing_ ? state.step + 1 : state.step, i);
     update.skip = skip;
     updates.push_back(std::move(update));
   }
-  detail::adamw8bit_update_cuda(updates, device_qmaps_);
+  detail::adamw8bit_update_cuda(updates, device_qmaps_, capturing_ ? &*captured_ : nullptr);
 #else
   (void)grads;
   (void)skip;
   TORCH_CHECK(false, "adamw8bit: parameter '", parameters_.at(indices.at(0)).first,
               "' is on CUDA, but this build of sdtrain has no CUDA kernels");
 #endif
+}
+
+void AdamW8bit::begin_graph_capture() {
+#if SDTRAIN_WITH_CUDA
+  TORCH_CHECK(!parameters_.empty(), "adamw8bit: nothing to capture");
+  const torch::Device device = parameters_.front().second.device();
+  for (const auto& [name, parameter] : parameters_) {
+    TORCH_CHECK(parameter.device() == device && device.is_cuda(),
+                "adamw8bit: a graph capture needs every parameter on one CUDA device; '", name,
+                "' is on ", parameter.device());
+  }
+  device_qmaps(device);  // copied now: a copy from pageable memory cannot be captured
+  CapturedArguments captured;
+  captured.table.assign(detail::captured_table_bytes(parameters_.size()), 0);
+  captured.device = torch::empty({static_cast<int64_t>(captured.table.size())},
+                                 torch::TensorOptions().dtype(torch::kUInt8).device(device));
+  captured_ = std::move(captured);
+  dry_skip_ = torch::ones({1}, torch::TensorOptions().dtype(torch::kFloat32).device(device));
+  capturing_ = true;
+#else
+  Optimizer::begin_graph_capture();
+#endif
+}
+
+void AdamW8bit::prepare_replay(bool dry) {
+  TORCH_CHECK(captured_ && !capturing_, "adamw8bit: prepare_replay needs a finished capture");
+  write_replay_arguments(
+      *captured_, options_, [this](size_t i) -> int64_t& { return states_.at(i).step; }, dry,
+      dry_skip_.data_ptr<float>());
+#if SDTRAIN_WITH_CUDA
+  detail::upload_captured_arguments(*captured_);
+#endif
+}
+
+void write_replay_arguments(CapturedArguments& captured, const OptimizerOptions& options,
+                            const std::function<int64_t&(size_t)>& step_count, bool dry,
+                            const float* dry_skip) {
+  for (const CapturedArgument& argument : captured.arguments) {
+    int64_t& count = step_count(argument.parameter);
+    const int64_t step = count + 1;
+    if (!dry) count = step;
+    const AdamStepConstants constants =
+        AdamW8bit::step_constants(options, step, argument.parameter);
+    const float* skip = dry ? dry_skip : argument.skip;
+    TORCH_CHECK(argument.constants_at + sizeof constants <= captured.table.size() &&
+                    argument.skip_at + sizeof skip <= captured.table.size(),
+                "adamw8bit: a captured argument lies outside its table");
+    std::memcpy(captured.table.data() + argument.constants_at, &constants, sizeof constants);
+    std::memcpy(captured.table.data() + argument.skip_at, &skip, sizeof skip);
+  }
 }
 
 int64_t AdamW8bit::state_bytes() const {

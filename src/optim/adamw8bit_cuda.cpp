@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <tuple>
 
@@ -75,6 +77,25 @@ torch::Tensor to_device_table(const std::vector<Args>& host, const torch::Device
   return pinned.to(device, /*non_blocking=*/true);
 }
 
+// Places a launch's host table in the captured table, 16-byte aligned, and records where each
+// tensor's per-step fields are; returns the device address the captured launch reads it from.
+template <typename Args>
+const Args* place_captured(CapturedArguments& capture, const std::vector<Args>& host,
+                           const std::vector<size_t>& indices) {
+  const size_t at = (capture.used + 15) / 16 * 16;
+  const size_t bytes = host.size() * sizeof(Args);
+  TORCH_CHECK(at + bytes <= capture.table.size(),
+              "adamw8bit (CUDA): the captured argument table is full");
+  std::memcpy(capture.table.data() + at, host.data(), bytes);
+  for (size_t k = 0; k < host.size(); ++k) {
+    const size_t entry = at + k * sizeof(Args);
+    capture.arguments.push_back({indices[k], entry + offsetof(Args, constants),
+                                 entry + offsetof(Args, skip), host[k].skip});
+  }
+  capture.used = at + bytes;
+  return reinterpret_cast<const Args*>(static_cast<std::uint8_t*>(capture.device.data_ptr()) + at);
+}
+
 void check_launch(cudaError_t error, const char* kernel) {
   TORCH_CHECK(error == cudaSuccess, "adamw8bit (CUDA): launch of ", kernel, " failed: ",
               cudaGetErrorString(error));
@@ -82,12 +103,30 @@ void check_launch(cudaError_t error, const char* kernel) {
 
 }  // namespace
 
+size_t captured_table_bytes(size_t tensors) {
+  return tensors *
+         (std::max(sizeof(cuda::QuantizedTensorArgs), sizeof(cuda::Fp32StateTensorArgs)) + 16);
+}
+
+void upload_captured_arguments(const CapturedArguments& capture) {
+  if (capture.used == 0) return;
+  const int64_t bytes = static_cast<int64_t>(capture.used);
+  torch::Tensor pinned = torch::empty({bytes}, torch::TensorOptions().dtype(torch::kUInt8)
+                                                   .pinned_memory(true));
+  std::memcpy(pinned.data_ptr(), capture.table.data(), capture.used);
+  // Stream-ordered after the previous replay, which has read the table it replaces.
+  capture.device.narrow(0, 0, bytes).copy_(pinned, /*non_blocking=*/true);
+}
+
 void adamw8bit_update_cuda(const std::vector<CudaParameterUpdate>& updates,
-                           const std::map<int, std::array<torch::Tensor, 2>>& qmaps) {
+                           const std::map<int, std::array<torch::Tensor, 2>>& qmaps,
+                           CapturedArguments* capture) {
   // (device index, dtype) -> argument tables, kept in parameter order.
   struct Group {
     std::vector<cuda::QuantizedTensorArgs> quantized;
+    std::vector<size_t> quantized_indices;
     std::vector<cuda::Fp32StateTensorArgs> fp32_states;
+    std::vector<size_t> fp32_indices;
     int64_t quantized_units = 0;
     int64_t fp32_units = 0;
   };
@@ -112,6 +151,7 @@ void adamw8bit_update_cuda(const std::vector<CudaParameterUpdate>& updates,
       a.vector_aligned = aligned(a.param, 16) && aligned(a.grad, 16) && aligned(a.state1, 8) &&
                          aligned(a.state2, 8);
       group.quantized.push_back(a);
+      group.quantized_indices.push_back(u.index);
       group.quantized_units += num_quantization_blocks(n);
     } else {
       cuda::Fp32StateTensorArgs a{};
@@ -124,6 +164,7 @@ void adamw8bit_update_cuda(const std::vector<CudaParameterUpdate>& updates,
       a.constants = u.constants;
       a.skip = u.skip.defined() ? u.skip.data_ptr<float>() : nullptr;
       group.fp32_states.push_back(a);
+      group.fp32_indices.push_back(u.index);
       group.fp32_units += (n + cuda::kFp32StateChunk - 1) / cuda::kFp32StateChunk;
     }
   }
@@ -136,19 +177,32 @@ void adamw8bit_update_cuda(const std::vector<CudaParameterUpdate>& updates,
     if (!group.quantized.empty()) {
       const auto found = qmaps.find(key.first);
       TORCH_CHECK(found != qmaps.end(), "adamw8bit (CUDA): no tables on device ", device);
-      const torch::Tensor table = to_device_table(group.quantized, device);
+      torch::Tensor table;
+      const cuda::QuantizedTensorArgs* args = nullptr;
+      if (capture) {
+        args = place_captured(*capture, group.quantized, group.quantized_indices);
+      } else {
+        table = to_device_table(group.quantized, device);
+        args = reinterpret_cast<const cuda::QuantizedTensorArgs*>(table.data_ptr());
+      }
       check_launch(cuda::launch_adamw8bit_blockwise(
-                       type, reinterpret_cast<const cuda::QuantizedTensorArgs*>(table.data_ptr()),
-                       static_cast<int>(group.quantized.size()), group.quantized_units,
+                       type, args, static_cast<int>(group.quantized.size()), group.quantized_units,
                        found->second[0].data_ptr<float>(), found->second[1].data_ptr<float>(),
                        stream),
                    "adamw8bit_blockwise_kernel");
     }
     if (!group.fp32_states.empty()) {
-      const torch::Tensor table = to_device_table(group.fp32_states, device);
+      torch::Tensor table;
+      const cuda::Fp32StateTensorArgs* args = nullptr;
+      if (capture) {
+        args = place_captured(*capture, group.fp32_states, group.fp32_indices);
+      } else {
+        table = to_device_table(group.fp32_states, device);
+        args = reinterpret_cast<const cuda::Fp32StateTensorArgs*>(table.data_ptr());
+      }
       check_launch(cuda::launch_adamw_fp32_states(
-                       type, reinterpret_cast<const cuda::Fp32StateTensorArgs*>(table.data_ptr()),
-                       static_cast<int>(group.fp32_states.size()), group.fp32_units, stream),
+                       type, args, static_cast<int>(group.fp32_states.size()), group.fp32_units,
+                       stream),
                    "adamw_fp32_states_kernel");
     }
   }

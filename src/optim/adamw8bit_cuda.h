@@ -8,10 +8,12 @@
 #include <vector>
 
 #include "sdtrain/optim/adam_element_math.h"
+#include "sdtrain/optim/captured_arguments.h"
 
 namespace sdtrain::optim::detail {
 
 struct CudaParameterUpdate {
+  size_t index = 0;     // the optimizer's parameter index (recorded by a capture)
   torch::Tensor param;  // CUDA, contiguous, float32/float16/bfloat16
   torch::Tensor grad;   // same dtype, device and numel, contiguous
   bool quantized = false;
@@ -23,7 +25,19 @@ struct CudaParameterUpdate {
 
 // Updates every entry with at most two launches per (device, dtype) group, on each device's
 // current stream, without synchronising the host. qmaps: per device index, [signed, unsigned].
+// `capture`: the launches are being captured in a CUDA graph; their argument tables go into
+// capture->table and are read from capture->device (uploaded by upload_captured_arguments
+// before each replay) instead of being copied now.
 void adamw8bit_update_cuda(const std::vector<CudaParameterUpdate>& updates,
-                           const std::map<int, std::array<torch::Tensor, 2>>& qmaps);
+                           const std::map<int, std::array<torch::Tensor, 2>>& qmaps,
+                           CapturedArguments* capture = nullptr);
+
+// Bytes of argument table that `tensors` captured updates can need at most (one tensor per
+// launch, each launch 16-byte aligned).
+size_t captured_table_bytes(size_t tensors);
+
+// Queues the copy of capture.table (its used bytes) to capture.device on the current stream,
+// through pinned memory, without synchronising the host.
+void upload_captured_arguments(const CapturedArguments& capture);
 
 }  // namespace sdtrain::optim::detail

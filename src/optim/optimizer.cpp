@@ -1,6 +1,7 @@
 #include "sdtrain/optim/optimizer.h"
 
 #include <sstream>
+#include <stdexcept>
 
 #include "sdtrain/optim/adamw.h"
 #include "sdtrain/optim/adamw8bit.h"
@@ -44,6 +45,10 @@ std::vector<size_t> Optimizer::step_unless(const torch::Tensor& skip) {
 void Optimizer::step_parameter(size_t index) {
   const torch::Tensor& grad = parameters_.at(index).second.grad();
   if (grad.defined()) step_parameter(index, grad);
+}
+
+void Optimizer::begin_graph_capture() {
+  throw std::logic_error("optimizer " + name() + ": its steps cannot be captured in a CUDA graph");
 }
 
 void Optimizer::zero_grad(bool set_to_none) {

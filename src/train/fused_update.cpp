@@ -32,7 +32,18 @@ FusedBackwardUpdate::~FusedBackwardUpdate() {
 
 void FusedBackwardUpdate::begin_step(int64_t global_step) {
   optimizer_->set_lr(learning_rate_at(options_.lr, global_step));
-  inverse_scale_ = scaler_.inverse_scale();
+  inverse_scale_.copy_(scaler_.inverse_scale());
+}
+
+torch::Tensor FusedBackwardUpdate::gradient_fingerprint() const {
+  torch::NoGradGuard no_grad;
+  const torch::Tensor norms = norms_.to(torch::kDouble);
+  return torch::stack({torch::zeros_like(norms), norms.square()}, 1);
+}
+
+void FusedBackwardUpdate::clear_pass_figures() {
+  non_finite_.zero_();
+  norms_.zero_();
 }
 
 void FusedBackwardUpdate::on_gradient(size_t index) {
@@ -49,7 +60,8 @@ void FusedBackwardUpdate::on_gradient(size_t index) {
   }
   // Under fp16 the device-side flag skips an overflowed tensor without a host read; otherwise
   // an inf/NaN ends the run in apply, so the plain step (no flag) is taken.
-  optimizer_->step_parameter(index, grad, scaler_.enabled() ? non_finite : torch::Tensor());
+  if (!dry_)
+    optimizer_->step_parameter(index, grad, scaler_.enabled() ? non_finite : torch::Tensor());
   grad = torch::Tensor();
 }
 

@@ -24,13 +24,16 @@ torch::Tensor EagerPass::run(const LossInputs& inputs,
 
 std::optional<std::string> cuda_graph_obstacle(bool cuda_device, bool data_parallel,
                                                bool fused_backward_pass,
+                                               const std::string& optimizer,
                                                int64_t gradient_accumulation_steps) {
   if (!cuda_device) return "the device is the CPU (CUDA graphs are a GPU feature)";
   if (data_parallel)
     return "data parallel all-reduces gradients from the backward pass (collectives are not "
            "captured)";
-  if (fused_backward_pass)
-    return "fused_backward_pass steps the optimizer inside the backward pass";
+  if (fused_backward_pass && optimizer != "adamw8bit")
+    return "fused_backward_pass steps the optimizer inside the backward pass, and only "
+           "adamw8bit's steps can be captured (optimizer " +
+           optimizer + ")";
   if (gradient_accumulation_steps > 1)
     return "gradient_accumulation_steps > 1 (a replayed backward pass writes the gradients, it "
            "does not add to them)";
@@ -46,8 +49,9 @@ struct CapturedPass::Graph {
 };
 
 // Capture needs gradient accumulation 1 (cuda_graph_obstacle): the passes divide by nothing.
-CapturedPass::CapturedPass(DiffusionLoss& loss, LossScaler& scaler, const TrainedSet& trained)
-    : eager_(loss, scaler, 1), trained_(trained) {}
+CapturedPass::CapturedPass(DiffusionLoss& loss, LossScaler& scaler, const TrainedSet& trained,
+                           UpdatePolicy& update)
+    : eager_(loss, scaler, 1), trained_(trained), update_(update) {}
 
 CapturedPass::~CapturedPass() = default;
 
@@ -75,20 +79,6 @@ void copy_into(LossInputs& buffers, const LossInputs& inputs) {
   buffers.timesteps.copy_(inputs.timesteps, /*non_blocking=*/true);
 }
 
-// Per trained tensor, its gradient's sum and sum of squares in float64: [n, 2] on the device.
-torch::Tensor gradient_fingerprint(const TrainedSet& trained) {
-  torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> rows;
-  for (const auto& parameter : trained.parameters()) {
-    const torch::Tensor& grad = parameter.grad();
-    const torch::Tensor values = grad.defined()
-                                     ? grad.to(torch::kDouble)
-                                     : torch::zeros({1}, parameter.options().dtype(torch::kDouble));
-    rows.push_back(torch::stack({values.sum(), values.pow(2).sum()}));
-  }
-  return torch::stack(rows);
-}
-
 void set_gradients_to_none(const TrainedSet& trained) {
   for (auto parameter : trained.parameters()) parameter.mutable_grad() = torch::Tensor();
 }
@@ -105,9 +95,13 @@ void zero_gradients(const TrainedSet& trained) {
 torch::Tensor CapturedPass::run(const LossInputs& inputs,
                                 const std::function<void()>& before_backward) {
   if (!graph_) {
-    capture(inputs);  // its check replays the graph on `inputs`: the first pass is done
-    before_backward();
-    return graph_->loss;
+    capture(inputs);
+    if (!update_.updates_in_backward()) {
+      // The check replayed the graph on `inputs`: the first pass is done.
+      before_backward();
+      return graph_->loss;
+    }
+    return replay(inputs, before_backward);  // the check's replay was dry
   }
   if (!same_layout(graph_->inputs, inputs)) {
     if (!told_of_other_shapes_)
@@ -117,11 +111,23 @@ torch::Tensor CapturedPass::run(const LossInputs& inputs,
     zero_gradients(trained_);
     return eager_.run(inputs, before_backward);
   }
+  return replay(inputs, before_backward);
+}
+
+torch::Tensor CapturedPass::replay(const LossInputs& inputs,
+                                   const std::function<void()>& before_backward) {
+  const bool steps_inside = update_.updates_in_backward();
+  if (steps_inside) {
+    // The replay steps the weights: the step before is settled first (an overflow takes its
+    // counts back), so that the arguments written now count from the right step.
+    before_backward();
+    update_.optimizer().prepare_replay(/*dry=*/false);
+  }
   copy_into(graph_->inputs, inputs);
 #if SDTRAIN_WITH_CUDA
   graph_->graph.replay();
 #endif
-  before_backward();
+  if (!steps_inside) before_backward();
   return graph_->loss;
 }
 
@@ -139,11 +145,7 @@ void CapturedPass::capture(const LossInputs& inputs) {
     Reference reference;
     {
       c10::cuda::CUDAStreamGuard on_side(side);
-      for (int i = 0; i < 2; ++i) eager(warm);
-      // The third warm-up pass is the check's reference: the real inputs, eagerly.
-      set_gradients_to_none(trained_);
-      reference.loss = eager(inputs).item<double>();
-      reference.gradients = gradient_fingerprint(trained_).cpu();
+      run_warm_up(warm, inputs, reference);
     }
     torch::cuda::synchronize();
     // The capture allocates the gradients in the graph's pool. The warm-up's blocks belong to
@@ -152,6 +154,8 @@ void CapturedPass::capture(const LossInputs& inputs) {
     c10::cuda::CUDACachingAllocator::emptyCache();
     graph_ = std::make_unique<Graph>();
     graph_->inputs = {warm.latents.clone(), warm.noise.clone(), warm.timesteps.clone()};
+    const bool steps_inside = update_.updates_in_backward();
+    if (steps_inside) update_.optimizer().begin_graph_capture();
     {
       c10::cuda::CUDAStreamGuard on_side(side);
       graph_->graph.capture_begin();
@@ -166,29 +170,65 @@ void CapturedPass::capture(const LossInputs& inputs) {
       }
       graph_->graph.capture_end();
     }
+    if (steps_inside) update_.optimizer().end_graph_capture();
     torch::cuda::synchronize();
     check_first_replay(inputs, reference);
   } catch (const c10::Error& error) {
-    graph_.reset();
-    set_gradients_to_none(trained_);
+    abandon_capture();
     throw CaptureFailed(error.what_without_backtrace());
   } catch (const CaptureFailed&) {
-    graph_.reset();
+    abandon_capture();
+    throw;
+  } catch (const std::logic_error& error) {  // an optimizer that cannot be captured
+    abandon_capture();
+    throw CaptureFailed(error.what());
+  }
+  log::info(update_.updates_in_backward()
+                ? "cuda_graphs: the forward and backward pass is captured, with the optimizer's "
+                  "steps in it; a dry replay matched the eager pass"
+                : "cuda_graphs: the forward and backward pass is captured; a replay matched the "
+                  "eager pass");
+#endif
+}
+
+// The warm-up: two passes on the halved inputs, then the check's reference on the real ones,
+// eagerly and dry (under fused_backward_pass the hooks step nothing).
+void CapturedPass::run_warm_up(const LossInputs& warm, const LossInputs& inputs,
+                               Reference& reference) {
+  update_.set_dry(true);
+  try {
+    for (int i = 0; i < 2; ++i) {
+      eager(warm);
+      update_.clear_pass_figures();
+    }
     set_gradients_to_none(trained_);
+    reference.loss = eager(inputs).item<double>();
+    reference.gradients = update_.gradient_fingerprint().cpu();
+    update_.clear_pass_figures();
+  } catch (...) {
+    update_.set_dry(false);
     throw;
   }
-  log::info(
-      "cuda_graphs: the forward and backward pass is captured; a replay matched the eager "
-      "pass");
-#endif
+  update_.set_dry(false);
+}
+
+void CapturedPass::abandon_capture() {
+  graph_.reset();
+  update_.set_dry(false);
+  update_.optimizer().end_graph_capture();
+  update_.clear_pass_figures();
+  set_gradients_to_none(trained_);
 }
 
 void CapturedPass::check_first_replay(const LossInputs& inputs, const Reference& reference) {
 #if SDTRAIN_WITH_CUDA
   copy_into(graph_->inputs, inputs);
+  const bool steps_inside = update_.updates_in_backward();
+  if (steps_inside) update_.optimizer().prepare_replay(/*dry=*/true);
   graph_->graph.replay();
   const double replayed_loss = graph_->loss.item<double>();
-  const torch::Tensor got = gradient_fingerprint(trained_).cpu();
+  const torch::Tensor got = update_.gradient_fingerprint().cpu();
+  if (steps_inside) update_.clear_pass_figures();
   const torch::Tensor& expected = reference.gradients;
   constexpr double kTolerance = 1e-3;  // why: micro_batch_pass.h
   if (std::abs(replayed_loss - reference.loss) > kTolerance * std::abs(reference.loss) + 1e-12)

@@ -198,6 +198,7 @@ void decide_cuda_graphs(TrainingPlan& plan) {
   const bool gpu = plan.device != "cpu";
   const auto obstacle =
       cuda_graph_obstacle(gpu, plan.parallel.launched, plan.fused_backward_pass,
+                          plan.config.optimizer.name,
                           plan.config.length.gradient_accumulation_steps);
   if (!obstacle) {
     plan.cuda_graphs = true;

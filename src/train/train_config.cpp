@@ -139,10 +139,11 @@ const std::vector<Field>& fields() {
         auto_switch_field(
             "cuda_graphs", &C::compute, &C::Compute::cuda_graphs,
             "Replay each micro-batch's forward and backward pass from a CUDA graph, so the GPU "
-            "does not wait for kernel launches (docs/performance.md). auto: on a GPU unless data "
-            "parallel, fused_backward_pass or gradient accumulation stands in the way (one "
-            "logged line says which), and off again if the capture or its check fails; true: "
-            "refuse those."),
+            "does not wait for kernel launches (docs/performance.md); with fused_backward_pass "
+            "and adamw8bit the graph holds the optimizer's steps too. auto: on a GPU unless data "
+            "parallel, fused_backward_pass with another optimizer or gradient accumulation "
+            "stands in the way (one logged line says which), and off again if the capture or "
+            "its check fails; true: refuse those."),
         enum_field("weight_dtype", &C::compute, &C::Compute::weight_dtype,
                    "Storage of the trained weights: fp32, or bf16 (lean mode: half the memory, "
                    "updated by adamw8bit with stochastic rounding; docs/memory.md).",

@@ -51,6 +51,19 @@ UpdateAfterBackward::UpdateAfterBackward(const TrainedSet& trained,
     : UpdatePolicy(trained, std::move(optimizer), scaler, ema, std::move(options)),
       reduction_(std::move(reduction)) {}
 
+torch::Tensor UpdatePolicy::gradient_fingerprint() const {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> rows;
+  for (const auto& parameter : trained_.parameters()) {
+    const torch::Tensor& grad = parameter.grad();
+    const torch::Tensor values = grad.defined()
+                                     ? grad.to(torch::kDouble)
+                                     : torch::zeros({1}, parameter.options().dtype(torch::kDouble));
+    rows.push_back(torch::stack({values.sum(), values.pow(2).sum()}));
+  }
+  return torch::stack(rows);
+}
+
 void UpdatePolicy::require_settled() const {
   if (pending_) throw std::logic_error("UpdatePolicy: the previous step was not settled");
 }

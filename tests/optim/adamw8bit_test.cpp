@@ -4,12 +4,14 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "sdtrain/io/safetensors.h"
 #include "sdtrain/optim/adamw.h"
 #include "sdtrain/optim/adamw8bit.h"
 #include "sdtrain/optim/blockwise_quantization.h"
+#include "sdtrain/optim/captured_arguments.h"
 #include "sdtrain/util/error.h"
 #include "test_support.h"
 
@@ -307,6 +309,66 @@ TEST(AdamW8bitReference, RefusesCheckpointsWithAnotherBlockSizeOrTable) {
   auto adamw_type = metadata;
   adamw_type["optimizer.type"] = "adamw";
   expect_refused(tensors, adamw_type, "optimizer.type = 'adamw'");
+}
+
+// Captured updates (captured_arguments.h): before each replay the host writes, at the offsets
+// the capture recorded, the constants an eager step would use at the next count and the skip
+// flag; a real replay counts the step, a dry one counts nothing and points every update at
+// the dry flag. Pointers and other bytes of the table stay as captured.
+TEST(CapturedArguments, AReplayGetsTheEagerStepsConstantsAndCountsIt) {
+  OptimizerOptions options;
+  options.lr = 3e-4;
+  options.weight_decay = 0.1;
+  options.stochastic_rounding = true;
+  options.rounding_seed = 11;
+  const float flag = 0.0f, dry_flag = 1.0f;
+  CapturedArguments captured;
+  captured.table.assign(256, 0xAB);
+  // Parameter 2 at bytes 0.., parameter 0 at bytes 96.. (its update captured without a flag).
+  captured.arguments = {{2, 8, 72, &flag}, {0, 104, 168, nullptr}};
+  std::vector<int64_t> counts = {4, 9, 0};
+  const auto count_of = [&](size_t i) -> int64_t& { return counts.at(i); };
+  const auto constants_at = [&](size_t at) {
+    AdamStepConstants c;
+    std::memcpy(&c, captured.table.data() + at, sizeof c);
+    return c;
+  };
+  const auto skip_at = [&](size_t at) {
+    const float* skip = nullptr;
+    std::memcpy(&skip, captured.table.data() + at, sizeof skip);
+    return skip;
+  };
+  const auto same = [](const AdamStepConstants& a, const AdamStepConstants& b) {
+    return std::memcmp(&a, &b, sizeof a) == 0;
+  };
+
+  write_replay_arguments(captured, options, count_of, /*dry=*/false, &dry_flag);
+  EXPECT_EQ(counts, (std::vector<int64_t>{5, 9, 1}));
+  EXPECT_TRUE(same(constants_at(8), AdamW8bit::step_constants(options, 1, 2)));
+  EXPECT_TRUE(same(constants_at(104), AdamW8bit::step_constants(options, 5, 0)));
+  EXPECT_EQ(skip_at(72), &flag);
+  EXPECT_EQ(skip_at(168), nullptr);
+  EXPECT_EQ(captured.table[0], 0xAB);  // the captured pointers before the constants
+  EXPECT_EQ(captured.table[255], 0xAB);
+
+  options.lr = 1e-4;  // the schedule moved on
+  write_replay_arguments(captured, options, count_of, /*dry=*/true, &dry_flag);
+  EXPECT_EQ(counts, (std::vector<int64_t>{5, 9, 1}));
+  EXPECT_TRUE(same(constants_at(8), AdamW8bit::step_constants(options, 2, 2)));
+  EXPECT_TRUE(same(constants_at(104), AdamW8bit::step_constants(options, 6, 0)));
+  EXPECT_EQ(skip_at(72), &dry_flag);
+  EXPECT_EQ(skip_at(168), &dry_flag);
+}
+
+TEST(CapturedArguments, OnlyAdamW8bitCanBeCapturedAndNeverOnTheCpu) {
+  NamedParameters parameters = {{"w", torch::zeros({4}).set_requires_grad(true)}};
+  AdamW adamw(parameters, OptimizerOptions{});
+  EXPECT_FALSE(adamw.graph_capturable());
+  EXPECT_THROW(adamw.begin_graph_capture(), std::logic_error);
+  AdamW8bit adamw8bit(parameters, OptimizerOptions{});
+  EXPECT_TRUE(adamw8bit.graph_capturable());
+  EXPECT_ANY_THROW(adamw8bit.begin_graph_capture());  // a CPU parameter
+  EXPECT_ANY_THROW(adamw8bit.prepare_replay(false));  // nothing captured
 }
 
 TEST(OptimizerInterface, FactoryLrAndGradients) {

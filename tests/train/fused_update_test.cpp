@@ -103,6 +103,44 @@ TEST(FusedBackwardUpdate, ClipsEachTensorByItsOwnNorm) {
     EXPECT_TRUE(torch::equal(a[i].second, b[i].second)) << a[i].first;
 }
 
+// The capture's warm-up and check (micro_batch_pass.h): a dry backward pass steps nothing and
+// counts nothing, yet records each gradient's norm, which the fingerprint gives as its squared
+// norm (the unfused policy's: its gradient's sum and sum of squares); clearing the pass's
+// figures leaves the next step as it would have been.
+TEST(FusedBackwardUpdate, ADryPassStepsNothingAndRecordsTheNorms) {
+  for (const std::string optimizer : {"adamw", "adamw8bit"}) {
+    ToyRun dry(optimizer, true, true);
+    ToyRun unfused(optimizer, false, true);
+    const std::vector<torch::Tensor> before = dry.weights();
+    dry.update->set_dry(true);
+    dry.backward(0);
+    dry.update->set_dry(false);
+    unfused.backward(0);
+    const auto after = dry.weights();
+    for (size_t i = 0; i < before.size(); ++i) {
+      EXPECT_TRUE(torch::equal(before[i], after[i])) << optimizer << " tensor " << i;
+      EXPECT_EQ(dry.update->optimizer().step_count(i), 0) << optimizer;
+    }
+    // Both passes saw the same scaled gradients; the fused hook unscaled them first.
+    const torch::Tensor squares = dry.update->gradient_fingerprint().select(1, 1);
+    const torch::Tensor scale = unfused.scaler.scale_snapshot().to(torch::kDouble);
+    const torch::Tensor expected =
+        unfused.update->gradient_fingerprint().select(1, 1) / scale.square();
+    EXPECT_TRUE(torch::allclose(squares, expected, 1e-5)) << optimizer << squares << expected;
+    EXPECT_TRUE(torch::all(dry.update->gradient_fingerprint().select(1, 0) == 0).item<bool>());
+
+    dry.update->clear_pass_figures();
+    EXPECT_TRUE(torch::all(dry.update->gradient_fingerprint() == 0).item<bool>()) << optimizer;
+    ToyRun reference(optimizer, true, true);
+    for (int64_t step = 0; step < 2; ++step) {
+      EXPECT_EQ(dry.step(step).skipped, reference.step(step).skipped);
+    }
+    const auto a = dry.weights();
+    const auto b = reference.weights();
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i], b[i])) << optimizer;
+  }
+}
+
 TEST(FusedBackwardUpdate, TheHooksGoWithThePolicy) {
   ToyRun run("adamw", true, false);
   run.update.reset();

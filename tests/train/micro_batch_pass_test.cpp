@@ -1,8 +1,9 @@
 // cuda_graphs (include/sdtrain/train/micro_batch_pass.h, docs/performance.md). On the CPU: what
 // stands in the way of a capture is named, `true` refuses it before anything is loaded, `auto`
 // says nothing where there is no GPU. On a GPU (skipped without one): the demo trained with its
-// passes replayed from a graph logs the capture and gives the eager run's losses; a captured
-// run resumes after SIGKILL and SIGTERM, capturing anew, and samples validation images.
+// passes replayed from a graph logs the capture and gives the eager run's losses, in the exact
+// and lean modes too (the optimizer's steps in the graph); a captured run resumes after SIGKILL
+// and SIGTERM, capturing anew, and samples validation images.
 #include "sdtrain/train/micro_batch_pass.h"
 
 #include <gtest/gtest.h>
@@ -52,12 +53,18 @@ std::vector<double> losses(const fs::path& output_dir) {
 }  // namespace
 
 TEST(CudaGraphs, EachObstacleIsNamed) {
-  EXPECT_FALSE(cuda_graph_obstacle(true, false, false, 1).has_value());
-  EXPECT_NE(cuda_graph_obstacle(false, false, false, 1)->find("CPU"), std::string::npos);
-  EXPECT_NE(cuda_graph_obstacle(true, true, false, 1)->find("data parallel"), std::string::npos);
-  EXPECT_NE(cuda_graph_obstacle(true, false, true, 1)->find("fused_backward_pass"),
+  EXPECT_FALSE(cuda_graph_obstacle(true, false, false, "adamw", 1).has_value());
+  // adamw8bit's steps inside the backward pass are captured with it.
+  EXPECT_FALSE(cuda_graph_obstacle(true, false, true, "adamw8bit", 1).has_value());
+  EXPECT_NE(cuda_graph_obstacle(false, false, false, "adamw8bit", 1)->find("CPU"),
             std::string::npos);
-  EXPECT_NE(cuda_graph_obstacle(true, false, false, 2)->find("gradient_accumulation_steps"),
+  EXPECT_NE(cuda_graph_obstacle(true, true, false, "adamw8bit", 1)->find("data parallel"),
+            std::string::npos);
+  const auto fused_adamw = cuda_graph_obstacle(true, false, true, "adamw", 1);
+  ASSERT_TRUE(fused_adamw.has_value());
+  EXPECT_NE(fused_adamw->find("fused_backward_pass"), std::string::npos);
+  EXPECT_NE(fused_adamw->find("optimizer adamw"), std::string::npos);
+  EXPECT_NE(cuda_graph_obstacle(true, false, false, "adamw8bit", 2)->find("gradient_accumulation_steps"),
             std::string::npos);
 }
 
@@ -80,18 +87,22 @@ TEST(CudaGraphs, AutoOnTheCpuIsOffWithoutANote) {
   EXPECT_NE(format_plan(plan).find("cuda_graphs off"), std::string::npos);
 }
 
-// Ten fp16 steps of the demo with prior preservation and gradient checkpointing, 8-bit AdamW:
-// captured and eager. The kernels are the same, but cuDNN's backward convolutions may add in
-// another order from run to run, so the losses are compared to 1e-2 relative, not bit for bit.
-TEST(CudaGraphs, TheDemoGivesTheEagerLossesOnTheGpu) {
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
-  const fs::path dir = sdtrain::testing::scratch_dir();
+namespace {
+
+// Ten fp16 steps of the demo, captured and eager, with `extra` over prior preservation,
+// gradient checkpointing and 8-bit AdamW. The kernels are the same, but cuDNN's backward
+// convolutions may add in another order from run to run, so the losses are compared to 1e-2
+// relative, not bit for bit. `name`: the run's folder under the test's scratch folder.
+void expect_captured_losses_equal_eager(const std::string& name, const nlohmann::json& extra,
+                                        const std::string& captured_line) {
+  const fs::path dir = sdtrain::testing::scratch_dir() / name;
   nlohmann::json settings = {{"device", "cuda"},
                              {"mixed_precision", "fp16"},
                              {"optimizer", "adamw8bit"},
                              {"gradient_checkpointing", true},
                              {"with_prior_preservation", true},
                              {"num_class_images", 4}};
+  settings.update(extra);
   std::map<std::string, std::vector<double>> runs;
   for (const std::string mode : {"captured", "eager"}) {
     settings["cuda_graphs"] = mode == "captured";
@@ -99,7 +110,7 @@ TEST(CudaGraphs, TheDemoGivesTheEagerLossesOnTheGpu) {
     const auto result = sdtrain::testing::run_sdtrain(
         "--config " + sdtrain::testing::write_config(dir / mode, settings).string());
     ASSERT_EQ(result.code, 0) << result.output;
-    const bool captured = result.output.find("is captured") != std::string::npos;
+    const bool captured = result.output.find(captured_line) != std::string::npos;
     EXPECT_EQ(captured, mode == "captured") << result.output;
     runs[mode] = losses(dir / mode / "out");
   }
@@ -107,7 +118,28 @@ TEST(CudaGraphs, TheDemoGivesTheEagerLossesOnTheGpu) {
   ASSERT_EQ(runs["eager"].size(), 10u);
   for (size_t i = 0; i < 10; ++i)
     EXPECT_NEAR(runs["captured"][i], runs["eager"][i], 1e-2 * std::abs(runs["eager"][i]))
-        << "step " << i + 1;
+        << name << " step " << i + 1;
+}
+
+}  // namespace
+
+TEST(CudaGraphs, TheDemoGivesTheEagerLossesOnTheGpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
+  expect_captured_losses_equal_eager("today", nlohmann::json::object(),
+                                     "cuda_graphs: the forward and backward pass is captured;");
+}
+
+// The exact and lean modes (docs/memory.md): adamw8bit steps each tensor inside the backward
+// pass, and the graph holds those steps (the arguments written before each replay).
+TEST(CudaGraphs, TheExactModeGivesTheEagerLossesOnTheGpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
+  const std::string line = "is captured, with the optimizer's steps in it";
+  const nlohmann::json exact = {
+      {"fused_backward_pass", true}, {"cache_latents", true}, {"max_grad_norm", 0}};
+  expect_captured_losses_equal_eager("exact", exact, line);
+  nlohmann::json lean = exact;
+  lean["weight_dtype"] = "bf16";
+  expect_captured_losses_equal_eager("lean", lean, line);
 }
 
 // With graphs on (true: a failed capture would stop the run), a run killed at step 5 resumes

@@ -8,8 +8,10 @@
 // parameters take the multi-tensor kernels (adamw8bit.cu), which produce the same bits.
 
 #include <array>
+#include <optional>
 
 #include "sdtrain/optim/adam_element_math.h"
+#include "sdtrain/optim/captured_arguments.h"
 #include "sdtrain/optim/optimizer.h"
 
 namespace sdtrain::optim {
@@ -31,6 +33,13 @@ class AdamW8bit : public Optimizer {
   void retract_step(size_t index) override { states_.at(index).step -= 1; }
   int64_t step_count(size_t index) const override { return states_.at(index).step; }
   int64_t state_bytes() const override;
+
+  // CUDA parameters only (one device): the argument tables of the captured launches live in
+  // one device buffer that prepare_replay rewrites (captured_arguments.h).
+  bool graph_capturable() const override { return true; }
+  void begin_graph_capture() override;
+  void end_graph_capture() override { capturing_ = false; }
+  void prepare_replay(bool dry) override;
 
   void save_state(io::NamedTensors& tensors, std::map<std::string, std::string>& metadata,
                   const std::string& prefix = "optimizer.") const override;
@@ -71,6 +80,10 @@ class AdamW8bit : public Optimizer {
   const std::array<torch::Tensor, 2>& device_qmaps(const torch::Device& device);
 
   std::vector<ParameterState> states_;
+  // Between begin_graph_capture and end_graph_capture: steps are recorded, not counted.
+  bool capturing_ = false;
+  std::optional<CapturedArguments> captured_;
+  torch::Tensor dry_skip_;  // float32 [1] = 1 on the device: a dry replay's skip flag
   // Tables copied to each CUDA device in use, [0] signed, [1] unsigned (fp32 [256] each).
   std::map<int, std::array<torch::Tensor, 2>> device_qmaps_;
 };

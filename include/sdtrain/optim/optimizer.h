@@ -71,6 +71,18 @@ class Optimizer {
 
   void zero_grad(bool set_to_none = true);
 
+  // CUDA-graph capture of the steps a backward pass makes (fused_backward_pass under
+  // cuda_graphs, include/sdtrain/train/micro_batch_pass.h). Between begin_graph_capture and
+  // end_graph_capture, step_parameter queues kernels that read their per-step arguments
+  // (learning rate, bias corrections, rounding seed, skip flag) from one device buffer and
+  // counts nothing; before each replay, prepare_replay writes that buffer for the next step and
+  // counts it (or, `dry`, writes arguments that make every captured update skip, counting
+  // nothing). Only adamw8bit on CUDA can; the others refuse (std::logic_error).
+  virtual bool graph_capturable() const { return false; }
+  virtual void begin_graph_capture();
+  virtual void end_graph_capture() {}
+  virtual void prepare_replay(bool /*dry*/) {}
+
   void set_lr(double lr) { options_.lr = lr; }
   double lr() const { return options_.lr; }
   const OptimizerOptions& options() const { return options_; }

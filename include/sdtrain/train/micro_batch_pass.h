@@ -5,8 +5,11 @@
 // Replaying a graph launches the thousands of kernels of a forward and backward pass with one
 // call, so the GPU no longer waits for the host to launch them. The captured region is the loss
 // (include/sdtrain/train/diffusion_loss.h) and its backward pass, with gradient checkpointing
-// where enabled. The update (unscale, clip, 8-bit AdamW: a handful of launches) stays eager and
-// reads the gradients the replay wrote.
+// where enabled. After the backward pass, the update (unscale, clip, 8-bit AdamW: a handful of
+// launches) stays eager and reads the gradients the replay wrote. Under fused_backward_pass
+// the optimizer steps inside the backward pass, from a hook per parameter (update.h): the
+// capture holds those steps, and before each replay the optimizer writes their per-step
+// arguments (include/sdtrain/optim/captured_arguments.h), once the step before is settled.
 //
 // What a graph needs, and how the trainer gives it:
 //   - static shapes: a micro-batch of another shape (an epoch's short last batch) runs eagerly;
@@ -29,6 +32,7 @@
 #include "sdtrain/train/diffusion_loss.h"
 #include "sdtrain/train/mixed_precision.h"
 #include "sdtrain/train/trained_set.h"
+#include "sdtrain/train/update.h"
 
 namespace sdtrain::train {
 
@@ -56,10 +60,11 @@ class EagerPass final : public MicroBatchPass {
 };
 
 // Why this run cannot be captured, or nullopt when it can: the device is not a GPU, data
-// parallel (collectives in the backward pass), fused_backward_pass (the optimizer runs inside
-// the backward pass), gradient accumulation (see above).
+// parallel (collectives in the backward pass), fused_backward_pass with an optimizer whose
+// steps cannot be captured (all but adamw8bit), gradient accumulation (see above).
 std::optional<std::string> cuda_graph_obstacle(bool cuda_device, bool data_parallel,
                                                bool fused_backward_pass,
+                                               const std::string& optimizer,
                                                int64_t gradient_accumulation_steps);
 
 // Thrown by CapturedPass when the capture, or the check of its first replay, fails.
@@ -79,12 +84,17 @@ class CaptureFailed : public std::runtime_error {
 //      convolutions may add in another order from run to run: cuDNN's non-deterministic
 //      algorithms differ at about 1e-6; a graph that read stale inputs or wrote elsewhere
 //      differs by far more). The replay is the first micro-batch's pass.
+// Under fused_backward_pass the warm-up and reference passes are dry (the hooks step nothing,
+// UpdatePolicy::set_dry), the fingerprint is each gradient's norm as the hook recorded it, and
+// the checked replay is dry too (every captured step skips on a flag): the first micro-batch
+// is a second replay, with the real arguments.
 // CaptureFailed names what failed; the trainer then runs eagerly (cuda_graphs "auto") or stops
 // (true). Later runs copy the inputs in and replay. CUDA builds only; elsewhere the first run
 // throws CaptureFailed.
 class CapturedPass final : public MicroBatchPass {
  public:
-  CapturedPass(DiffusionLoss& loss, LossScaler& scaler, const TrainedSet& trained);
+  CapturedPass(DiffusionLoss& loss, LossScaler& scaler, const TrainedSet& trained,
+               UpdatePolicy& update);
   ~CapturedPass() override;
   torch::Tensor run(const LossInputs& inputs,
                     const std::function<void()>& before_backward) override;
@@ -97,6 +107,12 @@ class CapturedPass final : public MicroBatchPass {
     torch::Tensor gradients;
   };
   void capture(const LossInputs& inputs);
+  // Copies the inputs in and replays; under fused_backward_pass the step before is settled
+  // (before_backward) and the optimizer's arguments written first.
+  torch::Tensor replay(const LossInputs& inputs, const std::function<void()>& before_backward);
+  void run_warm_up(const LossInputs& warm, const LossInputs& inputs, Reference& reference);
+  // After a failed capture: no graph, no dry or capturing update, no gradients.
+  void abandon_capture();
   torch::Tensor eager(const LossInputs& inputs) {
     return eager_.run(inputs, [] {});
   }
@@ -104,6 +120,7 @@ class CapturedPass final : public MicroBatchPass {
 
   EagerPass eager_;  // the warm-up, the check's reference and batches of another shape
   const TrainedSet& trained_;
+  UpdatePolicy& update_;
   std::unique_ptr<Graph> graph_;
   bool told_of_other_shapes_ = false;
 };

@@ -108,6 +108,18 @@ class UpdatePolicy {
   // each replay overwrites: the update then leaves them where they are instead of freeing them.
   void keep_gradients(bool keep) { keep_gradients_ = keep; }
 
+  // What a captured pass needs of the update (micro_batch_pass.h):
+  // whether the optimizer steps inside the backward pass (fused), so that the capture holds
+  // the steps and each replay needs optimizer().prepare_replay first;
+  virtual bool updates_in_backward() const { return false; }
+  // dry: the backward pass's steps step nothing (the capture's warm-up and reference passes);
+  virtual void set_dry(bool /*dry*/) {}
+  // per trained tensor, float64 [n, 2]: its gradient's sum and sum of squares (fused, where
+  // the hook has freed it: 0 and the squared norm it recorded);
+  virtual torch::Tensor gradient_fingerprint() const;
+  // clears what a pass recorded for apply (fused: the overflow flags and the norms).
+  virtual void clear_pass_figures() {}
+
  protected:
   // What apply() leaves for settle: the step, its learning rate, the parameters whose step
   // count advanced before the overflow flag was read, and `figures` (float32 on the device,
@@ -179,6 +191,10 @@ class FusedBackwardUpdate final : public UpdatePolicy {
 
   void begin_step(int64_t global_step) override;
   void apply(int64_t global_step) override;
+  bool updates_in_backward() const override { return true; }
+  void set_dry(bool dry) override { dry_ = dry; }
+  torch::Tensor gradient_fingerprint() const override;
+  void clear_pass_figures() override;
 
   // The hook's work for optimizer parameter `index` (public for the hook object only).
   void on_gradient(size_t index);
@@ -187,9 +203,11 @@ class FusedBackwardUpdate final : public UpdatePolicy {
   // figures: [non_finite per parameter..., grad_norm, loss_scale].
   UpdateResult finish(const Pending& step, const std::vector<float>& figures) override;
   std::vector<torch::Tensor> parameters_;  // the optimizer's, in its order
-  torch::Tensor inverse_scale_;            // float32 [1] on the device, set by begin_step
+  // float32 [1] on the device, rewritten in place by begin_step (a captured hook reads it).
+  torch::Tensor inverse_scale_;
   torch::Tensor non_finite_;               // float32 [n]: 1 where a gradient held inf/NaN
   torch::Tensor norms_;                    // float32 [n]: each gradient's 2-norm, unclipped
+  bool dry_ = false;                       // set_dry
 };
 
 // The policy the plan chose: fused or after backward (with `reduction`: a data-parallel run
