@@ -96,6 +96,17 @@ const Args* place_captured(CapturedArguments& capture, const std::vector<Args>& 
   return reinterpret_cast<const Args*>(static_cast<std::uint8_t*>(capture.device.data_ptr()) + at);
 }
 
+// The device address a launch reads its table from: placed in the capture's buffer, or copied
+// now (`keep` holds that copy until the launch is queued).
+template <typename Args>
+const Args* launch_table(CapturedArguments* capture, const std::vector<Args>& host,
+                         const std::vector<size_t>& indices, const torch::Device& device,
+                         torch::Tensor& keep) {
+  if (capture) return place_captured(*capture, host, indices);
+  keep = to_device_table(host, device);
+  return reinterpret_cast<const Args*>(keep.data_ptr());
+}
+
 void check_launch(cudaError_t error, const char* kernel) {
   TORCH_CHECK(error == cudaSuccess, "adamw8bit (CUDA): launch of ", kernel, " failed: ",
               cudaGetErrorString(error));
@@ -178,13 +189,8 @@ void adamw8bit_update_cuda(const std::vector<CudaParameterUpdate>& updates,
       const auto found = qmaps.find(key.first);
       TORCH_CHECK(found != qmaps.end(), "adamw8bit (CUDA): no tables on device ", device);
       torch::Tensor table;
-      const cuda::QuantizedTensorArgs* args = nullptr;
-      if (capture) {
-        args = place_captured(*capture, group.quantized, group.quantized_indices);
-      } else {
-        table = to_device_table(group.quantized, device);
-        args = reinterpret_cast<const cuda::QuantizedTensorArgs*>(table.data_ptr());
-      }
+      const auto* args =
+          launch_table(capture, group.quantized, group.quantized_indices, device, table);
       check_launch(cuda::launch_adamw8bit_blockwise(
                        type, args, static_cast<int>(group.quantized.size()), group.quantized_units,
                        found->second[0].data_ptr<float>(), found->second[1].data_ptr<float>(),
@@ -193,13 +199,8 @@ void adamw8bit_update_cuda(const std::vector<CudaParameterUpdate>& updates,
     }
     if (!group.fp32_states.empty()) {
       torch::Tensor table;
-      const cuda::Fp32StateTensorArgs* args = nullptr;
-      if (capture) {
-        args = place_captured(*capture, group.fp32_states, group.fp32_indices);
-      } else {
-        table = to_device_table(group.fp32_states, device);
-        args = reinterpret_cast<const cuda::Fp32StateTensorArgs*>(table.data_ptr());
-      }
+      const auto* args =
+          launch_table(capture, group.fp32_states, group.fp32_indices, device, table);
       check_launch(cuda::launch_adamw_fp32_states(
                        type, args, static_cast<int>(group.fp32_states.size()), group.fp32_units,
                        stream),
