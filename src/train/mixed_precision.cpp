@@ -81,10 +81,6 @@ void LossScaler::unscale_and_flag(const torch::Tensor& grad, const torch::Tensor
   at::_amp_foreach_non_finite_check_and_unscale_({grad}, flag, inverse_scale);
 }
 
-bool LossScaler::unscale_and_check(const std::vector<torch::Tensor>& gradients) {
-  return unscale(gradients).item<float>() == 0.0f;
-}
-
 torch::Tensor LossScaler::unscale(const std::vector<torch::Tensor>& gradients) {
   found_inf_.zero_();
   const torch::Tensor inv_scale = inverse_scale();
@@ -96,12 +92,6 @@ torch::Tensor LossScaler::unscale(const std::vector<torch::Tensor>& gradients) {
     found_inf_.add_(found.to(found_inf_.device()));
   }
   return found_inf_;
-}
-
-void LossScaler::update(bool found_non_finite) {
-  if (!enabled_) return;
-  found_inf_.fill_(found_non_finite ? 1.0 : 0.0);
-  update(found_inf_);
 }
 
 void LossScaler::update(const torch::Tensor& found_non_finite) {

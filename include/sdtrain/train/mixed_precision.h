@@ -61,9 +61,6 @@ class LossScaler {
   // hands the flag to the optimizer and reads it a forward pass later (device_readback.h).
   // The tensor is the scaler's own, overwritten by the next unscale.
   torch::Tensor unscale(const std::vector<torch::Tensor>& gradients);
-  // unscale, then the flag read on the host: true when all are finite. One host
-  // synchronisation, as GradScaler.step has.
-  bool unscale_and_check(const std::vector<torch::Tensor>& gradients);
   // 1 / scale as float32 [1] on the device, computed as GradScaler does (float64, rounded once).
   torch::Tensor inverse_scale() const;
   // One gradient at a time, with no host synchronisation (fused backward): multiplies `grad` by
@@ -71,10 +68,9 @@ class LossScaler {
   // inf/NaN. Works whether or not scaling is enabled (the scale is then 1).
   static void unscale_and_flag(const torch::Tensor& grad, const torch::Tensor& non_finite,
                                const torch::Tensor& inverse_scale);
-  // After each optimizer step attempt: backoff on inf/NaN, growth after growth_interval
-  // clean steps (ATen's _amp_update_scale_). No-op when disabled.
-  void update(bool found_non_finite);
-  // The same with the flag on the device (what unscale returned): no host read.
+  // After each optimizer step attempt, with the flag on the device (what unscale returned, no
+  // host read): backoff on inf/NaN, growth after growth_interval clean steps (ATen's
+  // _amp_update_scale_). No-op when disabled.
   void update(const torch::Tensor& found_non_finite);
   // A copy of the scale as float32 [1] on the device: what this step used, for its record.
   torch::Tensor scale_snapshot() const { return scale_.clone(); }
