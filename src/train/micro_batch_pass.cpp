@@ -49,9 +49,8 @@ struct CapturedPass::Graph {
 };
 
 // Capture needs gradient accumulation 1 (cuda_graph_obstacle): the passes divide by nothing.
-CapturedPass::CapturedPass(DiffusionLoss& loss, LossScaler& scaler, const TrainedSet& trained,
-                           UpdatePolicy& update)
-    : eager_(loss, scaler, 1), trained_(trained), update_(update) {}
+CapturedPass::CapturedPass(DiffusionLoss& loss, LossScaler& scaler, UpdatePolicy& update)
+    : eager_(loss, scaler, 1), update_(update) {}
 
 CapturedPass::~CapturedPass() = default;
 
@@ -79,17 +78,6 @@ void copy_into(LossInputs& buffers, const LossInputs& inputs) {
   buffers.timesteps.copy_(inputs.timesteps, /*non_blocking=*/true);
 }
 
-void set_gradients_to_none(const TrainedSet& trained) {
-  for (auto parameter : trained.parameters()) parameter.mutable_grad() = torch::Tensor();
-}
-
-void zero_gradients(const TrainedSet& trained) {
-  torch::NoGradGuard no_grad;
-  for (const auto& parameter : trained.parameters()) {
-    if (parameter.grad().defined()) parameter.mutable_grad().zero_();
-  }
-}
-
 }  // namespace
 
 torch::Tensor CapturedPass::run(const LossInputs& inputs,
@@ -108,7 +96,7 @@ torch::Tensor CapturedPass::run(const LossInputs& inputs,
       log::info("cuda_graphs: a micro-batch of another shape runs eagerly");
     told_of_other_shapes_ = true;
     // The gradients stay in the graph's buffers: cleared here, added to by the eager pass.
-    zero_gradients(trained_);
+    update_.optimizer().zero_grad(/*set_to_none=*/false);
     return eager_.run(inputs, before_backward);
   }
   return replay(inputs, before_backward);
@@ -150,7 +138,7 @@ void CapturedPass::capture(const LossInputs& inputs) {
     torch::cuda::synchronize();
     // The capture allocates the gradients in the graph's pool. The warm-up's blocks belong to
     // the side stream: released, so the graph's pool and they are never reserved together.
-    set_gradients_to_none(trained_);
+    update_.optimizer().zero_grad(/*set_to_none=*/true);
     c10::cuda::CUDACachingAllocator::emptyCache();
     graph_ = std::make_unique<Graph>();
     graph_->inputs = {warm.latents.clone(), warm.noise.clone(), warm.timesteps.clone()};
@@ -201,7 +189,7 @@ void CapturedPass::run_warm_up(const LossInputs& warm, const LossInputs& inputs,
       eager(warm);
       update_.clear_pass_figures();
     }
-    set_gradients_to_none(trained_);
+    update_.optimizer().zero_grad(/*set_to_none=*/true);
     reference.loss = eager(inputs).item<double>();
     reference.gradients = update_.gradient_fingerprint().cpu();
     update_.clear_pass_figures();
@@ -217,7 +205,7 @@ void CapturedPass::abandon_capture() {
   update_.set_dry(false);
   update_.optimizer().end_graph_capture();
   update_.clear_pass_figures();
-  set_gradients_to_none(trained_);
+  update_.optimizer().zero_grad(/*set_to_none=*/true);
 }
 
 void CapturedPass::check_first_replay(const LossInputs& inputs, const Reference& reference) {
@@ -234,7 +222,7 @@ void CapturedPass::check_first_replay(const LossInputs& inputs, const Reference&
   if (std::abs(replayed_loss - reference.loss) > kTolerance * std::abs(reference.loss) + 1e-12)
     throw CaptureFailed(
         log::str("the replayed loss ", replayed_loss, " differs from the eager ", reference.loss));
-  const auto names = trained_.named_parameters();
+  const optim::NamedParameters& names = update_.optimizer().parameters();
   for (int64_t i = 0; i < expected.size(0); ++i) {
     const double sum = expected[i][0].item<double>(), squares = expected[i][1].item<double>();
     const double numel = static_cast<double>(names[static_cast<size_t>(i)].second.numel());

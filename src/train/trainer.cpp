@@ -327,7 +327,7 @@ void TrainingRun::set_up_update() {
   update_ = make_update_policy(plan_.fused_backward_pass, *trained_, std::move(optimizer),
                                *scaler_, ema(), update, std::move(reduction));
   if (!plan_.cuda_graphs) return use_eager_pass();
-  pass_ = std::make_unique<CapturedPass>(*loss_, *scaler_, *trained_, *update_);
+  pass_ = std::make_unique<CapturedPass>(*loss_, *scaler_, *update_);
   update_->keep_gradients(true);
 }
 

@@ -31,7 +31,6 @@
 
 #include "sdtrain/train/diffusion_loss.h"
 #include "sdtrain/train/mixed_precision.h"
-#include "sdtrain/train/trained_set.h"
 #include "sdtrain/train/update.h"
 
 namespace sdtrain::train {
@@ -93,8 +92,8 @@ class CaptureFailed : public std::runtime_error {
 // throws CaptureFailed.
 class CapturedPass final : public MicroBatchPass {
  public:
-  CapturedPass(DiffusionLoss& loss, LossScaler& scaler, const TrainedSet& trained,
-               UpdatePolicy& update);
+  // `update`'s optimizer holds the trained tensors, whose gradients the pass writes.
+  CapturedPass(DiffusionLoss& loss, LossScaler& scaler, UpdatePolicy& update);
   ~CapturedPass() override;
   torch::Tensor run(const LossInputs& inputs,
                     const std::function<void()>& before_backward) override;
@@ -119,7 +118,6 @@ class CapturedPass final : public MicroBatchPass {
   void check_first_replay(const LossInputs& inputs, const Reference& reference);
 
   EagerPass eager_;  // the warm-up, the check's reference and batches of another shape
-  const TrainedSet& trained_;
   UpdatePolicy& update_;
   std::unique_ptr<Graph> graph_;
   bool told_of_other_shapes_ = false;
