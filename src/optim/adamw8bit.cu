@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "sdtrain/optim/adamw8bit_kernels.h"
+#include "sdtrain/util/cuda_convert.cuh"
 
 namespace sdtrain::optim::cuda {
 namespace {
@@ -23,20 +24,8 @@ constexpr int kWarpsPerCta = kThreads / 32;
 constexpr int kElementsPerLane = kQuantizationBlockSize / 32;  // 8
 static_assert(kElementsPerLane == 8, "vector loads below assume 8 elements per lane");
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+using ::sdtrain::cuda::from_float;
+using ::sdtrain::cuda::to_float;
 
 // The stored value of updated element `i`: to nearest, or for bf16 in lean mode
 // stochastically with the element's bits (the CPU reference's rounded<T>, src/optim/adamw8bit.cpp).

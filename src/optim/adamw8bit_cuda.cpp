@@ -14,23 +14,13 @@
 
 #include "sdtrain/optim/adamw8bit_kernels.h"
 #include "sdtrain/optim/blockwise_quantization.h"
+#include "sdtrain/util/cuda_launch.h"
 
 namespace sdtrain::optim::detail {
-namespace {
+using ::sdtrain::cuda::check_launch;
+using ::sdtrain::cuda::cuda_element_type;
 
-cuda::ElementType element_type(c10::ScalarType type) {
-  switch (type) {
-    case torch::kFloat32:
-      return cuda::ElementType::float32;
-    case torch::kFloat16:
-      return cuda::ElementType::float16;
-    case torch::kBFloat16:
-      return cuda::ElementType::bfloat16;
-    default:
-      TORCH_CHECK(false, "adamw8bit (CUDA): unsupported parameter dtype ", type,
-                  " (float32, float16 or bfloat16)");
-  }
-}
+namespace {
 
 bool aligned(const void* pointer, size_t bytes) {
   return reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
@@ -107,11 +97,6 @@ const Args* launch_table(CapturedArguments* capture, const std::vector<Args>& ho
   return reinterpret_cast<const Args*>(keep.data_ptr());
 }
 
-void check_launch(cudaError_t error, const char* kernel) {
-  TORCH_CHECK(error == cudaSuccess, "adamw8bit (CUDA): launch of ", kernel, " failed: ",
-              cudaGetErrorString(error));
-}
-
 }  // namespace
 
 size_t captured_table_bytes(size_t tensors) {
@@ -184,7 +169,8 @@ void adamw8bit_update_cuda(const std::vector<CudaParameterUpdate>& updates,
     const torch::Device device(torch::kCUDA, static_cast<c10::DeviceIndex>(key.first));
     const c10::cuda::CUDAGuard guard(device);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-    const cuda::ElementType type = element_type(static_cast<c10::ScalarType>(key.second));
+    const cuda::ElementType type =
+        cuda_element_type(static_cast<c10::ScalarType>(key.second), "adamw8bit");
     if (!group.quantized.empty()) {
       const auto found = qmaps.find(key.first);
       TORCH_CHECK(found != qmaps.end(), "adamw8bit (CUDA): no tables on device ", device);
@@ -195,7 +181,7 @@ void adamw8bit_update_cuda(const std::vector<CudaParameterUpdate>& updates,
                        type, args, static_cast<int>(group.quantized.size()), group.quantized_units,
                        found->second[0].data_ptr<float>(), found->second[1].data_ptr<float>(),
                        stream),
-                   "adamw8bit_blockwise_kernel");
+                   "adamw8bit", "adamw8bit_blockwise_kernel");
     }
     if (!group.fp32_states.empty()) {
       torch::Tensor table;
@@ -204,7 +190,7 @@ void adamw8bit_update_cuda(const std::vector<CudaParameterUpdate>& updates,
       check_launch(cuda::launch_adamw_fp32_states(
                        type, args, static_cast<int>(group.fp32_states.size()), group.fp32_units,
                        stream),
-                   "adamw_fp32_states_kernel");
+                   "adamw8bit", "adamw_fp32_states_kernel");
     }
   }
 }

@@ -13,10 +13,11 @@
 #include <cstdint>
 
 #include "sdtrain/optim/adam_element_math.h"
+#include "sdtrain/util/cuda_element_type.h"
 
 namespace sdtrain::optim::cuda {
 
-enum class ElementType : int32_t { float32 = 0, float16 = 1, bfloat16 = 2 };
+using ::sdtrain::cuda::ElementType;
 
 inline constexpr int kFp32StateChunk = 1024;
 
