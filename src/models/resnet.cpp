@@ -6,12 +6,12 @@ namespace F = torch::nn::functional;
 
 ResnetBlock2DImpl::ResnetBlock2DImpl(const ResnetBlock2DOptions& options_) : options(options_) {
   const int64_t in = options.in_channels(), out = options.out_channels();
-  norm1 = register_module("norm1", torch::nn::GroupNorm(torch::nn::GroupNormOptions(options.groups(), in).eps(options.eps())));
+  norm1 = register_module("norm1", GroupNormSiLU(torch::nn::GroupNormOptions(options.groups(), in).eps(options.eps())));
   conv1 = register_module("conv1", LoRAConv2d(torch::nn::Conv2dOptions(in, out, 3).padding(1)));
   if (options.temb_channels() > 0) {
     time_emb_proj = register_module("time_emb_proj", LoRALinear(torch::nn::LinearOptions(options.temb_channels(), out)));
   }
-  norm2 = register_module("norm2", torch::nn::GroupNorm(torch::nn::GroupNormOptions(options.groups(), out).eps(options.eps())));
+  norm2 = register_module("norm2", GroupNormSiLU(torch::nn::GroupNormOptions(options.groups(), out).eps(options.eps())));
   conv2 = register_module("conv2", LoRAConv2d(torch::nn::Conv2dOptions(out, out, 3).padding(1)));
   if (in != out) {
     conv_shortcut = register_module("conv_shortcut", LoRAConv2d(torch::nn::Conv2dOptions(in, out, 1)));
@@ -19,13 +19,13 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(const ResnetBlock2DOptions& options_) : opt
 }
 
 torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Tensor& temb) {
-  torch::Tensor h = conv1(torch::silu(norm1(x)));  // [B, out, H, W]
+  torch::Tensor h = conv1(norm1(x));  // [B, out, H, W]
   if (time_emb_proj) {
     TORCH_CHECK(temb.defined(), "ResnetBlock2D: this block needs a time embedding");
     // SiLU inside each resnet (resnet_skip_time_act = false), broadcast over H and W.
     h = h + time_emb_proj(torch::silu(temb)).unsqueeze(-1).unsqueeze(-1);  // [B, out, 1, 1]
   }
-  h = conv2(torch::silu(norm2(h)));
+  h = conv2(norm2(h));
   torch::Tensor shortcut = conv_shortcut ? conv_shortcut(x) : x;
   torch::Tensor out = shortcut + h;
   // x / 1.0 is exact, so skipping it for the SD configs changes no bit.

@@ -273,7 +273,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
 
   conv_norm_out = register_module(
       "conv_norm_out",
-      torch::nn::GroupNorm(
+      GroupNormSiLU(
           torch::nn::GroupNormOptions(c.norm_num_groups, c.block_out_channels[0]).eps(c.norm_eps)));
   conv_out = register_module(
       "conv_out", torch::nn::Conv2d(torch::nn::Conv2dOptions(c.block_out_channels[0],
@@ -342,7 +342,7 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample,
   }
 
   // 5. Out.
-  h = torch::silu(conv_norm_out(h));
+  h = conv_norm_out(h);
   return conv_out(h);  // [B, out_channels, H, W]
 }
 

@@ -30,7 +30,7 @@ EncoderImpl::EncoderImpl(const VAECoderOptions& o) {
                                                               .resnet_groups(o.norm_num_groups())
                                                               .add_attention(o.mid_block_add_attention())
                                                               .attention_head_dim(channels.back())));
-  conv_norm_out = register_module("conv_norm_out", torch::nn::GroupNorm(torch::nn::GroupNormOptions(o.norm_num_groups(), channels.back()).eps(1e-6)));
+  conv_norm_out = register_module("conv_norm_out", GroupNormSiLU(torch::nn::GroupNormOptions(o.norm_num_groups(), channels.back()).eps(1e-6)));
   conv_out = register_module("conv_out", conv3x3(channels.back(), 2 * o.out_channels()));  // double_z
 }
 
@@ -38,7 +38,7 @@ torch::Tensor EncoderImpl::forward(const torch::Tensor& x) {
   torch::Tensor h = conv_in(x);
   for (auto& block : down_list) h = block(h);
   h = mid_block(h);
-  return conv_out(torch::silu(conv_norm_out(h)));
+  return conv_out(conv_norm_out(h));
 }
 
 DecoderImpl::DecoderImpl(const VAECoderOptions& o) {
@@ -62,7 +62,7 @@ DecoderImpl::DecoderImpl(const VAECoderOptions& o) {
     up_blocks->push_back(block);
     up_list.push_back(block);
   }
-  conv_norm_out = register_module("conv_norm_out", torch::nn::GroupNorm(torch::nn::GroupNormOptions(o.norm_num_groups(), channels.front()).eps(1e-6)));
+  conv_norm_out = register_module("conv_norm_out", GroupNormSiLU(torch::nn::GroupNormOptions(o.norm_num_groups(), channels.front()).eps(1e-6)));
   conv_out = register_module("conv_out", conv3x3(channels.front(), o.out_channels()));
 }
 
@@ -71,7 +71,7 @@ torch::Tensor DecoderImpl::forward(const torch::Tensor& z) {
   h = mid_block(h);
   // diffusers casts to the up blocks' parameter dtype here (for upcast VAEs); one dtype here.
   for (auto& block : up_list) h = block(h);
-  return conv_out(torch::silu(conv_norm_out(h)));
+  return conv_out(conv_norm_out(h));
 }
 
 DiagonalGaussianDistribution::DiagonalGaussianDistribution(const torch::Tensor& moments) {

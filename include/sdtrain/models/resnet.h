@@ -7,6 +7,7 @@
 
 #include <optional>
 
+#include "sdtrain/models/group_norm_silu.h"
 #include "sdtrain/models/lora.h"
 
 namespace sdtrain::models {
@@ -34,10 +35,10 @@ class ResnetBlock2DImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& temb = {});
 
   ResnetBlock2DOptions options;
-  torch::nn::GroupNorm norm1{nullptr};
+  GroupNormSiLU norm1{nullptr};  // GroupNorm, then SiLU
   LoRAConv2d conv1{nullptr};
   LoRALinear time_emb_proj{nullptr};  // absent when temb_channels == 0
-  torch::nn::GroupNorm norm2{nullptr};
+  GroupNormSiLU norm2{nullptr};  // GroupNorm, then SiLU
   LoRAConv2d conv2{nullptr};
   LoRAConv2d conv_shortcut{nullptr};  // present only when in_channels != out_channels
 };

@@ -12,6 +12,7 @@
 
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/models/embeddings.h"
+#include "sdtrain/models/group_norm_silu.h"
 #include "sdtrain/models/state_dict.h"
 #include "sdtrain/models/unet_2d_blocks.h"
 
@@ -84,7 +85,7 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   torch::nn::ModuleList down_blocks{nullptr};
   UNetMidBlock2DCrossAttn mid_block{nullptr};
   torch::nn::ModuleList up_blocks{nullptr};
-  torch::nn::GroupNorm conv_norm_out{nullptr};
+  GroupNormSiLU conv_norm_out{nullptr};  // GroupNorm, then SiLU
   // conv_act: SiLU, no weights.
   torch::nn::Conv2d conv_out{nullptr};
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "sdtrain/models/unet_2d_blocks.h"
+#include "sdtrain/models/group_norm_silu.h"
 
 namespace sdtrain::models {
 
@@ -32,7 +33,7 @@ class EncoderImpl : public torch::nn::Module {
   torch::nn::ModuleList down_blocks{nullptr};
   std::vector<DownEncoderBlock2D> down_list;
   UNetMidBlock2D mid_block{nullptr};
-  torch::nn::GroupNorm conv_norm_out{nullptr};
+  GroupNormSiLU conv_norm_out{nullptr};  // GroupNorm, then SiLU
   // conv_act: SiLU, no weights.
   torch::nn::Conv2d conv_out{nullptr};
 };
@@ -50,7 +51,7 @@ class DecoderImpl : public torch::nn::Module {
   UNetMidBlock2D mid_block{nullptr};
   torch::nn::ModuleList up_blocks{nullptr};
   std::vector<UpDecoderBlock2D> up_list;
-  torch::nn::GroupNorm conv_norm_out{nullptr};
+  GroupNormSiLU conv_norm_out{nullptr};  // GroupNorm, then SiLU
   torch::nn::Conv2d conv_out{nullptr};
 };
 TORCH_MODULE(Decoder);

@@ -1,0 +1,66 @@
+#pragma once
+// GroupNorm followed by SiLU: what every resnet of the UNet and the VAE runs before each of its
+// convolutions (diffusers resnet.py: norm1 -> nonlinearity -> conv1, norm2 -> nonlinearity ->
+// conv2), and the UNet and VAE run before conv_out.
+//
+// Unfused, under fp16 autocast, torch runs group_norm in fp32 (autocast's fp32 list): a cast of
+// the fp16 input, the normalisation, SiLU, each writing an fp32 tensor, and backward keeps the
+// fp32 copy and the fp32 normalised tensor. Fused (`compute.fused_group_norm_silu`,
+// docs/performance.md) one autograd node reads the input in its own dtype, computes in fp32 and
+// writes the activation in the input's dtype (the dtype the next convolution casts it to under
+// autocast anyway); backward keeps only the input and two floats per group, and recomputes the
+// normalised value. Three CUDA launches each way (src/models/group_norm_silu.cu); off the GPU
+// the same formulas run as torch operations, the reference the GPU test compares to.
+
+#include <torch/torch.h>
+
+#include <tuple>
+
+namespace sdtrain::models {
+
+// silu(group_norm(x, groups, weight, bias, eps)) as one autograd node. x: [N, C, ...] with C
+// divisible by groups; weight, bias: [C]. Returns x's dtype; the gradients come in the dtypes of
+// x, weight and bias.
+torch::Tensor fused_group_norm_silu(const torch::Tensor& x, const torch::Tensor& weight,
+                                    const torch::Tensor& bias, int64_t groups, double eps);
+
+// A GroupNorm module (same options, same parameters `weight` and `bias`, so weight keys are
+// unchanged) whose forward is silu(group_norm(x)): through fused_group_norm_silu when `fused`
+// is set, else as torch's two operations.
+class GroupNormSiLUImpl : public torch::nn::GroupNormImpl {
+ public:
+  using torch::nn::GroupNormImpl::GroupNormImpl;
+  torch::Tensor forward(const torch::Tensor& x);
+
+  bool fused = false;
+};
+TORCH_MODULE(GroupNormSiLU);
+
+// Sets `fused` on every GroupNormSiLU in `module` (recursively); returns how many there are.
+int64_t set_fused_group_norm_silu(torch::nn::Module& module, bool fused);
+
+namespace detail {
+
+// The pieces of the autograd node. forward returns (y, mean, rstd), mean and rstd [N, groups]
+// in the accumulation dtype (fp32, or fp64 for fp64 input). backward returns (dx, grad_weight,
+// grad_bias); the latter two are undefined unless affine_grads. Both run the CUDA kernels for
+// CUDA tensors of float32, float16 or bfloat16 in a build with CUDA, and the reference else.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward(
+    const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, int64_t groups,
+    double eps);
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_backward(
+    const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight,
+    const torch::Tensor& bias, const torch::Tensor& mean, const torch::Tensor& rstd, int64_t groups,
+    bool affine_grads);
+
+// The reference: the same formulas as torch operations, on any device.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward_reference(
+    const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, int64_t groups,
+    double eps);
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_backward_reference(
+    const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight,
+    const torch::Tensor& bias, const torch::Tensor& mean, const torch::Tensor& rstd, int64_t groups,
+    bool affine_grads);
+
+}  // namespace detail
+}  // namespace sdtrain::models

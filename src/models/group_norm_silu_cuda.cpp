@@ -1,0 +1,124 @@
+#include "group_norm_silu_cuda.h"
+
+#if SDTRAIN_WITH_CUDA
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "sdtrain/models/group_norm_silu_kernels.h"
+#include "sdtrain/util/cuda_launch.h"
+
+namespace sdtrain::models::detail {
+namespace {
+
+using ::sdtrain::cuda::check_launch;
+using ::sdtrain::cuda::cuda_element_type;
+
+constexpr const char* kWho = "fused_group_norm_silu";
+
+cuda::GroupNormShape shape_of(const torch::Tensor& x, int64_t groups) {
+  cuda::GroupNormShape shape;
+  shape.batch = x.size(0);
+  shape.channels = x.size(1);
+  const int64_t rows = shape.batch * shape.channels;
+  shape.hw = rows == 0 ? 0 : x.numel() / rows;
+  shape.groups = groups;
+  return shape;
+}
+
+// The kernels take a weight of float32 or of the activations' dtype; any other is cast to fp32
+// (a [C] tensor).
+torch::Tensor kernel_weight(const torch::Tensor& w, const torch::Tensor& x) {
+  if (w.scalar_type() == torch::kFloat || w.scalar_type() == x.scalar_type()) {
+    return w.contiguous();
+  }
+  return w.to(torch::kFloat).contiguous();
+}
+
+cudaStream_t current_stream(const torch::Tensor& x) {
+  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+}
+
+}  // namespace
+
+bool group_norm_silu_on_cuda(const torch::Tensor& x) {
+  const auto type = x.scalar_type();
+  return x.is_cuda() && (type == torch::kFloat || type == torch::kHalf || type == torch::kBFloat16);
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward_cuda(
+    const torch::Tensor& x_in, const torch::Tensor& weight, const torch::Tensor& bias,
+    int64_t groups, double eps) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const torch::Tensor x = x_in.contiguous();
+  const torch::Tensor w = kernel_weight(weight, x), b = kernel_weight(bias, x).to(w.scalar_type());
+  const auto stats = x.options().dtype(torch::kFloat);
+  const cuda::GroupNormShape shape = shape_of(x, groups);
+  torch::Tensor workspace = torch::empty({cuda::group_norm_silu_forward_workspace(shape)}, stats);
+  torch::Tensor mean = torch::empty({x.size(0), groups}, stats);
+  torch::Tensor rstd = torch::empty({x.size(0), groups}, stats);
+  torch::Tensor y = torch::empty_like(x, torch::MemoryFormat::Contiguous);
+  check_launch(cuda::launch_group_norm_silu_forward(
+                   cuda_element_type(x.scalar_type(), kWho),
+                   cuda_element_type(w.scalar_type(), kWho), shape, x.data_ptr(), w.data_ptr(),
+                   b.data_ptr(), static_cast<float>(eps), workspace.data_ptr<float>(),
+                   mean.data_ptr<float>(), rstd.data_ptr<float>(), y.data_ptr(),
+                   current_stream(x)),
+               kWho, "group_norm_silu_forward");
+  return {y, mean, rstd};
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_backward_cuda(
+    const torch::Tensor& dy_in, const torch::Tensor& x_in, const torch::Tensor& weight,
+    const torch::Tensor& bias, const torch::Tensor& mean, const torch::Tensor& rstd, int64_t groups,
+    bool affine_grads) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const torch::Tensor x = x_in.contiguous();
+  const torch::Tensor dy = dy_in.to(x.scalar_type()).contiguous();
+  const torch::Tensor w = kernel_weight(weight, x), b = kernel_weight(bias, x).to(w.scalar_type());
+  const cuda::GroupNormShape shape = shape_of(x, groups);
+  torch::Tensor workspace = torch::empty({cuda::group_norm_silu_backward_workspace(shape)},
+                                         x.options().dtype(torch::kFloat));
+  torch::Tensor dx = torch::empty_like(x, torch::MemoryFormat::Contiguous);
+  torch::Tensor grad_weight, grad_bias;
+  if (affine_grads) {
+    grad_weight = torch::empty_like(w);
+    grad_bias = torch::empty_like(w);
+  }
+  check_launch(cuda::launch_group_norm_silu_backward(
+                   cuda_element_type(x.scalar_type(), kWho),
+                   cuda_element_type(w.scalar_type(), kWho), shape, dy.data_ptr(), x.data_ptr(),
+                   w.data_ptr(), b.data_ptr(), mean.contiguous().data_ptr<float>(),
+                   rstd.contiguous().data_ptr<float>(), workspace.data_ptr<float>(), dx.data_ptr(),
+                   affine_grads ? grad_weight.data_ptr() : nullptr,
+                   affine_grads ? grad_bias.data_ptr() : nullptr, current_stream(x)),
+               kWho, "group_norm_silu_backward");
+  if (affine_grads) {
+    grad_weight = grad_weight.to(weight.scalar_type());
+    grad_bias = grad_bias.to(bias.scalar_type());
+  }
+  return {dx, grad_weight, grad_bias};
+}
+
+}  // namespace sdtrain::models::detail
+
+#else  // a build without CUDA kernels
+
+namespace sdtrain::models::detail {
+
+bool group_norm_silu_on_cuda(const torch::Tensor&) { return false; }
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward_cuda(
+    const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, int64_t, double) {
+  TORCH_CHECK(false, "fused_group_norm_silu: this build of sdtrain has no CUDA kernels");
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_backward_cuda(
+    const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+    const torch::Tensor&, const torch::Tensor&, int64_t, bool) {
+  TORCH_CHECK(false, "fused_group_norm_silu: this build of sdtrain has no CUDA kernels");
+}
+
+}  // namespace sdtrain::models::detail
+
+#endif  // SDTRAIN_WITH_CUDA
