@@ -40,7 +40,10 @@ const std::vector<std::string>& resumable_differences() {
                                                 "fused_backward_pass",
                                                 "memory_budget",
                                                 // The same kernels, launched from a graph.
-                                                "cuda_graphs"};
+                                                "cuda_graphs",
+                                                // The same function from other kernels: only
+                                                // the rounding differs.
+                                                "fused_group_norm_silu"};
   return keys;
 }
 

@@ -2,6 +2,7 @@
 
 #include <chrono>
 
+#include "sdtrain/models/group_norm_silu.h"
 #include "sdtrain/models/lora_adapters.h"
 #include "sdtrain/pipeline/class_images.h"
 #include "sdtrain/pipeline/stable_diffusion_pipeline.h"
@@ -142,6 +143,12 @@ TrainingModels load_training_models(const io::ModelFolder& base, const TrainConf
   if (config.compute.gradient_checkpointing) {
     models.unet->set_gradient_checkpointing(true);
     if (config.train_text_encoder) models.text_encoder->set_gradient_checkpointing(true);
+  }
+  if (config.compute.fused_group_norm_silu) {
+    const int64_t fused = models::set_fused_group_norm_silu(*models.unet, true) +
+                          models::set_fused_group_norm_silu(*models.vae, true);
+    log::info(log::str("fused_group_norm_silu: ", fused,
+                       " GroupNorm + SiLU pairs of the UNet and VAE fused"));
   }
   if (config.compute.allow_tf32 && device.is_cuda()) {
     at::globalContext().setAllowTF32CuBLAS(true);

@@ -144,6 +144,12 @@ const std::vector<Field>& fields() {
             "parallel, fused_backward_pass with another optimizer or gradient accumulation "
             "stands in the way (one logged line says which), and off again if the capture or "
             "its check fails; true: refuse those."),
+        field("fused_group_norm_silu", &C::compute, &C::Compute::fused_group_norm_silu,
+              "Run each GroupNorm + SiLU of the UNet and VAE as one node with CUDA kernels "
+              "that read and write the activations' dtype and keep only the input for "
+              "backward (docs/performance.md). Off by default until its GPU test and "
+              "benchmark have run; on the CPU the same formulas run as torch operations, slower "
+              "than torch's own GroupNorm (the reference the GPU kernels are tested against)."),
         enum_field("weight_dtype", &C::compute, &C::Compute::weight_dtype,
                    "Storage of the trained weights: fp32, or bf16 (lean mode: half the memory, "
                    "updated by adamw8bit with stochastic rounding; docs/memory.md).",

@@ -42,14 +42,6 @@ bool logs_capture(const std::string& output) {
   return output.find("cuda_graphs: the forward and backward pass is captured") != std::string::npos;
 }
 
-std::vector<double> losses(const fs::path& output_dir) {
-  std::vector<double> values;
-  std::ifstream metrics(output_dir / "logs" / "metrics.jsonl");
-  for (std::string line; std::getline(metrics, line);)
-    values.push_back(nlohmann::json::parse(line)["loss"].get<double>());
-  return values;
-}
-
 }  // namespace
 
 TEST(CudaGraphs, EachObstacleIsNamed) {
@@ -112,7 +104,7 @@ void expect_captured_losses_equal_eager(const std::string& name, const nlohmann:
     ASSERT_EQ(result.code, 0) << result.output;
     const bool captured = result.output.find(captured_line) != std::string::npos;
     EXPECT_EQ(captured, mode == "captured") << result.output;
-    runs[mode] = losses(dir / mode / "out");
+    runs[mode] = sdtrain::testing::logged_losses(dir / mode / "out");
   }
   ASSERT_EQ(runs["captured"].size(), 10u);
   ASSERT_EQ(runs["eager"].size(), 10u);

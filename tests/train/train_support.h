@@ -10,7 +10,9 @@
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "test_support.h"
 
@@ -45,6 +47,15 @@ inline std::filesystem::path write_config(const std::filesystem::path& dir, cons
   const fs::path path = dir / "config.json";
   std::ofstream(path) << config.dump(2);
   return path;
+}
+
+// The loss of each line of output_dir/logs/metrics.jsonl, in order.
+inline std::vector<double> logged_losses(const std::filesystem::path& output_dir) {
+  std::vector<double> values;
+  std::ifstream metrics(output_dir / "logs" / "metrics.jsonl");
+  for (std::string line; std::getline(metrics, line);)
+    values.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+  return values;
 }
 
 // Starts `sdtrain --config config [extra]` with stderr in dir/log.txt and `environment`

@@ -99,6 +99,9 @@ struct TrainConfig {
     // Replay each micro-batch's forward and backward pass from a CUDA graph
     // (train/micro_batch_pass.h, docs/performance.md).
     AutoSwitch cuda_graphs = AutoSwitch::automatic;
+    // GroupNorm + SiLU of the UNet's and VAE's resnets as one autograd node with CUDA kernels
+    // (models/group_norm_silu.h, docs/performance.md).
+    bool fused_group_norm_silu = false;
   } compute;
 
   struct Ema {
