@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run here, after scripts/build.sh: packs what one GPU session needs into .gl/ and .whl/
 # (git-ignored; the device tool carries them, `carry: [".gl", ".whl"]`, about 30 MiB):
-#   .gl/bin/        stripped sdtrain, test_train and test_optim (+ sdtrain_baseline when given)
+#   .gl/bin/        stripped sdtrain, test_train, test_optim, test_models and bench_group_norm_silu
+#                   (+ sdtrain_baseline when given)
 #   .gl/libs.tar.xz the Debian shared libraries they link that the GPU machine lacks
 #   .whl/           the diffusers wheel (the GPU machine has torch and transformers only), and
 #                   diffusers' train_dreambooth.py / train_dreambooth_lora.py when DIFFUSERS_GIT
@@ -14,7 +15,8 @@ source "$root/scripts/env.sh"
 cd "$root"
 rm -rf .gl/bin .gl/lib && mkdir -p .gl/bin .gl/lib .whl
 strip -o .gl/bin/sdtrain "$SDTRAIN_BUILD/sdtrain"
-for t in test_train test_optim; do strip -o ".gl/bin/$t" "$SDTRAIN_BUILD/tests/$t"; done
+for t in test_train test_optim test_models; do strip -o ".gl/bin/$t" "$SDTRAIN_BUILD/tests/$t"; done
+strip -o .gl/bin/bench_group_norm_silu "$SDTRAIN_BUILD/bench/bench_group_norm_silu"
 if (($#)); then strip -o .gl/bin/sdtrain_baseline "$1"; fi
 # The Debian libraries they link (from /lib or /usr/lib), except glibc and the GCC runtime,
 # which the machine has; torch, CUDA and NCCL come from its own Python environment.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run on the GPU machine from the repository root, with .gl/ and .whl/ from scripts/gpu-pack.sh
 # carried over: no build there. Writes everything under $OUT (default /tmp/gpu-session):
-#   1. the GPU tests (CUDA kernels, the loss under sync debug mode) and the TrainedSet tests;
+#   1. the GPU tests (CUDA kernels, the loss under sync debug mode, captured and fused training)
+#      and the TrainedSet tests;
 #   2. the demo on the GPU (fp16, text encoder, min-SNR, offset noise), twice, and once with
 #      .gl/bin/sdtrain_baseline when packed: the hashes say whether the GPU run is
 #      deterministic and bit-identical to the baseline;
@@ -14,9 +15,9 @@
 #      with and without gradient checkpointing, and diffusers' train_dreambooth_lora.py with the
 #      same settings when .whl/train_dreambooth_lora.py was packed (timed by
 #      tools/time_training_script.py): median s/step and peak allocated memory of each.
-#   6. bench (issue 15): tools/benchmark.py, every lean-memory row beside train_dreambooth.py
-#      when .whl/train_dreambooth.py was packed; the table in $OUT/bench/benchmark.md, ready for
-#      docs/benchmarks.md.
+#   6. bench (issues 15, 16): bench_group_norm_silu ($OUT/group_norm_silu.jsonl), then
+#      tools/benchmark.py, every row beside train_dreambooth.py when .whl/train_dreambooth.py was
+#      packed; the table in $OUT/bench/benchmark.md, ready for docs/benchmarks.md.
 #   7. sampling (issue 16): tools/benchmark_sampling.py, images/s of `sdtrain generate` and of
 #      class-image generation beside diffusers' StableDiffusionPipeline; $OUT/sampling/sampling.md.
 # Arguments pick sections: tests demo timing profile lora bench sampling (default: the first
@@ -39,8 +40,8 @@ median() {  # file: median, p25 and peak memory of the steps after the first 10
 }
 tests() {
 echo "== 1. GPU tests"
-for t in test_train test_optim; do
-  timeout 300 "$B/$t" --gtest_filter='*Cuda*:*CUDA*:*LossInputSampler*:*TrainedSet*' 2>&1 | grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) |Failure|error"
+for t in test_train test_optim test_models; do
+  timeout 300 "$B/$t" --gtest_filter='*Cuda*:*CUDA*:*OnTheGpu*:*LossInputSampler*:*TrainedSet*' 2>&1 | grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) |Failure|error"
 done
 }
 demo() {
@@ -112,12 +113,14 @@ done
 }
 bench() {
 echo "== 6. the lean-memory benchmark (tools/benchmark.py)"
+# GroupNorm + SiLU of SD 2.1-base's UNet, torch against the fused node (seconds).
+timeout 60 "$B/bench_group_norm_silu" | tee "$O/group_norm_silu.jsonl"
 full_size_model || return
 local script=(); [ -f "$R/.whl/train_dreambooth.py" ] && script=(--diffusers-script "$R/.whl/train_dreambooth.py")
 # BENCH_ROWS: the rows (tools/benchmark.py); every row with diffusers beside does not fit the
 # 420 s. Each row's figures are printed as it ends, so a time-out keeps the rows before it.
 timeout 420 python3 "$R/tools/benchmark.py" --sdtrain "$B/sdtrain" --model /tmp/sd21 \
-  --rows "${BENCH_ROWS:-today,today-eager,batch-32,exact,exact-eager,lean}" \
+  --rows "${BENCH_ROWS:-today,today-eager,today-fused,batch-32,exact,exact-eager,lean}" \
   --out "$O/bench" "${script[@]}" 2>&1 | tail -15
 }
 sampling() {

@@ -50,6 +50,10 @@ ROWS = {
                     "graph gains (issue 16)",
                     ["optimizer=adamw8bit", "cache_latents=false", "fused_backward_pass=false",
                      "cuda_graphs=false"], None),
+    "today-fused": ("row `today` with fused_group_norm_silu true: what one GroupNorm + SiLU node "
+                    "with CUDA kernels gains (issue 16)",
+                    ["optimizer=adamw8bit", "cache_latents=false", "fused_backward_pass=false",
+                     "fused_group_norm_silu=true"], None),
     "exact": ("exact mode: + fused backward pass, cached latents (VAE and text encoder off the GPU)",
               ["optimizer=adamw8bit", "cache_latents=true", "fused_backward_pass=true",
                "max_grad_norm=0"], None),
