@@ -59,13 +59,8 @@ TEST(FusedGroupNormSiLUTraining, TheDemoGivesTheUnfusedLossesOnTheCpu) {
 // from run to run, so 1e-2 relative, as the capture tests (micro_batch_pass_test.cpp).
 TEST(FusedGroupNormSiLUTraining, CapturedFp16OnTheGpuGivesTheUnfusedLosses) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
-  const nlohmann::json settings = {{"device", "cuda"},
-                                   {"mixed_precision", "fp16"},
-                                   {"optimizer", "adamw8bit"},
-                                   {"gradient_checkpointing", true},
-                                   {"with_prior_preservation", true},
-                                   {"num_class_images", 4},
-                                   {"cuda_graphs", true}};
+  nlohmann::json settings = sdtrain::testing::gpu_demo_settings();
+  settings["cuda_graphs"] = true;
   const auto [fused, plain] = fused_and_plain_losses("gpu", settings);
   expect_near_relative(fused, plain, 10, 1e-2);
 }

@@ -88,12 +88,7 @@ namespace {
 void expect_captured_losses_equal_eager(const std::string& name, const nlohmann::json& extra,
                                         const std::string& captured_line) {
   const fs::path dir = sdtrain::testing::scratch_dir() / name;
-  nlohmann::json settings = {{"device", "cuda"},
-                             {"mixed_precision", "fp16"},
-                             {"optimizer", "adamw8bit"},
-                             {"gradient_checkpointing", true},
-                             {"with_prior_preservation", true},
-                             {"num_class_images", 4}};
+  nlohmann::json settings = sdtrain::testing::gpu_demo_settings();
   settings.update(extra);
   std::map<std::string, std::vector<double>> runs;
   for (const std::string mode : {"captured", "eager"}) {
@@ -143,18 +138,13 @@ TEST(CudaGraphs, ResumeSigtermValidationAndCheckpointsWorkWithGraphsOn) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
   using namespace sdtrain::testing;
   const fs::path dir = scratch_dir();
-  const nlohmann::json settings = {{"device", "cuda"},
-                                   {"mixed_precision", "fp16"},
-                                   {"optimizer", "adamw8bit"},
-                                   {"gradient_checkpointing", true},
-                                   {"with_prior_preservation", true},
-                                   {"num_class_images", 4},
-                                   {"cuda_graphs", true},
-                                   {"max_steps", 8},
-                                   {"checkpointing_steps", 2},
-                                   {"validation_prompts", {"a photo of sks robot"}},
-                                   {"validation_steps", 4},
-                                   {"num_validation_images", 1}};
+  nlohmann::json settings = gpu_demo_settings();
+  settings.update({{"cuda_graphs", true},
+                   {"max_steps", 8},
+                   {"checkpointing_steps", 2},
+                   {"validation_prompts", {"a photo of sks robot"}},
+                   {"validation_steps", 4},
+                   {"num_validation_images", 1}});
   fs::create_directories(dir / "whole");
   const auto whole = run_sdtrain("--config " + write_config(dir / "whole", settings).string());
   ASSERT_EQ(whole.code, 0) << whole.output;

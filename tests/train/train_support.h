@@ -49,6 +49,17 @@ inline std::filesystem::path write_config(const std::filesystem::path& dir, cons
   return path;
 }
 
+// The GPU tests' demo run: fp16, gradient checkpointing, prior preservation (the demo photos as
+// class images) and 8-bit AdamW on CUDA, the step the benchmark's `today` row times.
+inline nlohmann::json gpu_demo_settings() {
+  return {{"device", "cuda"},
+          {"mixed_precision", "fp16"},
+          {"optimizer", "adamw8bit"},
+          {"gradient_checkpointing", true},
+          {"with_prior_preservation", true},
+          {"num_class_images", 4}};
+}
+
 // The loss of each line of output_dir/logs/metrics.jsonl, in order.
 inline std::vector<double> logged_losses(const std::filesystem::path& output_dir) {
   std::vector<double> values;
