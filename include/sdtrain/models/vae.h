@@ -33,8 +33,7 @@ class EncoderImpl : public torch::nn::Module {
   torch::nn::ModuleList down_blocks{nullptr};
   std::vector<DownEncoderBlock2D> down_list;
   UNetMidBlock2D mid_block{nullptr};
-  GroupNormSiLU conv_norm_out{nullptr};  // GroupNorm, then SiLU
-  // conv_act: SiLU, no weights.
+  GroupNormSiLU conv_norm_out{nullptr};  // GroupNorm, then SiLU (diffusers' conv_act)
   torch::nn::Conv2d conv_out{nullptr};
 };
 TORCH_MODULE(Encoder);
