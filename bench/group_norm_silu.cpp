@@ -14,7 +14,6 @@
 #include <torch/torch.h>
 
 #include <CLI/CLI.hpp>
-#include <chrono>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <vector>
@@ -23,6 +22,7 @@
 #include "sdtrain/models/group_norm_silu.h"
 #include "sdtrain/train/device_memory.h"
 #include "sdtrain/train/mixed_precision.h"
+#include "timing.h"
 
 namespace {
 
@@ -59,10 +59,6 @@ struct Tensors {
   torch::Tensor x, weight, bias, dy;
 };
 
-void synchronize(const torch::Device& device) {
-  if (device.is_cuda()) torch::cuda::synchronize();
-}
-
 // Runs every pair's forward (and backward, if `backward`); returns the outputs.
 std::vector<torch::Tensor> run_pairs(const std::vector<Tensors>& pairs, bool fused,
                                      torch::ScalarType activation, bool backward) {
@@ -75,18 +71,6 @@ std::vector<torch::Tensor> run_pairs(const std::vector<Tensors>& pairs, bool fus
     outputs.push_back(y);
   }
   return outputs;
-}
-
-template <typename Fn>
-double milliseconds(const torch::Device& device, int repeat, Fn&& fn) {
-  for (int i = 0; i < 3; ++i) fn();
-  synchronize(device);
-  const auto start = std::chrono::steady_clock::now();
-  for (int i = 0; i < repeat; ++i) fn();
-  synchronize(device);
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
-             .count() /
-         repeat;
 }
 
 int run(int argc, char** argv) {
@@ -113,12 +97,12 @@ int run(int argc, char** argv) {
   train::AutocastGuard autocast(device.type(),
                                 device.is_cuda() ? train::Precision::fp16 : train::Precision::fp32);
   for (const bool fused : {false, true}) {
-    const double forward_ms = milliseconds(device, repeat, [&] {
+    const double forward_ms = milliseconds_per_step(device, repeat, [&] {
       torch::NoGradGuard no_grad;
       run_pairs(pairs, fused, activation, false);
     });
     const double step_ms =
-        milliseconds(device, repeat, [&] { run_pairs(pairs, fused, activation, true); });
+        milliseconds_per_step(device, repeat, [&] { run_pairs(pairs, fused, activation, true); });
     // What the pairs keep for backward: memory held after a forward with the graph alive, less
     // the outputs themselves (the next convolution keeps those either way).
     synchronize(device);
@@ -130,13 +114,13 @@ int run(int argc, char** argv) {
       kept += train::current_device_memory_bytes(device) - before;
     }
     nlohmann::json report = {{"path", fused ? "fused" : "torch"},
-                                   {"device", device.str()},
-                                   {"pairs", pairs.size()},
-                                   {"batch", batch},
-                                   {"latent", latent},
-                                   {"ms_forward", forward_ms},
-                                   {"ms_forward_backward", step_ms},
-                                   {"kept_for_backward_mib", nullptr}};
+                             {"device", device.str()},
+                             {"pairs", pairs.size()},
+                             {"batch", batch},
+                             {"latent", latent},
+                             {"ms_forward", forward_ms},
+                             {"ms_forward_backward", step_ms},
+                             {"kept_for_backward_mib", nullptr}};
     if (device.is_cuda()) report["kept_for_backward_mib"] = kept / 1048576.0;  // CUDA only
     std::cout << report.dump() << std::endl;
   }

@@ -37,6 +37,7 @@
 #include "sdtrain/models/unet_2d_condition.h"
 #include "bench_main.h"
 #include "sdtrain/util/error.h"
+#include "timing.h"
 
 namespace {
 
@@ -111,10 +112,6 @@ c10::ScalarType parse_dtype(const std::string& name) {
   if (name == "bfloat16") return torch::kBFloat16;
   if (name == "float64") return torch::kDouble;
   throw ConfigError("--dtype " + name + " is not one of float32, float16, bfloat16, float64");
-}
-
-void synchronize(const torch::Device& device) {
-  if (device.is_cuda()) torch::cuda::synchronize(device.index());
 }
 
 int run(int argc, char** argv) {

@@ -30,6 +30,7 @@
 #include "sdtrain/models/unet_2d_condition.h"
 #include "sdtrain/models/uninitialised.h"
 #include "sdtrain/util/error.h"
+#include "timing.h"
 
 namespace {
 
@@ -40,10 +41,6 @@ double seconds_of(const std::function<void()>& work) {
   const auto start = Clock::now();
   work();
   return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-void synchronize(const torch::Device& device) {
-  if (device.is_cuda()) torch::cuda::synchronize(device.index() < 0 ? 0 : device.index());
 }
 
 c10::ScalarType parse_dtype(const std::string& name) {

@@ -19,23 +19,9 @@
 
 #include "key_list.h"
 #include "sdtrain/optim/optimizer.h"
+#include "timing.h"
 
 namespace {
-
-void synchronize(const torch::Device& device) {
-  if (device.is_cuda()) torch::cuda::synchronize();
-}
-
-template <typename Step>
-double milliseconds_per_step(const torch::Device& device, int steps, Step&& step) {
-  for (int i = 0; i < 3; ++i) step();
-  synchronize(device);
-  const auto start = std::chrono::steady_clock::now();
-  for (int i = 0; i < steps; ++i) step();
-  synchronize(device);
-  const std::chrono::duration<double, std::milli> elapsed = std::chrono::steady_clock::now() - start;
-  return elapsed.count() / steps;
-}
 
 }  // namespace
 
