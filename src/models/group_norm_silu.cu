@@ -346,23 +346,15 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host side ----
 
-int multiprocessors() {
-  int device = 0, count = 80;
-  if (cudaGetDevice(&device) == cudaSuccess) {
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  }
-  return count;
-}
-
 // Tiles per segment: enough for kCtasPerMultiprocessor CTAs per multiprocessor in all, but at
 // least one vector per thread in each. `element_bytes` and the pointers decide `vector`.
-Tiling tiling(int64_t segments, int64_t length, int element_bytes,
+Tiling tiling(int64_t segments, int64_t length, int64_t multiprocessors, int element_bytes,
               std::initializer_list<const void*> pointers) {
   const int64_t vector = 16 / element_bytes;
   Tiling t{segments, length, 1, length, length % vector == 0};
   for (const void* p : pointers) t.vector = t.vector && reinterpret_cast<uintptr_t>(p) % 16 == 0;
   if (segments == 0 || length == 0) return t;
-  const int64_t ctas = int64_t{multiprocessors()} * kCtasPerMultiprocessor;
+  const int64_t ctas = std::max<int64_t>(multiprocessors, 1) * kCtasPerMultiprocessor;
   const int64_t wanted = (ctas + segments - 1) / segments;
   const int64_t most = (length + kThreads * vector - 1) / (kThreads * vector);
   const int64_t tiles = std::clamp<int64_t>(std::min(wanted, most), 1, kMostTiles);
@@ -376,12 +368,13 @@ dim3 grid_of(const Tiling& t) {
 }
 
 Tiling group_tiling(const GroupNormShape& s, int element_bytes, const void* x) {
-  return tiling(s.batch * s.groups, s.channels / s.groups * s.hw, element_bytes, {x});
+  return tiling(s.batch * s.groups, s.channels / s.groups * s.hw, s.multiprocessors,
+                element_bytes, {x});
 }
 
 Tiling row_tiling(const GroupNormShape& s, int element_bytes,
                   std::initializer_list<const void*> pointers) {
-  return tiling(s.batch * s.channels, s.hw, element_bytes, pointers);
+  return tiling(s.batch * s.channels, s.hw, s.multiprocessors, element_bytes, pointers);
 }
 
 int element_bytes(ElementType type) { return type == ElementType::float32 ? 4 : 2; }

@@ -2,6 +2,7 @@
 
 #if SDTRAIN_WITH_CUDA
 
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -23,6 +24,8 @@ cuda::GroupNormShape shape_of(const torch::Tensor& x, int64_t groups) {
   const int64_t rows = shape.batch * shape.channels;
   shape.hw = rows == 0 ? 0 : x.numel() / rows;
   shape.groups = groups;
+  // Called under a CUDAGuard for x's device, so the current device's (cached) properties.
+  shape.multiprocessors = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return shape;
 }
 

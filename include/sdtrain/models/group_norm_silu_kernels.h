@@ -7,8 +7,7 @@
 // Layout: x, y, dy and dx are contiguous NCHW, seen as [batch, channels, hw]; the `groups`
 // groups split the channels evenly. mean and rstd are fp32 [batch, groups]. The weight and
 // bias are [channels] of weight_type, which is float32 or the activations' type. The
-// workspaces are fp32 device memory of the sizes below, for the current device (the tiling
-// depends on its multiprocessor count).
+// workspaces are fp32 device memory of the sizes below.
 
 #include <cuda_runtime_api.h>
 
@@ -25,6 +24,9 @@ struct GroupNormShape {
   int64_t channels = 0;
   int64_t hw = 0;  // elements per channel (H * W)
   int64_t groups = 0;
+  // Of the device that runs the kernels: how many tiles each walk is cut into follows from it
+  // (the caller reads it from torch's cached device properties, not once per launch).
+  int64_t multiprocessors = 0;
 };
 
 // Floats of workspace the forward pass needs (each group's partial moments).
