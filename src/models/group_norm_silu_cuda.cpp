@@ -17,8 +17,19 @@ using ::sdtrain::cuda::cuda_element_type;
 
 constexpr const char* kWho = "fused_group_norm_silu";
 
+// NHWC storage (channels-last convolutions write it): the kernels of that layout take it as it
+// is, where making it contiguous would add the transposes channels-last is meant to remove.
+bool is_channels_last(const torch::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::MemoryFormat layout_of(const torch::Tensor& x) {
+  return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 cuda::GroupNormShape shape_of(const torch::Tensor& x, int64_t groups) {
   cuda::GroupNormShape shape;
+  shape.channels_last = is_channels_last(x);
   shape.batch = x.size(0);
   shape.channels = x.size(1);
   const int64_t rows = shape.batch * shape.channels;
@@ -53,14 +64,14 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward_
     const torch::Tensor& x_in, const torch::Tensor& weight, const torch::Tensor& bias,
     int64_t groups, double eps) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const torch::Tensor x = x_in.contiguous();
+  const torch::Tensor x = x_in.contiguous(layout_of(x_in));
   const torch::Tensor w = kernel_weight(weight, x), b = kernel_weight(bias, x).to(w.scalar_type());
   const auto stats = x.options().dtype(torch::kFloat);
   const cuda::GroupNormShape shape = shape_of(x, groups);
   torch::Tensor workspace = torch::empty({cuda::group_norm_silu_forward_workspace(shape)}, stats);
   torch::Tensor mean = torch::empty({x.size(0), groups}, stats);
   torch::Tensor rstd = torch::empty({x.size(0), groups}, stats);
-  torch::Tensor y = torch::empty_like(x, torch::MemoryFormat::Contiguous);
+  torch::Tensor y = torch::empty_like(x, layout_of(x));
   check_launch(cuda::launch_group_norm_silu_forward(
                    cuda_element_type(x.scalar_type(), kWho),
                    cuda_element_type(w.scalar_type(), kWho), shape, x.data_ptr(), w.data_ptr(),
@@ -76,13 +87,13 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_backward
     const torch::Tensor& bias, const torch::Tensor& mean, const torch::Tensor& rstd, int64_t groups,
     bool affine_grads) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const torch::Tensor x = x_in.contiguous();
-  const torch::Tensor dy = dy_in.to(x.scalar_type()).contiguous();
+  const torch::Tensor x = x_in.contiguous(layout_of(x_in));
+  const torch::Tensor dy = dy_in.to(x.scalar_type()).contiguous(layout_of(x));
   const torch::Tensor w = kernel_weight(weight, x), b = kernel_weight(bias, x).to(w.scalar_type());
   const cuda::GroupNormShape shape = shape_of(x, groups);
   torch::Tensor workspace = torch::empty({cuda::group_norm_silu_backward_workspace(shape)},
                                          x.options().dtype(torch::kFloat));
-  torch::Tensor dx = torch::empty_like(x, torch::MemoryFormat::Contiguous);
+  torch::Tensor dx = torch::empty_like(x, layout_of(x));
   torch::Tensor grad_weight, grad_bias;
   if (affine_grads) {
     grad_weight = torch::empty_like(w);

@@ -142,6 +142,42 @@ TEST(FusedGroupNormSiLU, AResnetGivesTheSameOutputAndGradientsFusedOrNot) {
     if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine"; \
   } while (0)
 
+// The CUDA path's value, statistics and gradients against the reference on the same inputs.
+void expect_kernels_match_reference(const Inputs& in, int64_t groups, double tolerance) {
+  const auto [y, mean, rstd] =
+      detail::group_norm_silu_forward(in.x, in.weight, in.bias, groups, 1e-6);
+  const auto [y_ref, mean_ref, rstd_ref] =
+      detail::group_norm_silu_forward_reference(in.x, in.weight, in.bias, groups, 1e-6);
+  EXPECT_LE(relative_error(y, y_ref), tolerance) << "y";
+  EXPECT_LE(relative_error(mean, mean_ref), 1e-5) << "mean";
+  EXPECT_LE(relative_error(rstd, rstd_ref), 1e-5) << "rstd";
+  const auto [dx, dw, db] = detail::group_norm_silu_backward(in.dy, in.x, in.weight, in.bias,
+                                                             mean_ref, rstd_ref, groups, true);
+  const auto [dx_ref, dw_ref, db_ref] = detail::group_norm_silu_backward_reference(
+      in.dy, in.x, in.weight, in.bias, mean_ref, rstd_ref, groups, true);
+  EXPECT_LE(relative_error(dx, dx_ref), tolerance) << "dx";
+  EXPECT_LE(relative_error(dw, dw_ref), tolerance) << "dweight";
+  EXPECT_LE(relative_error(db, db_ref), tolerance) << "dbias";
+  EXPECT_EQ(dw.scalar_type(), in.weight.scalar_type());
+  // Channels-last in, channels-last out: the next convolution reads it without a transpose.
+  const auto layout = in.x.is_contiguous() ? torch::MemoryFormat::Contiguous
+                                           : torch::MemoryFormat::ChannelsLast;
+  EXPECT_TRUE(y.is_contiguous(layout)) << "y's layout";
+  EXPECT_TRUE(dx.is_contiguous(layout)) << "dx's layout";
+}
+
+struct KernelCase {
+  torch::ScalarType x, weight;
+  double tolerance;
+};
+
+// Every storage pair the kernels take, with its tolerance (below).
+const std::vector<KernelCase> kKernelCases{{torch::kFloat, torch::kFloat, 2e-5},
+                                           {torch::kHalf, torch::kFloat, 2e-3},
+                                           {torch::kHalf, torch::kHalf, 2e-3},
+                                           {torch::kBFloat16, torch::kFloat, 1.6e-2},
+                                           {torch::kBFloat16, torch::kBFloat16, 1.6e-2}};
+
 // The CUDA kernels against the reference formulas run on the same CUDA tensors, for every
 // storage pair the kernels take: at odd sizes (a partial warp, hw of 1, rows that are no whole
 // number of 16-byte vectors: the element-by-element path), at SD's (a group of 40,960
@@ -152,15 +188,6 @@ TEST(FusedGroupNormSiLU, AResnetGivesTheSameOutputAndGradientsFusedOrNot) {
 TEST(FusedGroupNormSiLU, CudaKernelsMatchTheReference) {
   SDTRAIN_REQUIRE_CUDA();
   const torch::Device cuda(torch::kCUDA);
-  struct Case {
-    torch::ScalarType x, weight;
-    double tolerance;
-  };
-  const std::vector<Case> cases{{torch::kFloat, torch::kFloat, 2e-5},
-                                {torch::kHalf, torch::kFloat, 2e-3},
-                                {torch::kHalf, torch::kHalf, 2e-3},
-                                {torch::kBFloat16, torch::kFloat, 1.6e-2},
-                                {torch::kBFloat16, torch::kBFloat16, 1.6e-2}};
   struct Shape {
     std::vector<int64_t> sizes;
     int64_t groups;
@@ -169,7 +196,7 @@ TEST(FusedGroupNormSiLU, CudaKernelsMatchTheReference) {
   const std::vector<Shape> shapes{{{3, 6, 7, 5}, 3},        {{2, 4, 1, 1}, 2},
                                   {{2, 320, 64, 64}, 32},   {{1, 128, 33, 31}, 32},
                                   {{1, 128, 256, 256}, 32}, {{2, 64, 16, 16}, 32, true}};
-  for (const Case& c : cases) {
+  for (const KernelCase& c : kKernelCases) {
     for (const auto& [shape, groups, misaligned] : shapes) {
       SCOPED_TRACE(::testing::Message()
                    << c10::toString(c.x) << "/" << c10::toString(c.weight) << " "
@@ -182,21 +209,31 @@ TEST(FusedGroupNormSiLU, CudaKernelsMatchTheReference) {
           *t = view.copy_(*t);
         }
       }
-      const auto [y, mean, rstd] =
-          detail::group_norm_silu_forward(in.x, in.weight, in.bias, groups, 1e-6);
-      const auto [y_ref, mean_ref, rstd_ref] =
-          detail::group_norm_silu_forward_reference(in.x, in.weight, in.bias, groups, 1e-6);
-      EXPECT_LE(relative_error(y, y_ref), c.tolerance) << "y";
-      EXPECT_LE(relative_error(mean, mean_ref), 1e-5) << "mean";
-      EXPECT_LE(relative_error(rstd, rstd_ref), 1e-5) << "rstd";
-      const auto [dx, dw, db] = detail::group_norm_silu_backward(in.dy, in.x, in.weight, in.bias,
-                                                                 mean_ref, rstd_ref, groups, true);
-      const auto [dx_ref, dw_ref, db_ref] = detail::group_norm_silu_backward_reference(
-          in.dy, in.x, in.weight, in.bias, mean_ref, rstd_ref, groups, true);
-      EXPECT_LE(relative_error(dx, dx_ref), c.tolerance) << "dx";
-      EXPECT_LE(relative_error(dw, dw_ref), c.tolerance) << "dweight";
-      EXPECT_LE(relative_error(db, db_ref), c.tolerance) << "dbias";
-      EXPECT_EQ(dw.scalar_type(), c.weight);
+      expect_kernels_match_reference(in, groups, c.tolerance);
+    }
+  }
+}
+
+// Channels-last (NHWC) inputs take their own kernels (src/models/group_norm_silu_nhwc.cu): one
+// thread per channel and pixel lane in the reductions, so the shapes cover fewer channels than
+// a CTA's threads (6, 128: several lanes per channel, tiles shorter than the lanes), more
+// (1280: a thread takes several channels), channel counts that are not whole 16-byte vectors
+// (6, 20), a VAE-sized sample, and SD's 64x64 latents.
+TEST(FusedGroupNormSiLU, ChannelsLastCudaKernelsMatchTheReference) {
+  SDTRAIN_REQUIRE_CUDA();
+  const torch::Device cuda(torch::kCUDA);
+  const std::vector<std::pair<std::vector<int64_t>, int64_t>> shapes{
+      {{3, 6, 7, 5}, 3},     {{2, 20, 3, 2}, 4},      {{2, 320, 64, 64}, 32},
+      {{1, 128, 33, 31}, 32}, {{2, 1280, 8, 8}, 32}, {{1, 128, 256, 256}, 32}};
+  for (const KernelCase& c : kKernelCases) {
+    for (const auto& [shape, groups] : shapes) {
+      SCOPED_TRACE(::testing::Message() << c10::toString(c.x) << "/" << c10::toString(c.weight)
+                                        << " " << torch::IntArrayRef(shape) << " channels-last");
+      Inputs in = make_inputs(shape, c.x, c.weight, cuda, 18);
+      in.x = in.x.contiguous(torch::MemoryFormat::ChannelsLast);
+      in.dy = in.dy.contiguous(torch::MemoryFormat::ChannelsLast);
+      ASSERT_FALSE(in.x.is_contiguous());
+      expect_kernels_match_reference(in, groups, c.tolerance);
     }
   }
 }

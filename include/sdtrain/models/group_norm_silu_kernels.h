@@ -4,8 +4,9 @@
 // live in src/models/group_norm_silu_cuda.cpp; the formulas, and the CPU reference the GPU
 // test compares against, in src/models/group_norm_silu.cpp.
 //
-// Layout: x, y, dy and dx are contiguous NCHW, seen as [batch, channels, hw]; the `groups`
-// groups split the channels evenly. mean and rstd are fp32 [batch, groups]. The weight and
+// Layout: x, y, dy and dx are contiguous NCHW, seen as [batch, channels, hw], or, with
+// channels_last set, contiguous NHWC, seen as [batch, hw, channels]; the `groups` groups split
+// the channels evenly. mean and rstd are fp32 [batch, groups]. The weight and
 // bias are [channels] of weight_type, which is float32 or the activations' type. The
 // workspaces are fp32 device memory of the sizes below.
 
@@ -27,6 +28,8 @@ struct GroupNormShape {
   // Of the device that runs the kernels: how many tiles each walk is cut into follows from it
   // (the caller reads it from torch's cached device properties, not once per launch).
   int64_t multiprocessors = 0;
+  // NHWC storage (torch's channels_last), as convolutions in channels-last produce it.
+  bool channels_last = false;
 };
 
 // Floats of workspace the forward pass needs (each group's partial moments).
