@@ -25,7 +25,8 @@ torch::Tensor EagerPass::run(const LossInputs& inputs,
 std::optional<std::string> cuda_graph_obstacle(bool cuda_device, bool data_parallel,
                                                bool fused_backward_pass,
                                                const std::string& optimizer,
-                                               int64_t gradient_accumulation_steps) {
+                                               int64_t gradient_accumulation_steps,
+                                               double lora_dropout) {
   if (!cuda_device) return "the device is the CPU (CUDA graphs are a GPU feature)";
   if (data_parallel)
     return "data parallel all-reduces gradients from the backward pass (collectives are not "
@@ -37,6 +38,9 @@ std::optional<std::string> cuda_graph_obstacle(bool cuda_device, bool data_paral
   if (gradient_accumulation_steps > 1)
     return "gradient_accumulation_steps > 1 (a replayed backward pass writes the gradients, it "
            "does not add to them)";
+  if (lora_dropout > 0)
+    return "lora_dropout > 0 (each pass draws its dropout masks on the GPU: the check of the "
+           "first replay against an eager pass cannot match)";
   return std::nullopt;
 }
 
@@ -49,8 +53,9 @@ struct CapturedPass::Graph {
 };
 
 // Capture needs gradient accumulation 1 (cuda_graph_obstacle): the passes divide by nothing.
-CapturedPass::CapturedPass(DiffusionLoss& loss, LossScaler& scaler, UpdatePolicy& update)
-    : eager_(loss, scaler, 1), update_(update) {}
+CapturedPass::CapturedPass(DiffusionLoss& loss, LossScaler& scaler, UpdatePolicy& update,
+                           int64_t full_rows)
+    : eager_(loss, scaler, 1), update_(update), full_rows_(full_rows) {}
 
 CapturedPass::~CapturedPass() = default;
 
@@ -83,7 +88,12 @@ void copy_into(LossInputs& buffers, const LossInputs& inputs) {
 torch::Tensor CapturedPass::run(const LossInputs& inputs,
                                 const std::function<void()>& before_backward) {
   if (!graph_) {
-    capture(inputs);
+    // A graph is captured for one shape: a resumed run may start on an epoch's short last
+    // batch, and every full batch after it would then run eagerly.
+    if (inputs.latents.size(0) < full_rows_ || !capture(inputs)) {
+      update_.optimizer().zero_grad(/*set_to_none=*/true);
+      return eager_.run(inputs, before_backward);
+    }
     if (!update_.updates_in_backward()) {
       // The check replayed the graph on `inputs`: the first pass is done.
       before_backward();
@@ -119,15 +129,17 @@ torch::Tensor CapturedPass::replay(const LossInputs& inputs,
   return graph_->loss;
 }
 
-void CapturedPass::capture(const LossInputs& inputs) {
+bool CapturedPass::capture(const LossInputs& inputs) {
 #if !SDTRAIN_WITH_CUDA
   (void)inputs;
   throw CaptureFailed("this build of sdtrain has no CUDA support");
 #else
   if (!inputs.latents.is_cuda()) throw CaptureFailed("the inputs are not on a GPU");
+  // The current device may be another: `device: "cuda:1"` sets none (only data parallel does).
+  const c10::DeviceIndex device = inputs.latents.device().index();
   try {
     const LossInputs warm = halved(inputs);
-    torch::cuda::synchronize();
+    torch::cuda::synchronize(device);
     c10::cuda::CUDAStream side =
         c10::cuda::getStreamFromPool(/*isHighPriority=*/false, inputs.latents.device().index());
     Reference reference;
@@ -135,7 +147,17 @@ void CapturedPass::capture(const LossInputs& inputs) {
       c10::cuda::CUDAStreamGuard on_side(side);
       run_warm_up(warm, inputs, reference);
     }
-    torch::cuda::synchronize();
+    torch::cuda::synchronize(device);
+    if (!reference_is_finite(reference)) {
+      // fp16's first steps may overflow at the loss scaler's initial scale; a replay of such a
+      // pass has nothing finite to be checked against. This micro-batch runs eagerly (the
+      // scaler skips it and lowers the scale) and the capture waits for a finite one.
+      abandon_capture();
+      if (++overflowed_references_ < kMostOverflowedReferences) return false;
+      throw CaptureFailed(log::str("the eager pass overflowed on the first ",
+                                   kMostOverflowedReferences,
+                                   " micro-batches: no finite pass to check a replay against"));
+    }
     // The capture allocates the gradients in the graph's pool. The warm-up's blocks belong to
     // the side stream: released, so the graph's pool and they are never reserved together.
     update_.optimizer().zero_grad(/*set_to_none=*/true);
@@ -159,7 +181,7 @@ void CapturedPass::capture(const LossInputs& inputs) {
       graph_->graph.capture_end();
     }
     if (steps_inside) update_.optimizer().end_graph_capture();
-    torch::cuda::synchronize();
+    torch::cuda::synchronize(device);
     check_first_replay(inputs, reference);
   } catch (const c10::Error& error) {
     abandon_capture();
@@ -176,7 +198,16 @@ void CapturedPass::capture(const LossInputs& inputs) {
                   "steps in it; a dry replay matched the eager pass"
                 : "cuda_graphs: the forward and backward pass is captured; a replay matched the "
                   "eager pass");
+  return true;
 #endif
+}
+
+bool reference_is_finite(double loss, const torch::Tensor& gradient_fingerprint) {
+  return std::isfinite(loss) && torch::isfinite(gradient_fingerprint).all().item<bool>();
+}
+
+bool CapturedPass::reference_is_finite(const Reference& reference) {
+  return train::reference_is_finite(reference.loss, reference.gradients);
 }
 
 // The warm-up: two passes on the halved inputs, then the check's reference on the real ones,

@@ -196,10 +196,11 @@ void decide_cuda_graphs(TrainingPlan& plan) {
   const AutoSwitch wanted = plan.config.compute.cuda_graphs;
   if (wanted == AutoSwitch::off) return;
   const bool gpu = plan.device != "cpu";
-  const auto obstacle =
-      cuda_graph_obstacle(gpu, plan.parallel.launched, plan.fused_backward_pass,
-                          plan.config.optimizer.name,
-                          plan.config.length.gradient_accumulation_steps);
+  const auto& lora = plan.config.lora;
+  const auto obstacle = cuda_graph_obstacle(
+      gpu, plan.parallel.launched, plan.fused_backward_pass, plan.config.optimizer.name,
+      plan.config.length.gradient_accumulation_steps,
+      lora.train_mode == TrainMode::lora ? lora.lora_dropout : 0.0);
   if (!obstacle) {
     plan.cuda_graphs = true;
     return;

@@ -60,11 +60,17 @@ class EagerPass final : public MicroBatchPass {
 
 // Why this run cannot be captured, or nullopt when it can: the device is not a GPU, data
 // parallel (collectives in the backward pass), fused_backward_pass with an optimizer whose
-// steps cannot be captured (all but adamw8bit), gradient accumulation (see above).
+// steps cannot be captured (all but adamw8bit), gradient accumulation (see above), LoRA
+// dropout (`lora_dropout`: 0 unless train_mode is lora).
 std::optional<std::string> cuda_graph_obstacle(bool cuda_device, bool data_parallel,
                                                bool fused_backward_pass,
                                                const std::string& optimizer,
-                                               int64_t gradient_accumulation_steps);
+                                               int64_t gradient_accumulation_steps,
+                                               double lora_dropout);
+
+// Whether an eager pass's loss and gradient fingerprint are all finite: a pass that overflowed
+// in fp16 cannot be a replay's reference (CapturedPass then captures on a later micro-batch).
+bool reference_is_finite(double loss, const torch::Tensor& gradient_fingerprint);
 
 // Thrown by CapturedPass when the capture, or the check of its first replay, fails.
 class CaptureFailed : public std::runtime_error {
@@ -87,13 +93,16 @@ class CaptureFailed : public std::runtime_error {
 // UpdatePolicy::set_dry), the fingerprint is each gradient's norm as the hook recorded it, and
 // the checked replay is dry too (every captured step skips on a flag): the first micro-batch
 // is a second replay, with the real arguments.
-// CaptureFailed names what failed; the trainer then runs eagerly (cuda_graphs "auto") or stops
-// (true). Later runs copy the inputs in and replay. CUDA builds only; elsewhere the first run
-// throws CaptureFailed.
+// The capture waits, running micro-batches eagerly, while a micro-batch has fewer than the full
+// rows (an epoch's short last batch, where a resumed run may start) or while the reference pass
+// overflows (fp16 at the scaler's first scale; CaptureFailed after 3 such). CaptureFailed names
+// what failed; the trainer then runs eagerly (cuda_graphs "auto") or stops (true). Later runs
+// copy the inputs in and replay. CUDA builds only; elsewhere the first run throws CaptureFailed.
 class CapturedPass final : public MicroBatchPass {
  public:
-  // `update`'s optimizer holds the trained tensors, whose gradients the pass writes.
-  CapturedPass(DiffusionLoss& loss, LossScaler& scaler, UpdatePolicy& update);
+  // `update`'s optimizer holds the trained tensors, whose gradients the pass writes. full_rows:
+  // the rows of a full micro-batch (train_batch_size, twice that with prior preservation).
+  CapturedPass(DiffusionLoss& loss, LossScaler& scaler, UpdatePolicy& update, int64_t full_rows);
   ~CapturedPass() override;
   torch::Tensor run(const LossInputs& inputs,
                     const std::function<void()>& before_backward) override;
@@ -105,7 +114,9 @@ class CapturedPass final : public MicroBatchPass {
     double loss = 0;
     torch::Tensor gradients;
   };
-  void capture(const LossInputs& inputs);
+  // False when the capture waits (the reference pass overflowed).
+  bool capture(const LossInputs& inputs);
+  bool reference_is_finite(const Reference& reference);
   // Copies the inputs in and replays; under fused_backward_pass the step before is settled
   // (before_backward) and the optimizer's arguments written first.
   torch::Tensor replay(const LossInputs& inputs, const std::function<void()>& before_backward);
@@ -121,6 +132,9 @@ class CapturedPass final : public MicroBatchPass {
   UpdatePolicy& update_;
   std::unique_ptr<Graph> graph_;
   bool told_of_other_shapes_ = false;
+  int64_t full_rows_;
+  static constexpr int kMostOverflowedReferences = 3;
+  int overflowed_references_ = 0;
 };
 
 }  // namespace sdtrain::train
