@@ -15,7 +15,8 @@
 #      with and without gradient checkpointing, and diffusers' train_dreambooth_lora.py with the
 #      same settings when .whl/train_dreambooth_lora.py was packed (timed by
 #      tools/time_training_script.py): median s/step and peak allocated memory of each.
-#   6. bench (issues 15, 16): bench_group_norm_silu ($OUT/group_norm_silu.jsonl), then
+#   6. bench (issues 15, 16): bench_group_norm_silu, alone and --with-conv
+#      ($OUT/group_norm_silu.jsonl), then
 #      tools/benchmark.py, every row beside train_dreambooth.py when .whl/train_dreambooth.py was
 #      packed; the table in $OUT/bench/benchmark.md, ready for docs/benchmarks.md.
 #   7. sampling (issue 16): tools/benchmark_sampling.py, images/s of `sdtrain generate` and of
@@ -113,8 +114,10 @@ done
 }
 bench() {
 echo "== 6. the lean-memory benchmark (tools/benchmark.py)"
-# GroupNorm + SiLU of SD 2.1-base's UNet, torch against the fused node (seconds).
+# GroupNorm + SiLU of SD 2.1-base's UNet, torch against the fused node (seconds); then with each
+# pair's convolution, NCHW against channels-last (whether channels-last pays).
 timeout 60 "$B/bench_group_norm_silu" | tee "$O/group_norm_silu.jsonl"
+timeout 90 "$B/bench_group_norm_silu" --with-conv | tee -a "$O/group_norm_silu.jsonl"
 full_size_model || return
 local script=(); [ -f "$R/.whl/train_dreambooth.py" ] && script=(--diffusers-script "$R/.whl/train_dreambooth.py")
 # BENCH_ROWS: the rows (tools/benchmark.py); every row with diffusers beside does not fit the
