@@ -1,6 +1,7 @@
 #include "sdtrain/train/micro_batch_pass.h"
 
 #if SDTRAIN_WITH_CUDA
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -47,6 +48,8 @@ std::optional<std::string> cuda_graph_obstacle(bool cuda_device, bool data_paral
 struct CapturedPass::Graph {
 #if SDTRAIN_WITH_CUDA
   at::cuda::CUDAGraph graph;
+  // The graph's memory pool, named here so that a failed capture can give it back.
+  at::cuda::MempoolId_t pool = at::cuda::graph_pool_handle();
 #endif
   LossInputs inputs;   // the static buffers the graph reads
   torch::Tensor loss;  // the loss the graph writes
@@ -76,6 +79,39 @@ bool same_layout(const LossInputs& a, const LossInputs& b) {
 LossInputs halved(const LossInputs& inputs) {
   return {inputs.latents * 0.5, inputs.noise * 0.5, inputs.timesteps.flip({0})};
 }
+
+#if SDTRAIN_WITH_CUDA
+// Ends the capture; when that fails, leaves the allocator as a failed capture must be left
+// before its graph is destroyed, and throws. torch's capture_end stops routing the capture
+// stream's allocations to the graph's pool only after cudaStreamEndCapture succeeds; a capture
+// the driver invalidated (a synchronisation inside it) would leave the caching allocator
+// routing with a filter that points into the destroyed CUDAGraph, and the pool reserved for
+// good. When torch did not get that far, this ends the routing and releases the pool (what the
+// graph's reset does for a capture that ended), and clears the CUDA error.
+void end_capture(at::cuda::CUDAGraph& graph, c10::DeviceIndex device, at::cuda::MempoolId_t pool) {
+  try {
+    graph.capture_end();
+    return;
+  } catch (const c10::Error&) {
+    (void)cudaGetLastError();
+    bool routed = true;
+    try {
+      c10::cuda::CUDACachingAllocator::endAllocateToPool(device, pool);
+    } catch (const c10::Error&) {
+      routed = false;  // capture_end got past its end of routing: the reset releases the pool
+    }
+    if (routed) {
+      try {
+        at::getHostAllocator(at::kCUDA)->end_allocate_to_pool(pool);
+        at::getHostAllocator(at::kCUDA)->release_pool(pool);
+      } catch (const c10::Error&) {
+      }
+      c10::cuda::CUDACachingAllocator::releasePool(device, pool);
+    }
+    throw;
+  }
+}
+#endif
 
 void copy_into(LossInputs& buffers, const LossInputs& inputs) {
   buffers.latents.copy_(inputs.latents, /*non_blocking=*/true);
@@ -168,17 +204,17 @@ bool CapturedPass::capture(const LossInputs& inputs) {
     if (steps_inside) update_.optimizer().begin_graph_capture();
     {
       c10::cuda::CUDAStreamGuard on_side(side);
-      graph_->graph.capture_begin();
+      graph_->graph.capture_begin(graph_->pool);
       try {
         graph_->loss = eager(graph_->inputs);
       } catch (...) {
         try {
-          graph_->graph.capture_end();  // ends the stream's capture before the error goes on
-        } catch (...) {
+          end_capture(graph_->graph, device, graph_->pool);
+        } catch (const c10::Error&) {
         }
-        throw;
+        throw;  // the pass's error, not the capture's
       }
-      graph_->graph.capture_end();
+      end_capture(graph_->graph, device, graph_->pool);
     }
     if (steps_inside) update_.optimizer().end_graph_capture();
     torch::cuda::synchronize(device);
@@ -237,6 +273,10 @@ void CapturedPass::abandon_capture() {
   update_.optimizer().end_graph_capture();
   update_.clear_pass_figures();
   update_.optimizer().zero_grad(/*set_to_none=*/true);
+#if SDTRAIN_WITH_CUDA
+  // What the graph's pool held goes back to the device for the eager passes.
+  c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
 }
 
 void CapturedPass::check_first_replay(const LossInputs& inputs, const Reference& reference) {
