@@ -30,6 +30,9 @@ void check_shapes(const torch::Tensor& x, const torch::Tensor& weight, const tor
   TORCH_CHECK(weight.defined() && bias.defined() && weight.numel() == x.size(1) &&
                   bias.numel() == x.size(1),
               "fused_group_norm_silu: weight and bias must be [", x.size(1), "]");
+  // The CUDA kernels would read a host pointer.
+  TORCH_CHECK(weight.device() == x.device() && bias.device() == x.device(),
+              "fused_group_norm_silu: weight and bias must be on the input's device ", x.device());
 }
 
 // Per (n, c) as [N, C, 1]: a group's value repeated over its channels.
@@ -143,7 +146,8 @@ torch::Tensor fused_group_norm_silu(const torch::Tensor& x, const torch::Tensor&
 }
 
 torch::Tensor GroupNormSiLUImpl::forward(const torch::Tensor& x) {
-  if (fused) return fused_group_norm_silu(x, weight, bias, options.num_groups(), options.eps());
+  // The fused node has an affine transform; a GroupNorm without one runs torch's operations.
+  if (fused && options.affine()) return fused_group_norm_silu(x, weight, bias, options.num_groups(), options.eps());
   return torch::silu(torch::nn::GroupNormImpl::forward(x));
 }
 

@@ -40,13 +40,15 @@ cuda::GroupNormShape shape_of(const torch::Tensor& x, int64_t groups) {
   return shape;
 }
 
-// The kernels take a weight of float32 or of the activations' dtype; any other is cast to fp32
-// (a [C] tensor).
-torch::Tensor kernel_weight(const torch::Tensor& w, const torch::Tensor& x) {
-  if (w.scalar_type() == torch::kFloat || w.scalar_type() == x.scalar_type()) {
-    return w.contiguous();
-  }
-  return w.to(torch::kFloat).contiguous();
+// The weight and bias as the kernels take them ([C] tensors of one type): the activations' dtype
+// when both have it, else float32, so that an fp32 bias beside an fp16 weight is not rounded.
+std::pair<torch::Tensor, torch::Tensor> kernel_affine(const torch::Tensor& weight,
+                                                      const torch::Tensor& bias,
+                                                      const torch::Tensor& x) {
+  const bool activation_type =
+      weight.scalar_type() == x.scalar_type() && bias.scalar_type() == x.scalar_type();
+  const auto type = activation_type ? x.scalar_type() : torch::kFloat;
+  return {weight.to(type).contiguous(), bias.to(type).contiguous()};
 }
 
 cudaStream_t current_stream(const torch::Tensor& x) {
@@ -65,7 +67,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward_
     int64_t groups, double eps) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const torch::Tensor x = x_in.contiguous(layout_of(x_in));
-  const torch::Tensor w = kernel_weight(weight, x), b = kernel_weight(bias, x).to(w.scalar_type());
+  const auto [w, b] = kernel_affine(weight, bias, x);
   const auto stats = x.options().dtype(torch::kFloat);
   const cuda::GroupNormShape shape = shape_of(x, groups);
   torch::Tensor workspace = torch::empty({cuda::group_norm_silu_forward_workspace(shape)}, stats);
@@ -89,7 +91,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_backward
   const c10::cuda::CUDAGuard guard(x_in.device());
   const torch::Tensor x = x_in.contiguous(layout_of(x_in));
   const torch::Tensor dy = dy_in.to(x.scalar_type()).contiguous(layout_of(x));
-  const torch::Tensor w = kernel_weight(weight, x), b = kernel_weight(bias, x).to(w.scalar_type());
+  const auto [w, b] = kernel_affine(weight, bias, x);
   const cuda::GroupNormShape shape = shape_of(x, groups);
   torch::Tensor workspace = torch::empty({cuda::group_norm_silu_backward_workspace(shape)},
                                          x.options().dtype(torch::kFloat));

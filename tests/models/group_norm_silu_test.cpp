@@ -114,6 +114,15 @@ TEST(FusedGroupNormSiLU, RefusesChannelsThatDoNotSplitIntoTheGroups) {
 
 // The module keeps GroupNorm's parameter names, and a resnet gives the same output and
 // gradients fused or not (fp32, rounding as above).
+// A GroupNorm without an affine transform has no weight for the fused node: it runs torch's
+// operations, fused or not.
+TEST(FusedGroupNormSiLU, AModuleWithoutAffineRunsTorchsOperations) {
+  GroupNormSiLU norm(torch::nn::GroupNormOptions(4, 16).affine(false));
+  norm->fused = true;
+  const torch::Tensor x = torch::randn({2, 16, 5, 5});
+  EXPECT_TRUE(torch::equal(norm->forward(x), torch::silu(torch::group_norm(x, 4))));
+}
+
 TEST(FusedGroupNormSiLU, AResnetGivesTheSameOutputAndGradientsFusedOrNot) {
   torch::manual_seed(15);
   ResnetBlock2D block(ResnetBlock2DOptions(32, 64).temb_channels(16).groups(8));
