@@ -248,7 +248,7 @@ void AdamW8bit::step_cpu(size_t index, const torch::Tensor& grad) {
   ParameterState& state = states_[index];
   state.step += 1;
   const AdamStepConstants constants = step_constants(options_, state.step, index);
-  const torch::Tensor g = grad.contiguous();
+  const torch::Tensor g = gradient_in_parameter_layout(grad, param);
   switch (param.scalar_type()) {
     case torch::kFloat32:
       dispatch_reference<float>(param, g, state, constants);
@@ -291,7 +291,7 @@ void AdamW8bit::step_cuda(const std::vector<size_t>& indices,
     detail::CudaParameterUpdate update;
     update.index = i;
     update.param = parameters_[i].second;
-    update.grad = grads[k].contiguous();
+    update.grad = gradient_in_parameter_layout(grads[k], update.param);
     update.quantized = state.quantized;
     update.state1 = state.state1;
     update.state2 = state.state2;

@@ -32,8 +32,9 @@ void check_update(const CudaParameterUpdate& u) {
               u.param.device(), " and ", u.grad.device());
   TORCH_CHECK(u.param.scalar_type() == u.grad.scalar_type(), "adamw8bit (CUDA): gradient is ",
               u.grad.scalar_type(), ", parameter is ", u.param.scalar_type());
-  TORCH_CHECK(u.param.is_contiguous() && u.grad.is_contiguous(),
-              "adamw8bit (CUDA): parameter and gradient must be contiguous");
+  // The kernels walk both storages in the same order (gradient_in_parameter_layout).
+  TORCH_CHECK(u.param.is_non_overlapping_and_dense() && u.grad.strides() == u.param.strides(),
+              "adamw8bit (CUDA): parameter and gradient must be dense, with the same strides");
   TORCH_CHECK(u.param.numel() == u.grad.numel(), "adamw8bit (CUDA): gradient has ",
               u.grad.numel(), " elements, parameter ", u.param.numel());
   const int64_t n = u.param.numel();

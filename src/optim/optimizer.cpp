@@ -27,10 +27,16 @@ Optimizer::Optimizer(NamedParameters parameters, const OptimizerOptions& options
                         "' must be float32, float16 or bfloat16, got " +
                         std::string(c10::toString(type)));
     }
-    if (!param.is_contiguous()) {
-      throw ConfigError("optimizer: parameter '" + name + "' must be contiguous");
+    if (!param.is_non_overlapping_and_dense()) {
+      throw ConfigError("optimizer: parameter '" + name +
+                        "' must be dense (contiguous, or channels-last)");
     }
   }
+}
+
+torch::Tensor gradient_in_parameter_layout(const torch::Tensor& grad, const torch::Tensor& param) {
+  if (grad.strides() == param.strides()) return grad;
+  return torch::empty_like(param, grad.options(), at::MemoryFormat::Preserve).copy_(grad);
 }
 
 void Optimizer::step() {

@@ -139,6 +139,27 @@ TEST(AdamW8bitCuda, TheSkipFlagLeavesTheTensorUntouched) {
   }
 }
 
+// A channels-last convolution weight (compute.channels_last): the kernels walk its storage as
+// the CPU reference does, bit for bit, its gradient given channels-last or NCHW.
+TEST(AdamW8bitCuda, AChannelsLastParameterIsBitIdenticalToTheReference) {
+  SDTRAIN_REQUIRE_CUDA();
+  torch::manual_seed(5);
+  const torch::Tensor start =
+      (torch::randn({64, 40, 3, 3}) * 0.05).contiguous(torch::MemoryFormat::ChannelsLast);
+  NamedParameters cpu_params{{"w", start.clone().set_requires_grad(true)}};
+  NamedParameters gpu_params{{"w", start.to(torch::kCUDA).set_requires_grad(true)}};
+  ASSERT_TRUE(gpu_params[0].second.is_contiguous(torch::MemoryFormat::ChannelsLast));
+  AdamW8bit cpu(cpu_params, OptimizerOptions{});
+  AdamW8bit gpu(gpu_params, OptimizerOptions{});
+  for (int step = 0; step < 4; ++step) {
+    const torch::Tensor g = torch::randn(start.sizes()) * 0.01;
+    const torch::Tensor given = step % 2 ? g : g.contiguous(torch::MemoryFormat::ChannelsLast);
+    cpu.step_parameter(0, given);
+    gpu.step_parameter(0, given.to(torch::kCUDA));
+    expect_bit_identical(cpu, gpu, step);
+  }
+}
+
 TEST(AdamW8bitCuda, PerParameterStepsEqualTheMultiTensorStep) {
   SDTRAIN_REQUIRE_CUDA();
   run_equivalence(torch::kFloat32, /*per_parameter=*/true);

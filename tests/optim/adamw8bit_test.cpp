@@ -371,6 +371,34 @@ TEST(CapturedArguments, OnlyAdamW8bitCanBeCapturedAndNeverOnTheCpu) {
   EXPECT_ANY_THROW(adamw8bit.prepare_replay(false));  // nothing captured
 }
 
+// A channels-last convolution weight (compute.channels_last) steps element for element as a
+// contiguous tensor holding its storage (its NHWC permutation) does, whether its gradient comes
+// channels-last (autograd's layout contract) or NCHW: the flat 8-bit states and their
+// quantization blocks follow the parameter's storage order. Exact: the same arithmetic on the
+// same elements in the same order.
+TEST(AdamW8bitReference, AChannelsLastParameterStepsInItsStorageOrder) {
+  torch::manual_seed(11);
+  const torch::Tensor start = torch::randn({64, 40, 3, 3}) * 0.05;  // 23,040: quantized states
+  const auto nhwc_order = [](const torch::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); };
+  torch::Tensor flat = nhwc_order(start).set_requires_grad(true);
+  torch::Tensor weight = start.contiguous(torch::MemoryFormat::ChannelsLast).set_requires_grad(true);
+  ASSERT_FALSE(weight.is_contiguous());
+  AdamW8bit reference({{"w", flat}}, OptimizerOptions{});
+  AdamW8bit channels_last({{"w", weight}}, OptimizerOptions{});
+  ASSERT_TRUE(reference.state(0).quantized);
+  for (int step = 0; step < 4; ++step) {
+    const torch::Tensor g = torch::randn(start.sizes()) * 0.01;
+    reference.step_parameter(0, nhwc_order(g));
+    // Odd steps hand the channels-last weight an NCHW gradient.
+    channels_last.step_parameter(0, step % 2 ? g : g.contiguous(torch::MemoryFormat::ChannelsLast));
+    ASSERT_TRUE(torch::equal(flat.detach(), nhwc_order(weight.detach()))) << "step " << step;
+  }
+  EXPECT_TRUE(weight.is_contiguous(torch::MemoryFormat::ChannelsLast));
+  // A parameter that is no dense layout is refused where the optimizer is made.
+  torch::Tensor strided = torch::randn({8, 8}).t().narrow(0, 0, 4).set_requires_grad(true);
+  EXPECT_THROW(AdamW8bit({{"s", strided}}, OptimizerOptions{}), ConfigError);
+}
+
 TEST(OptimizerInterface, FactoryLrAndGradients) {
   NamedParameters params = make_model(13);
   auto a = make_optimizer("adamw8bit", params, OptimizerOptions{});

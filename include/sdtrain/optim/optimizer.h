@@ -35,6 +35,13 @@ struct OptimizerOptions {
 // (name, tensor) pairs; names key the state in checkpoints and name tensors in error messages.
 using NamedParameters = std::vector<std::pair<std::string, torch::Tensor>>;
 
+// The gradient with the parameter's strides. Parameters may be in any dense layout (a
+// channels-last convolution weight: compute.channels_last); kernels that walk a parameter's
+// storage (adamw8bit's) must read its gradient element for element in the same order, and
+// their flat states follow that order. Autograd already gives a dense parameter a gradient of
+// its own layout; a gradient of another layout is copied into one.
+torch::Tensor gradient_in_parameter_layout(const torch::Tensor& grad, const torch::Tensor& param);
+
 class Optimizer {
  public:
   Optimizer(NamedParameters parameters, const OptimizerOptions& options);
