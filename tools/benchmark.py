@@ -54,6 +54,10 @@ ROWS = {
                     "with CUDA kernels gains (issue 16)",
                     ["optimizer=adamw8bit", "cache_latents=false", "fused_backward_pass=false",
                      "fused_group_norm_silu=true"], None),
+    "today-cl": ("row `today-fused` with channels_last true: what NHWC convolutions, with no "
+                 "transposes around cuDNN, gain (issue 16)",
+                 ["optimizer=adamw8bit", "cache_latents=false", "fused_backward_pass=false",
+                  "fused_group_norm_silu=true", "channels_last=true"], None),
     "exact": ("exact mode: + fused backward pass, cached latents (VAE and text encoder off the GPU)",
               ["optimizer=adamw8bit", "cache_latents=true", "fused_backward_pass=true",
                "max_grad_norm=0"], None),

@@ -89,7 +89,9 @@ void load_state_dict(torch::nn::Module& module, const io::WeightFiles& weights,
     auto destination = target.is_floating_point() ? torch::TensorOptions().device(options.device).dtype(options.dtype)
                                                   : torch::TensorOptions().device(options.device).dtype(target.scalar_type());
     const Source& source = sources.at(key);
-    target.set_data(files[source.file].tensor(source.checkpoint_key).to(destination, /*non_blocking=*/false, /*copy=*/true));
+    target.set_data(in_layout_of(
+        files[source.file].tensor(source.checkpoint_key).to(destination, /*non_blocking=*/false, /*copy=*/true),
+        target));
   }
 }
 
@@ -104,11 +106,31 @@ void assign_state_dict(torch::nn::Module& module, const io::NamedTensors& tensor
     auto it = given.find(key);
     if (it == given.end()) throw std::logic_error("assign_state_dict: no tensor for " + key);
     const auto dtype = target.is_floating_point() ? options.dtype : target.scalar_type();
-    target.set_data(it->second.to(torch::TensorOptions().device(options.device).dtype(dtype),
-                                  /*non_blocking=*/false, /*copy=*/true));
+    target.set_data(in_layout_of(it->second.to(torch::TensorOptions().device(options.device).dtype(dtype),
+                                               /*non_blocking=*/false, /*copy=*/true),
+                                 target));
   };
   for (auto& item : module.named_parameters(true)) assign(item.key(), item.value());
   for (auto& item : module.named_buffers(true)) assign(item.key(), item.value());
+}
+
+int64_t to_channels_last(torch::nn::Module& module) {
+  torch::NoGradGuard no_grad;
+  int64_t count = 0;
+  const auto convert = [&](torch::Tensor& tensor) {
+    if (tensor.dim() != 4) return;
+    tensor.set_data(tensor.contiguous(torch::MemoryFormat::ChannelsLast));
+    ++count;
+  };
+  for (auto& item : module.named_parameters(/*recurse=*/true)) convert(item.value());
+  for (auto& item : module.named_buffers(/*recurse=*/true)) convert(item.value());
+  return count;
+}
+
+torch::Tensor in_layout_of(const torch::Tensor& value, const torch::Tensor& target) {
+  const bool channels_last = target.dim() == 4 && !target.is_contiguous() &&
+                             target.is_contiguous(torch::MemoryFormat::ChannelsLast);
+  return channels_last ? value.contiguous(torch::MemoryFormat::ChannelsLast) : value;
 }
 
 std::string describe_shape(c10::IntArrayRef shape) {

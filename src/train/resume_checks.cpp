@@ -1,5 +1,6 @@
 // What a resume checks before it trusts a checkpoint's position (checkpoint.h).
 #include <algorithm>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,15 @@ const std::vector<std::string>& resumable_differences() {
   return keys;
 }
 
+// Settings newer than some checkpoints, with the value a checkpoint without them had: the
+// optimizer's states of a channels-last run follow the NHWC storage order, so a checkpoint
+// written before the setting existed (NCHW) must not resume channels-last.
+const nlohmann::ordered_json* value_before_the_key_existed(const std::string& key) {
+  static const std::map<std::string, nlohmann::ordered_json> values = {{"channels_last", false}};
+  const auto it = values.find(key);
+  return it == values.end() ? nullptr : &it->second;
+}
+
 bool may_differ(const std::string& key) {
   const auto& keys = resumable_differences();
   return std::find(keys.begin(), keys.end(), key) != keys.end();
@@ -58,10 +68,11 @@ void check_resumable_settings(const TrainerState& saved, const nlohmann::ordered
                               const fs::path& checkpoint) {
   std::string differences;
   for (const auto& [key, value] : current.items()) {
-    if (!may_differ(key) && saved.config.contains(key) && saved.config[key] != value) {
-      differences +=
-          "\n  " + key + ": checkpoint " + saved.config[key].dump() + ", now " + value.dump();
-    }
+    if (may_differ(key)) continue;
+    const nlohmann::ordered_json* before =
+        saved.config.contains(key) ? &saved.config[key] : value_before_the_key_existed(key);
+    if (before && *before != value)
+      differences += "\n  " + key + ": checkpoint " + before->dump() + ", now " + value.dump();
   }
   if (differences.empty()) return;
   throw ConfigError("cannot resume from " + checkpoint.string() +

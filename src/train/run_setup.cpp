@@ -4,6 +4,7 @@
 
 #include "sdtrain/models/group_norm_silu.h"
 #include "sdtrain/models/lora_adapters.h"
+#include "sdtrain/models/state_dict.h"
 #include "sdtrain/pipeline/class_images.h"
 #include "sdtrain/pipeline/stable_diffusion_pipeline.h"
 #include "sdtrain/train/interrupt.h"
@@ -149,6 +150,12 @@ TrainingModels load_training_models(const io::ModelFolder& base, const TrainConf
                           models::set_fused_group_norm_silu(*models.vae, true);
     log::info(log::str("fused_group_norm_silu: ", fused,
                        " GroupNorm + SiLU pairs of the UNet and VAE fused"));
+  }
+  if (config.compute.channels_last) {
+    // After the adapters, so that theirs are converted too; before the optimizer, whose states
+    // follow each weight's storage order.
+    const int64_t converted = models::to_channels_last(*models.unet);
+    log::info(log::str("channels_last: ", converted, " UNet convolution weights stored NHWC"));
   }
   if (config.compute.allow_tf32 && device.is_cuda()) {
     at::globalContext().setAllowTF32CuBLAS(true);

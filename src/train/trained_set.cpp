@@ -5,6 +5,7 @@
 
 #include "sdtrain/export/diffusers_folder.h"
 #include "sdtrain/models/lora_adapters.h"
+#include "sdtrain/models/state_dict.h"
 #include "sdtrain/util/error.h"
 
 namespace fs = std::filesystem;
@@ -135,7 +136,8 @@ void TrainedSet::load_adapters(const fs::path& file, torch::Device device) {
       throw ModelError(file.string() + ": \"" + name + "\" is " +
                        (entry ? "of another shape" : "missing") + " (the run's adapters differ)");
     }
-    parameter.set_data(saved.tensor(name).to(device, torch::kFloat).clone());
+    parameter.set_data(
+        models::in_layout_of(saved.tensor(name).to(device, torch::kFloat).clone(), parameter));
   }
 }
 

@@ -240,6 +240,15 @@ TEST(TrainResume, ExactInLeanModeWithFusedStepsAndTheTextEncoder) {
                           {"num_class_images", 4}});
 }
 
+// Channels-last convolution weights (compute.channels_last): 8-bit AdamW's flat states follow
+// their NHWC storage order, and the resumed weights must come back in that layout.
+TEST(TrainResume, ExactWithChannelsLastWeightsAndTheEightBitOptimizer) {
+  expect_resume_is_exact({{"channels_last", true},
+                          {"optimizer", "adamw8bit"},
+                          {"with_prior_preservation", true},
+                          {"num_class_images", 4}});
+}
+
 // fused_backward_pass changes nothing where nothing needs every gradient at once: the demo's
 // ten steps with prior preservation, the text encoder, EMA and gradient checkpointing (whose
 // recomputation runs inside the backward pass the hooks step from) give the same bits.

@@ -29,7 +29,8 @@ struct LoadOptions {
 // All problems are collected first and reported in one ModelError listing the tensors (and
 // the file); nothing is modified unless the check passes. The module is moved to
 // options.device/dtype first and each tensor is copied straight from the memory-mapped file,
-// so the weights are never held twice in host memory.
+// so the weights are never held twice in host memory. A tensor keeps its layout (a
+// channels-last weight stays channels-last: to_channels_last).
 void load_state_dict(torch::nn::Module& module, const io::WeightFiles& weights,
                      const LoadOptions& options, const KeyMapper& map_key = {});
 
@@ -44,5 +45,15 @@ std::vector<std::pair<std::string, torch::Tensor>> state_dict(
     const torch::nn::Module& module, std::optional<c10::ScalarType> dtype = std::nullopt);
 
 int64_t parameter_count(const torch::nn::Module& module);
+
+// Stores every 4-D parameter and buffer of `module` (the convolution weights) channels-last
+// (NHWC), the layout cuDNN computes convolutions in (compute.channels_last,
+// docs/performance.md); returns how many. Loads into the module keep that layout, and the
+// optimizers step each tensor in its own storage order (optim::gradient_in_parameter_layout).
+int64_t to_channels_last(torch::nn::Module& module);
+
+// `value` in the layout of `target`: channels-last where target is (a 4-D tensor that is
+// channels-last and not also contiguous), as it is otherwise.
+torch::Tensor in_layout_of(const torch::Tensor& value, const torch::Tensor& target);
 
 }  // namespace sdtrain::models

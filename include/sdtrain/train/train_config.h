@@ -102,6 +102,9 @@ struct TrainConfig {
     // GroupNorm + SiLU of the UNet's and VAE's resnets as one autograd node with CUDA kernels
     // (models/group_norm_silu.h, docs/performance.md).
     bool fused_group_norm_silu = false;
+    // The UNet's convolution weights, and so its activations, stored channels-last (NHWC)
+    // (models/state_dict.h, docs/performance.md).
+    bool channels_last = false;
   } compute;
 
   struct Ema {
