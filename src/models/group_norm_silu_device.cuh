@@ -72,6 +72,18 @@ __device__ __forceinline__ void store_vector(T* p, const float (&in)[kVector<T>]
   *reinterpret_cast<uint4*>(p) = raw;
 }
 
+// Stores what a visit of walk_tile computed for its `count` elements from index i: a whole
+// vector, or one element.
+template <typename T>
+__device__ __forceinline__ void store_walked(T* p, int64_t i, const float (&values)[kVector<T>],
+                                             int count) {
+  if (count == kVector<T>) {
+    store_vector(p + i, values);
+  } else {
+    p[i] = from_float<T>(values[0]);
+  }
+}
+
 // Calls visit(first_index, values, count) for this thread's share of its CTA's tile, in
 // vectors of kVector<T> where the tiling allows, else one element at a time. `values` holds
 // the loaded elements of each array in `arrays` (x, or dy and x).

@@ -140,11 +140,7 @@ __global__ void __launch_bounds__(kThreads)
       const float z = fmaf(v[0][k], scale, shift);
       out[k] = z * sigmoid(z);
     }
-    if (count == kVector<T>) {
-      store_vector(y + i, out);
-    } else {
-      y[i] = from_float<T>(out[0]);
-    }
+    store_walked(y, i, out, count);
   });
 }
 
@@ -217,11 +213,7 @@ __global__ void __launch_bounds__(kThreads)
       const float dz = silu_backward(v[0][k], fmaf(v[1][k], scale, shift));
       out[k] = fmaf(dz, scale, fmaf(coefficient_x[group], v[1][k], coefficient_1[group]));
     }
-    if (count == kVector<T>) {
-      store_vector(dx + i, out);
-    } else {
-      dx[i] = from_float<T>(out[0]);
-    }
+    store_walked(dx, i, out, count);
   });
 }
 
