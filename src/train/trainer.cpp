@@ -327,9 +327,11 @@ void TrainingRun::set_up_update() {
   update_ = make_update_policy(plan_.fused_backward_pass, *trained_, std::move(optimizer),
                                *scaler_, ema(), update, std::move(reduction));
   if (!plan_.cuda_graphs) return use_eager_pass();
-  // Capture excludes data parallel (cuda_graph_obstacle): this process has the whole batch.
-  const int64_t full_rows = int64_t{config_.length.train_batch_size} *
-                            (config_.class_images.with_prior_preservation ? 2 : 1);
+  // Capture excludes data parallel (cuda_graph_obstacle): this process has the whole batch,
+  // all of the dataset when it is smaller (EpochCursor::next).
+  const int64_t full_rows =
+      std::min<int64_t>(plan_.global_batch_size, static_cast<int64_t>(dataset_->size())) *
+      (config_.class_images.with_prior_preservation ? 2 : 1);
   pass_ = std::make_unique<CapturedPass>(*loss_, *scaler_, *update_, full_rows);
   update_->keep_gradients(true);
 }
