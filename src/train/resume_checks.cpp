@@ -1,10 +1,10 @@
 // What a resume checks before it trusts a checkpoint's position (checkpoint.h).
 #include <algorithm>
-#include <map>
 #include <string>
 #include <vector>
 
 #include "sdtrain/train/checkpoint.h"
+#include "sdtrain/train/train_config.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/log.h"
 
@@ -48,13 +48,12 @@ const std::vector<std::string>& resumable_differences() {
   return keys;
 }
 
-// Settings newer than some checkpoints, with the value a checkpoint without them had: the
-// optimizer's states of a channels-last run follow the NHWC storage order, so a checkpoint
-// written before the setting existed (NCHW) must not resume channels-last.
+// The value a setting had in a run whose checkpoint does not record it: the setting is newer
+// than the checkpoint, and new settings default to the behaviour before them (channels_last
+// false: that run's optimizer states follow the NCHW storage order).
 const nlohmann::ordered_json* value_before_the_key_existed(const std::string& key) {
-  static const std::map<std::string, nlohmann::ordered_json> values = {{"channels_last", false}};
-  const auto it = values.find(key);
-  return it == values.end() ? nullptr : &it->second;
+  static const nlohmann::ordered_json defaults = TrainConfig{}.to_json();
+  return defaults.contains(key) ? &defaults[key] : nullptr;
 }
 
 bool may_differ(const std::string& key) {
@@ -69,10 +68,12 @@ void check_resumable_settings(const TrainerState& saved, const nlohmann::ordered
   std::string differences;
   for (const auto& [key, value] : current.items()) {
     if (may_differ(key)) continue;
+    const bool recorded = saved.config.contains(key);
     const nlohmann::ordered_json* before =
-        saved.config.contains(key) ? &saved.config[key] : value_before_the_key_existed(key);
+        recorded ? &saved.config[key] : value_before_the_key_existed(key);
     if (before && *before != value)
-      differences += "\n  " + key + ": checkpoint " + before->dump() + ", now " + value.dump();
+      differences += "\n  " + key + ": checkpoint " + before->dump() +
+                     (recorded ? "" : " (not recorded: the default)") + ", now " + value.dump();
   }
   if (differences.empty()) return;
   throw ConfigError("cannot resume from " + checkpoint.string() +
