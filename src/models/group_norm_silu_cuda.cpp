@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "sdtrain/models/group_norm_silu_kernels.h"
+#include "sdtrain/models/state_dict.h"
 #include "sdtrain/util/cuda_launch.h"
 
 namespace sdtrain::models::detail {
@@ -19,10 +20,6 @@ constexpr const char* kWho = "fused_group_norm_silu";
 
 // NHWC storage (channels-last convolutions write it): the kernels of that layout take it as it
 // is, where making it contiguous would add the transposes channels-last is meant to remove.
-bool is_channels_last(const torch::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 at::MemoryFormat layout_of(const torch::Tensor& x) {
   return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }

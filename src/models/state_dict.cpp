@@ -127,10 +127,13 @@ int64_t to_channels_last(torch::nn::Module& module) {
   return count;
 }
 
+bool is_channels_last(const torch::Tensor& tensor) {
+  return tensor.dim() == 4 && !tensor.is_contiguous() &&
+         tensor.is_contiguous(torch::MemoryFormat::ChannelsLast);
+}
+
 torch::Tensor in_layout_of(const torch::Tensor& value, const torch::Tensor& target) {
-  const bool channels_last = target.dim() == 4 && !target.is_contiguous() &&
-                             target.is_contiguous(torch::MemoryFormat::ChannelsLast);
-  return channels_last ? value.contiguous(torch::MemoryFormat::ChannelsLast) : value;
+  return is_channels_last(target) ? value.contiguous(torch::MemoryFormat::ChannelsLast) : value;
 }
 
 std::string describe_shape(c10::IntArrayRef shape) {

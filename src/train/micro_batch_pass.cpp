@@ -177,14 +177,14 @@ bool CapturedPass::capture(const LossInputs& inputs) {
     const LossInputs warm = halved(inputs);
     torch::cuda::synchronize(device);
     c10::cuda::CUDAStream side =
-        c10::cuda::getStreamFromPool(/*isHighPriority=*/false, inputs.latents.device().index());
+        c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device);
     Reference reference;
     {
       c10::cuda::CUDAStreamGuard on_side(side);
       run_warm_up(warm, inputs, reference);
     }
     torch::cuda::synchronize(device);
-    if (!reference_is_finite(reference)) {
+    if (!reference_is_finite(reference.loss, reference.gradients)) {
       // fp16's first steps may overflow at the loss scaler's initial scale; a replay of such a
       // pass has nothing finite to be checked against. This micro-batch runs eagerly (the
       // scaler skips it and lowers the scale) and the capture waits for a finite one.
@@ -240,10 +240,6 @@ bool CapturedPass::capture(const LossInputs& inputs) {
 
 bool reference_is_finite(double loss, const torch::Tensor& gradient_fingerprint) {
   return std::isfinite(loss) && torch::isfinite(gradient_fingerprint).all().item<bool>();
-}
-
-bool CapturedPass::reference_is_finite(const Reference& reference) {
-  return train::reference_is_finite(reference.loss, reference.gradients);
 }
 
 // The warm-up: two passes on the halved inputs, then the check's reference on the real ones,

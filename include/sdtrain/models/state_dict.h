@@ -52,8 +52,11 @@ int64_t parameter_count(const torch::nn::Module& module);
 // optimizers step each tensor in its own storage order (optim::gradient_in_parameter_layout).
 int64_t to_channels_last(torch::nn::Module& module);
 
-// `value` in the layout of `target`: channels-last where target is (a 4-D tensor that is
-// channels-last and not also contiguous), as it is otherwise.
+// A 4-D tensor stored channels-last and not also contiguous (so not one whose sizes make the
+// two layouts the same storage order).
+bool is_channels_last(const torch::Tensor& tensor);
+
+// `value` in the layout of `target`: channels-last where target is, as it is otherwise.
 torch::Tensor in_layout_of(const torch::Tensor& value, const torch::Tensor& target);
 
 }  // namespace sdtrain::models

@@ -116,7 +116,6 @@ class CapturedPass final : public MicroBatchPass {
   };
   // False when the capture waits (the reference pass overflowed).
   bool capture(const LossInputs& inputs);
-  bool reference_is_finite(const Reference& reference);
   // Copies the inputs in and replays; under fused_backward_pass the step before is settled
   // (before_backward) and the optimizer's arguments written first.
   torch::Tensor replay(const LossInputs& inputs, const std::function<void()>& before_backward);
