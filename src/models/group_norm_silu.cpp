@@ -89,7 +89,11 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward_
   torch::Tensor rstd = (grouped.var(-1, /*unbiased=*/false) + eps).rsqrt();
   const auto [scale, shift] = affine_map(weight, bias, mean, rstd, channels);
   const torch::Tensor z = grouped.reshape({n, channels, -1}) * scale + shift;
-  torch::Tensor y = (z * torch::sigmoid(z)).to(x.scalar_type()).reshape(x.sizes());
+  // In x's layout, as the CUDA kernels write it (channels-last stays channels-last).
+  torch::Tensor y = (z * torch::sigmoid(z))
+                        .to(x.scalar_type())
+                        .reshape(x.sizes())
+                        .contiguous(x.suggest_memory_format());
   return {y, mean, rstd};
 }
 
@@ -112,7 +116,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_backward
   const torch::Tensor cx = (sum2 * mean - sum1) * rstd.pow(3) / count;
   const torch::Tensor c1 = -cx * mean - sum2 * rstd / count;
   torch::Tensor dx = dz * scale + per_channel(cx, channels) * xa + per_channel(c1, channels);
-  dx = dx.to(x.scalar_type()).reshape(x.sizes());
+  dx = dx.to(x.scalar_type()).reshape(x.sizes()).contiguous(x.suggest_memory_format());
   if (!affine_grads) return {dx, {}, {}};
   const torch::Tensor mean_c = per_channel(mean, channels).squeeze(-1);
   const torch::Tensor rstd_c = per_channel(rstd, channels).squeeze(-1);

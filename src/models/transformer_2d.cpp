@@ -48,9 +48,11 @@ torch::Tensor Transformer2DModelImpl::forward(const torch::Tensor& x, const torc
 
   if (proj_out_linear) h = proj_out_linear(h);  // [B, HW, C]
   const int64_t channels = h.size(2);
-  // [B, C, H, W]; made contiguous as diffusers does: adding a channels-last view to the
-  // residual would otherwise hand a channels-last layout to every following conv.
-  h = h.reshape({B, H, W, channels}).permute({0, 3, 1, 2}).contiguous();
+  // [B, C, H, W] in the layout of the block's input: NCHW made contiguous as diffusers does
+  // (the permuted view is NHWC, and the residual addition takes its first operand's layout, so
+  // it would hand NHWC to every following conv); under compute.channels_last the view already
+  // is the input's layout, and a copy to NCHW would be transposed back at the next conv.
+  h = h.reshape({B, H, W, channels}).permute({0, 3, 1, 2}).contiguous(x.suggest_memory_format());
   if (proj_out_conv) h = proj_out_conv(h);
   return h + x;
 }

@@ -153,9 +153,12 @@ TrainingModels load_training_models(const io::ModelFolder& base, const TrainConf
   }
   if (config.compute.channels_last) {
     // After the adapters, so that theirs are converted too; before the optimizer, whose states
-    // follow each weight's storage order.
-    const int64_t converted = models::to_channels_last(*models.unet);
-    log::info(log::str("channels_last: ", converted, " UNet convolution weights stored NHWC"));
+    // follow each weight's storage order. The frozen VAE too: it encodes every step's images
+    // unless latents are cached, and decodes the validation images.
+    const int64_t unet = models::to_channels_last(*models.unet);
+    const int64_t vae = models::to_channels_last(*models.vae);
+    log::info(log::str("channels_last: ", unet, " UNet and ", vae,
+                       " VAE convolution weights stored NHWC"));
   }
   if (config.compute.allow_tf32 && device.is_cuda()) {
     at::globalContext().setAllowTF32CuBLAS(true);

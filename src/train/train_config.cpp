@@ -24,8 +24,7 @@ const std::vector<Field>& fields() {
               "tokenizer/, scheduler/), or a Stable Diffusion 1.x/2.x single .safetensors file "
               "(docs/single_file.md).",
               {}, {}, true),
-        field("single_file_config", &C::single_file,
-              &models::SingleFileOptions::single_file_config,
+        field("single_file_config", &C::single_file, &models::SingleFileOptions::single_file_config,
               "Single-file base only: a diffusers folder of the same architecture whose configs "
               "and tokenizer are used (the weights come from the file). Empty: built from the "
               "file's shapes and family.",
@@ -151,7 +150,8 @@ const std::vector<Field>& fields() {
               "benchmark have run; on the CPU the same formulas run as torch operations, slower "
               "than torch's own GroupNorm (the reference the GPU kernels are tested against)."),
         field("channels_last", &C::compute, &C::Compute::channels_last,
-              "Store the UNet's convolution weights channels-last (NHWC), so its activations "
+              "Store the UNet's and the VAE's convolution weights channels-last (NHWC), so their "
+              "activations "
               "follow: cuDNN computes convolutions in NHWC and transposes NCHW tensors in and "
               "out (docs/performance.md). Pair it with fused_group_norm_silu, whose kernels "
               "keep NHWC (torch's CUDA GroupNorm makes its input NCHW). Off by default until a "

@@ -1,10 +1,11 @@
 // compute.channels_last in a training run (models::to_channels_last, docs/performance.md): the
-// option reaches the UNet, the demo trains to the NCHW run's losses, a resume is exact (the
-// optimizer's states follow the NHWC storage order and loads keep that layout), and a resume
+// option reaches the UNet and the VAE, the demo trains to the NCHW run's losses, a resume is exact
+// (the optimizer's states follow the NHWC storage order and loads keep that layout), and a resume
 // with the other layout, or channels-last from a checkpoint older than the setting, is refused.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
+#include <regex>
 
 #include "sdtrain/train/checkpoint.h"
 #include "sdtrain/util/error.h"
@@ -27,7 +28,10 @@ TEST(ChannelsLastTraining, TheDemoGivesTheNchwLossesOnTheCpu) {
         write_config(dir, {{"max_steps", 5}, {"optimizer", "adamw"}, {"channels_last", channels_last}})
             .string());
     ASSERT_EQ(result.code, 0) << result.output;
-    EXPECT_EQ(result.output.find("UNet convolution weights stored NHWC") != std::string::npos,
+    // Both models: the UNet, and the frozen VAE that encodes the images every step.
+    EXPECT_EQ(std::regex_search(result.output,
+                                std::regex("channels_last: [1-9][0-9]* UNet and [1-9][0-9]* VAE "
+                                           "convolution weights stored NHWC")),
               channels_last)
         << result.output;
     losses[channels_last ? 0 : 1] = logged_losses(dir / "out");
