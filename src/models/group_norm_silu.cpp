@@ -13,7 +13,8 @@
 //   dx = dz * scale_c + cx * x + c1
 //   grad_weight_c = sum_n (ds - mu * db) * r,  grad_bias_c = sum_n db
 // the chain rule through the mean and the variance, in the form of torch's own GroupNorm
-// backward (ATen's native/group_norm), with SiLU's derivative applied to dy first.
+// backward (ATen's native/group_norm), with SiLU's derivative applied to dy first. Without the
+// SiLU (NormActivation::none): y = z and dz = dy.
 
 namespace sdtrain::models {
 namespace {
@@ -51,14 +52,29 @@ std::pair<torch::Tensor, torch::Tensor> affine_map(const torch::Tensor& weight,
   return {scale, shift};
 }
 
+// The activation's output from z, and the gradient at z from the output's.
+torch::Tensor activate(const torch::Tensor& z, NormActivation activation) {
+  return activation == NormActivation::silu ? z * torch::sigmoid(z) : z;
+}
+
+torch::Tensor activation_backward(const torch::Tensor& dy, const torch::Tensor& z,
+                                  NormActivation activation) {
+  if (activation == NormActivation::none) return dy;
+  const torch::Tensor s = torch::sigmoid(z);
+  return dy * s * (1 + z * (1 - s));
+}
+
 class GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& weight, const torch::Tensor& bias,
-                               int64_t groups, double eps) {
-    auto [y, mean, rstd] = detail::group_norm_silu_forward(x, weight, bias, groups, eps);
+                               int64_t groups, double eps, bool silu) {
+    const auto activation = silu ? NormActivation::silu : NormActivation::none;
+    auto [y, mean, rstd] =
+        detail::group_norm_silu_forward(x, weight, bias, groups, eps, activation);
     ctx->save_for_backward({x, weight, bias, mean, rstd});
     ctx->saved_data["groups"] = groups;
+    ctx->saved_data["silu"] = silu;
     return y;
   }
 
@@ -66,12 +82,16 @@ class GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFunc
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const bool affine = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
+    const auto activation =
+        ctx->saved_data["silu"].toBool() ? NormActivation::silu : NormActivation::none;
     auto [dx, grad_weight, grad_bias] =
         detail::group_norm_silu_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
-                                         ctx->saved_data["groups"].toInt(), affine);
+                                         ctx->saved_data["groups"].toInt(), activation, affine);
     return {ctx->needs_input_grad(0) ? dx : torch::Tensor(),
             ctx->needs_input_grad(1) ? grad_weight : torch::Tensor(),
-            ctx->needs_input_grad(2) ? grad_bias : torch::Tensor(), torch::Tensor(),
+            ctx->needs_input_grad(2) ? grad_bias : torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
             torch::Tensor()};
   }
 };
@@ -82,7 +102,7 @@ namespace detail {
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward_reference(
     const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, int64_t groups,
-    double eps) {
+    double eps, NormActivation activation) {
   const int64_t n = x.size(0), channels = x.size(1);
   const torch::Tensor grouped = x.to(accumulation_type(x)).reshape({n, groups, -1});
   torch::Tensor mean = grouped.mean(-1);
@@ -90,7 +110,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward_
   const auto [scale, shift] = affine_map(weight, bias, mean, rstd, channels);
   const torch::Tensor z = grouped.reshape({n, channels, -1}) * scale + shift;
   // In x's layout, as the CUDA kernels write it (channels-last stays channels-last).
-  torch::Tensor y = (z * torch::sigmoid(z))
+  torch::Tensor y = activate(z, activation)
                         .to(x.scalar_type())
                         .reshape(x.sizes())
                         .contiguous(x.suggest_memory_format());
@@ -100,14 +120,14 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward_
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_backward_reference(
     const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight,
     const torch::Tensor& bias, const torch::Tensor& mean, const torch::Tensor& rstd, int64_t groups,
-    bool affine_grads) {
+    NormActivation activation, bool affine_grads) {
   const int64_t n = x.size(0), channels = x.size(1);
   const auto acc = mean.scalar_type();
   const torch::Tensor xa = x.to(acc).reshape({n, channels, -1});
   const auto [scale, shift] = affine_map(weight, bias, mean, rstd, channels);
   const torch::Tensor z = xa * scale + shift;
-  const torch::Tensor s = torch::sigmoid(z);
-  const torch::Tensor dz = dy.to(acc).reshape({n, channels, -1}) * s * (1 + z * (1 - s));
+  const torch::Tensor dz =
+      activation_backward(dy.to(acc).reshape({n, channels, -1}), z, activation);
   const torch::Tensor ds = (dz * xa).sum(-1), db = dz.sum(-1);  // [N, C]
   const torch::Tensor w = weight.to(acc).view({1, channels});
   const torch::Tensor sum1 = (ds * w).reshape({n, groups, -1}).sum(-1);
@@ -126,27 +146,36 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_backward
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward(
     const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, int64_t groups,
-    double eps) {
+    double eps, NormActivation activation) {
   check_shapes(x, weight, bias, groups);
-  if (group_norm_silu_on_cuda(x)) return group_norm_silu_forward_cuda(x, weight, bias, groups, eps);
-  return group_norm_silu_forward_reference(x, weight, bias, groups, eps);
+  if (group_norm_silu_on_cuda(x)) {
+    return group_norm_silu_forward_cuda(x, weight, bias, groups, eps, activation);
+  }
+  return group_norm_silu_forward_reference(x, weight, bias, groups, eps, activation);
 }
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_backward(
     const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight,
     const torch::Tensor& bias, const torch::Tensor& mean, const torch::Tensor& rstd, int64_t groups,
-    bool affine_grads) {
+    NormActivation activation, bool affine_grads) {
   if (group_norm_silu_on_cuda(x)) {
-    return group_norm_silu_backward_cuda(dy, x, weight, bias, mean, rstd, groups, affine_grads);
+    return group_norm_silu_backward_cuda(dy, x, weight, bias, mean, rstd, groups, activation,
+                                         affine_grads);
   }
-  return group_norm_silu_backward_reference(dy, x, weight, bias, mean, rstd, groups, affine_grads);
+  return group_norm_silu_backward_reference(dy, x, weight, bias, mean, rstd, groups, activation,
+                                            affine_grads);
 }
 
 }  // namespace detail
 
 torch::Tensor fused_group_norm_silu(const torch::Tensor& x, const torch::Tensor& weight,
                                     const torch::Tensor& bias, int64_t groups, double eps) {
-  return GroupNormSiLUFunction::apply(x, weight, bias, groups, eps);
+  return GroupNormSiLUFunction::apply(x, weight, bias, groups, eps, /*silu=*/true);
+}
+
+torch::Tensor fused_group_norm(const torch::Tensor& x, const torch::Tensor& weight,
+                               const torch::Tensor& bias, int64_t groups, double eps) {
+  return GroupNormSiLUFunction::apply(x, weight, bias, groups, eps, /*silu=*/false);
 }
 
 torch::Tensor GroupNormSiLUImpl::forward(const torch::Tensor& x) {
@@ -155,11 +184,20 @@ torch::Tensor GroupNormSiLUImpl::forward(const torch::Tensor& x) {
   return torch::silu(torch::nn::GroupNormImpl::forward(x));
 }
 
+torch::Tensor FusedGroupNormImpl::forward(const torch::Tensor& x) {
+  if (fused && options.affine())
+    return fused_group_norm(x, weight, bias, options.num_groups(), options.eps());
+  return torch::nn::GroupNormImpl::forward(x);
+}
+
 int64_t set_fused_group_norm_silu(torch::nn::Module& module, bool fused) {
   int64_t count = 0;
   for (const auto& child : module.modules(/*include_self=*/true)) {
     if (auto norm = std::dynamic_pointer_cast<GroupNormSiLUImpl>(child)) {
       norm->fused = fused;
+      ++count;
+    } else if (auto plain = std::dynamic_pointer_cast<FusedGroupNormImpl>(child)) {
+      plain->fused = fused;
       ++count;
     }
   }

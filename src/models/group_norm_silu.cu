@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads)
     float out[kVector<T>];
     for (int k = 0; k < count; ++k) {
       const float z = fmaf(v[0][k], scale, shift);
-      out[k] = z * sigmoid(z);
+      out[k] = activate(shape, z);
     }
     store_walked(y, i, out, count);
   });
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* const arrays[2] = {dy, x};
   walk_tile(t, arrays, [&](int64_t, const float (&v)[2][kVector<T>], int count) {
     for (int k = 0; k < count; ++k) {
-      const float d = silu_backward(v[0][k], fmaf(v[1][k], scale, shift));
+      const float d = activation_backward(shape, v[0][k], fmaf(v[1][k], scale, shift));
       dz_x = fmaf(d, v[1][k], dz_x);
       dz += d;
     }
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads)
   walk_tile(t, arrays, [&](int64_t i, const float (&v)[2][kVector<T>], int count) {
     float out[kVector<T>];
     for (int k = 0; k < count; ++k) {
-      const float dz = silu_backward(v[0][k], fmaf(v[1][k], scale, shift));
+      const float dz = activation_backward(shape, v[0][k], fmaf(v[1][k], scale, shift));
       out[k] = fmaf(dz, scale, fmaf(cx, v[1][k], c1));
     }
     store_walked(dx, i, out, count);

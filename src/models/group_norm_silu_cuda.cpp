@@ -24,9 +24,10 @@ at::MemoryFormat layout_of(const torch::Tensor& x) {
   return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-cuda::GroupNormShape shape_of(const torch::Tensor& x, int64_t groups) {
+cuda::GroupNormShape shape_of(const torch::Tensor& x, int64_t groups, NormActivation activation) {
   cuda::GroupNormShape shape;
   shape.channels_last = is_channels_last(x);
+  shape.silu = activation == NormActivation::silu;
   shape.batch = x.size(0);
   shape.channels = x.size(1);
   const int64_t rows = shape.batch * shape.channels;
@@ -61,12 +62,12 @@ bool group_norm_silu_on_cuda(const torch::Tensor& x) {
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward_cuda(
     const torch::Tensor& x_in, const torch::Tensor& weight, const torch::Tensor& bias,
-    int64_t groups, double eps) {
+    int64_t groups, double eps, NormActivation activation) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const torch::Tensor x = x_in.contiguous(layout_of(x_in));
   const auto [w, b] = kernel_affine(weight, bias, x);
   const auto stats = x.options().dtype(torch::kFloat);
-  const cuda::GroupNormShape shape = shape_of(x, groups);
+  const cuda::GroupNormShape shape = shape_of(x, groups, activation);
   torch::Tensor workspace = torch::empty({cuda::group_norm_silu_forward_workspace(shape)}, stats);
   torch::Tensor mean = torch::empty({x.size(0), groups}, stats);
   torch::Tensor rstd = torch::empty({x.size(0), groups}, stats);
@@ -84,12 +85,12 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward_
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_backward_cuda(
     const torch::Tensor& dy_in, const torch::Tensor& x_in, const torch::Tensor& weight,
     const torch::Tensor& bias, const torch::Tensor& mean, const torch::Tensor& rstd, int64_t groups,
-    bool affine_grads) {
+    NormActivation activation, bool affine_grads) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const torch::Tensor x = x_in.contiguous(layout_of(x_in));
   const torch::Tensor dy = dy_in.to(x.scalar_type()).contiguous(layout_of(x));
   const auto [w, b] = kernel_affine(weight, bias, x);
-  const cuda::GroupNormShape shape = shape_of(x, groups);
+  const cuda::GroupNormShape shape = shape_of(x, groups, activation);
   torch::Tensor workspace = torch::empty({cuda::group_norm_silu_backward_workspace(shape)},
                                          x.options().dtype(torch::kFloat));
   torch::Tensor dx = torch::empty_like(x, layout_of(x));
@@ -122,13 +123,14 @@ namespace sdtrain::models::detail {
 bool group_norm_silu_on_cuda(const torch::Tensor&) { return false; }
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward_cuda(
-    const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, int64_t, double) {
+    const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, int64_t, double,
+    NormActivation) {
   TORCH_CHECK(false, "fused_group_norm_silu: this build of sdtrain has no CUDA kernels");
 }
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_backward_cuda(
     const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-    const torch::Tensor&, const torch::Tensor&, int64_t, bool) {
+    const torch::Tensor&, const torch::Tensor&, int64_t, NormActivation, bool) {
   TORCH_CHECK(false, "fused_group_norm_silu: this build of sdtrain has no CUDA kernels");
 }
 

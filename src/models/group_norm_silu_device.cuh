@@ -191,6 +191,17 @@ __device__ __forceinline__ float silu_backward(float dy, float z) {
   return dy * s * fmaf(z, 1.0f - s, 1.0f);
 }
 
+// The output at the normalised value z: silu(z), or z itself for a GroupNorm alone (the shape's
+// `silu`, the same for every thread of a launch, so the branch never diverges).
+__device__ __forceinline__ float activate(const GroupNormShape& s, float z) {
+  return s.silu ? z * sigmoid(z) : z;
+}
+
+// The gradient at z from the output's gradient dy.
+__device__ __forceinline__ float activation_backward(const GroupNormShape& s, float dy, float z) {
+  return s.silu ? silu_backward(dy, z) : dy;
+}
+
 // One thread per group: merges its tiles' moments into mean and rstd.
 __global__ void __launch_bounds__(kThreads)
     merge_moments_kernel(int64_t groups, int64_t tiles, const float* partial, float eps,

@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
       float scale, shift;
       channel_affine(s, n, first_channel + k, weight, bias, mean, rstd, scale, shift);
       const float z = fmaf(v[0][k], scale, shift);
-      out[k] = z * sigmoid(z);
+      out[k] = activate(s, z);
     }
     store_walked(y, i, out, count);
   });
@@ -161,7 +161,8 @@ __global__ void __launch_bounds__(kThreads)
     float dz_x = 0.0f, dz = 0.0f;
     for (; i < end; i += stride) {
       const float xv = to_float(x[sample_start + i]);
-      const float d = silu_backward(to_float(dy[sample_start + i]), fmaf(xv, scale, shift));
+      const float d =
+          activation_backward(s, to_float(dy[sample_start + i]), fmaf(xv, scale, shift));
       dz_x = fmaf(d, xv, dz_x);
       dz += d;
     }
@@ -210,7 +211,7 @@ __global__ void __launch_bounds__(kThreads)
       float scale, shift;
       channel_affine(s, n, c, weight, bias, mean, rstd, scale, shift);
       const int64_t group = n * s.groups + c / per_group;
-      const float dz = silu_backward(v[0][k], fmaf(v[1][k], scale, shift));
+      const float dz = activation_backward(s, v[0][k], fmaf(v[1][k], scale, shift));
       out[k] = fmaf(dz, scale, fmaf(coefficient_x[group], v[1][k], coefficient_1[group]));
     }
     store_walked(dx, i, out, count);

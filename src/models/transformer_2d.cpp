@@ -7,7 +7,8 @@ namespace sdtrain::models {
 Transformer2DModelImpl::Transformer2DModelImpl(const Transformer2DModelOptions& options_) : options(options_) {
   const int64_t in = options.in_channels();
   const int64_t inner = options.num_attention_heads() * options.attention_head_dim();
-  norm = register_module("norm", torch::nn::GroupNorm(torch::nn::GroupNormOptions(options.norm_num_groups(), in).eps(1e-6)));
+  norm = register_module(
+      "norm", FusedGroupNorm(torch::nn::GroupNormOptions(options.norm_num_groups(), in).eps(1e-6)));
   if (options.use_linear_projection()) {
     proj_in_linear = register_module("proj_in", LoRALinear(torch::nn::LinearOptions(in, inner)));
   } else {

@@ -149,7 +149,7 @@ TrainingModels load_training_models(const io::ModelFolder& base, const TrainConf
     const int64_t fused = models::set_fused_group_norm_silu(*models.unet, true) +
                           models::set_fused_group_norm_silu(*models.vae, true);
     log::info(log::str("fused_group_norm_silu: ", fused,
-                       " GroupNorm + SiLU pairs of the UNet and VAE fused"));
+                       " GroupNorms of the UNet and VAE fused (with the SiLU after them)"));
   }
   if (config.compute.channels_last) {
     // After the adapters, so that theirs are converted too; before the optimizer, whose states

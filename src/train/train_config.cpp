@@ -144,19 +144,19 @@ const std::vector<Field>& fields() {
             "stands in the way (one logged line says which), and off again if the capture or "
             "its check fails; true: refuse those."),
         field("fused_group_norm_silu", &C::compute, &C::Compute::fused_group_norm_silu,
-              "Run each GroupNorm + SiLU of the UNet and VAE as one node with CUDA kernels "
-              "that read and write the activations' dtype and keep only the input for "
-              "backward (docs/performance.md). Off by default until its GPU test and "
-              "benchmark have run; on the CPU the same formulas run as torch operations, slower "
-              "than torch's own GroupNorm (the reference the GPU kernels are tested against)."),
+              "Run each GroupNorm + SiLU of the UNet and VAE, and each GroupNorm of the UNet's "
+              "attention blocks, as one node with CUDA kernels that read and write the "
+              "activations' dtype and keep only the input for backward (docs/performance.md). "
+              "Off by default until its GPU test and benchmark have run; on the CPU the same "
+              "formulas run as torch operations, slower than torch's own GroupNorm (the "
+              "reference the GPU kernels are tested against)."),
         field("channels_last", &C::compute, &C::Compute::channels_last,
-              "Store the UNet's and the VAE's convolution weights channels-last (NHWC), so their "
-              "activations "
-              "follow: cuDNN computes convolutions in NHWC and transposes NCHW tensors in and "
-              "out (docs/performance.md). Pair it with fused_group_norm_silu, whose kernels "
-              "keep NHWC (torch's CUDA GroupNorm makes its input NCHW). Off by default until a "
-              "GPU has measured it. Must stay the same on resume: the optimizer's states follow "
-              "each weight's storage order."),
+              "Store the UNet's and the VAE's convolution weights channels-last (NHWC), so "
+              "their activations follow: cuDNN computes convolutions in NHWC and transposes "
+              "NCHW tensors in and out (docs/performance.md). Pair it with "
+              "fused_group_norm_silu, whose kernels keep NHWC (torch's CUDA GroupNorm makes its "
+              "input NCHW). Off by default until a GPU has measured it. Must stay the same on "
+              "resume: the optimizer's states follow each weight's storage order."),
         enum_field("weight_dtype", &C::compute, &C::Compute::weight_dtype,
                    "Storage of the trained weights: fp32, or bf16 (lean mode: half the memory, "
                    "updated by adamw8bit with stochastic rounding; docs/memory.md).",

@@ -47,7 +47,8 @@ bool is_nchw_only(const c10::IValue& value) {
 
 // Watches every convolution dispatched while it lives (forward and backward, any thread) and
 // counts those that got an activation in NCHW: the convolution then transposes it (cuDNN
-// computes in NHWC on the GPU), which is what channels-last is meant to avoid.
+// computes in NHWC on the GPU), which is what channels-last is meant to avoid. Counts torch's
+// GroupNorms too: on the CPU they keep the layout, but ATen's CUDA kernel makes its input NCHW.
 class ConvolutionLayoutProbe {
  public:
   ConvolutionLayoutProbe()
@@ -64,6 +65,7 @@ class ConvolutionLayoutProbe {
 
   int64_t forwards = 0, backwards = 0;      // convolutions seen
   int64_t nchw_inputs = 0, nchw_grads = 0;  // of them, with an NCHW input / output gradient
+  int64_t torch_group_norms = 0;            // aten::native_group_norm, forward
   // The convolution whose output gradient is the loss's, not counted: mse_loss's backward takes
   // the layout of the target (the NCHW noise), and transposing the 4-channel gradient once
   // costs less than a copy of the target would.
@@ -81,6 +83,7 @@ class ConvolutionLayoutProbe {
     const auto inputs = fn.inputs();
     static std::mutex mutex;  // backward may run on autograd's worker threads
     const std::lock_guard<std::mutex> lock(mutex);
+    if (name == "aten::native_group_norm") ++probe->torch_group_norms;
     if (name == "aten::convolution" && !inputs.empty()) {
       ++probe->forwards;
       probe->nchw_inputs += is_nchw_only(inputs[0]);
@@ -178,6 +181,12 @@ TEST(ChannelsLast, NoConvolutionSeesAnNchwActivation) {
     EXPECT_GT(probe.backwards, 20);
     EXPECT_EQ(probe.nchw_inputs, 0);
     EXPECT_EQ(probe.nchw_grads, 0);
+    // Fused, every GroupNorm of the UNet runs the fused node (the resnets' with their SiLU, the
+    // attention blocks' alone), whose channels-last kernels keep the layout on the GPU too.
+    if (fused)
+      EXPECT_EQ(probe.torch_group_norms, 0);
+    else
+      EXPECT_GT(probe.torch_group_norms, 0);
   }
 }
 

@@ -50,15 +50,19 @@ Results run(const Inputs& in, Fn fn) {
   return {y.detach(), leaves.x.grad(), leaves.weight.grad(), leaves.bias.grad()};
 }
 
-Results run_torch(const Inputs& in, int64_t groups, double eps) {
+Results run_torch(const Inputs& in, int64_t groups, double eps,
+                  NormActivation activation = NormActivation::silu) {
   return run(in, [&](const auto& x, const auto& w, const auto& b) {
-    return torch::silu(torch::group_norm(x, groups, w, b, eps));
+    const torch::Tensor y = torch::group_norm(x, groups, w, b, eps);
+    return activation == NormActivation::silu ? torch::silu(y) : y;
   });
 }
 
-Results run_fused(const Inputs& in, int64_t groups, double eps) {
+Results run_fused(const Inputs& in, int64_t groups, double eps,
+                  NormActivation activation = NormActivation::silu) {
   return run(in, [&](const auto& x, const auto& w, const auto& b) {
-    return fused_group_norm_silu(x, w, b, groups, eps);
+    return activation == NormActivation::silu ? fused_group_norm_silu(x, w, b, groups, eps)
+                                              : fused_group_norm(x, w, b, groups, eps);
   });
 }
 
@@ -107,6 +111,43 @@ TEST(FusedGroupNormSiLU, HalfActivationsWithFloatWeightsRoundTheFloatResult) {
   expect_close(fused, run_torch(as_float, 32, 1e-6), 2e-3);
 }
 
+// Without the SiLU (an attention block's GroupNorm, fused_group_norm): torch's group_norm and
+// its gradients, in fp64 to rounding (as above) and in fp16 with fp32 weights, as under
+// autocast, to fp16's rounding of the fp32 result (as above).
+TEST(FusedGroupNorm, FormulasGiveTorchsValueAndGradients) {
+  for (const auto& shape : std::vector<std::vector<int64_t>>{{2, 8, 5, 3}, {3, 6, 7}}) {
+    const Inputs in = make_inputs(shape, torch::kDouble, torch::kDouble, torch::kCPU, 21);
+    expect_close(run_fused(in, 2, 1e-6, NormActivation::none),
+                 run_torch(in, 2, 1e-6, NormActivation::none), 1e-12);
+  }
+  const Inputs in = make_inputs({2, 64, 6, 6}, torch::kHalf, torch::kFloat, torch::kCPU, 22);
+  const Results fused = run_fused(in, 32, 1e-6, NormActivation::none);
+  EXPECT_EQ(fused.y.scalar_type(), torch::kHalf);
+  const Inputs as_float{in.x.to(torch::kFloat), in.weight, in.bias, in.dy.to(torch::kFloat)};
+  expect_close(fused, run_torch(as_float, 32, 1e-6, NormActivation::none), 2e-3);
+}
+
+// The module keeps GroupNorm's parameters, is fused by set_fused_group_norm_silu with the
+// GroupNorm + SiLU modules, and gives torch's output fused or not.
+TEST(FusedGroupNorm, TheModuleIsFusedWithTheOthersAndGivesTorchsOutput) {
+  torch::nn::Sequential net(FusedGroupNorm(torch::nn::GroupNormOptions(4, 8).eps(1e-6)),
+                            GroupNormSiLU(torch::nn::GroupNormOptions(4, 8)));
+  EXPECT_EQ(net->named_parameters().size(), 4u);
+  EXPECT_EQ(set_fused_group_norm_silu(*net, true), 2);
+  auto norm = net[0]->as<FusedGroupNormImpl>();
+  ASSERT_NE(norm, nullptr);
+  EXPECT_TRUE(norm->fused);
+  torch::manual_seed(23);
+  torch::nn::init::normal_(norm->weight);
+  const torch::Tensor x = torch::randn({2, 8, 5, 5}, torch::kDouble);
+  norm->to(torch::kDouble);
+  const torch::Tensor want = torch::group_norm(x, 4, norm->weight, norm->bias, 1e-6);
+  EXPECT_LE(relative_error(norm->forward(x), want), 1e-12);
+  EXPECT_EQ(set_fused_group_norm_silu(*net, false), 2);
+  EXPECT_FALSE(norm->fused);
+  EXPECT_LE(relative_error(norm->forward(x), want), 1e-12);
+}
+
 TEST(FusedGroupNormSiLU, RefusesChannelsThatDoNotSplitIntoTheGroups) {
   const Inputs in = make_inputs({1, 6, 2, 2}, torch::kFloat, torch::kFloat, torch::kCPU, 14);
   EXPECT_THROW(fused_group_norm_silu(in.x, in.weight, in.bias, 4, 1e-6), c10::Error);
@@ -151,19 +192,19 @@ TEST(FusedGroupNormSiLU, AResnetGivesTheSameOutputAndGradientsFusedOrNot) {
     if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine"; \
   } while (0)
 
-// The CUDA path's value, statistics and gradients against the reference on the same inputs.
-void expect_kernels_match_reference(const Inputs& in, int64_t groups, double tolerance) {
+void expect_kernels_match_reference(const Inputs& in, int64_t groups, NormActivation activation,
+                                    double tolerance) {
   const auto [y, mean, rstd] =
-      detail::group_norm_silu_forward(in.x, in.weight, in.bias, groups, 1e-6);
+      detail::group_norm_silu_forward(in.x, in.weight, in.bias, groups, 1e-6, activation);
   const auto [y_ref, mean_ref, rstd_ref] =
-      detail::group_norm_silu_forward_reference(in.x, in.weight, in.bias, groups, 1e-6);
+      detail::group_norm_silu_forward_reference(in.x, in.weight, in.bias, groups, 1e-6, activation);
   EXPECT_LE(relative_error(y, y_ref), tolerance) << "y";
   EXPECT_LE(relative_error(mean, mean_ref), 1e-5) << "mean";
   EXPECT_LE(relative_error(rstd, rstd_ref), 1e-5) << "rstd";
-  const auto [dx, dw, db] = detail::group_norm_silu_backward(in.dy, in.x, in.weight, in.bias,
-                                                             mean_ref, rstd_ref, groups, true);
+  const auto [dx, dw, db] = detail::group_norm_silu_backward(
+      in.dy, in.x, in.weight, in.bias, mean_ref, rstd_ref, groups, activation, true);
   const auto [dx_ref, dw_ref, db_ref] = detail::group_norm_silu_backward_reference(
-      in.dy, in.x, in.weight, in.bias, mean_ref, rstd_ref, groups, true);
+      in.dy, in.x, in.weight, in.bias, mean_ref, rstd_ref, groups, activation, true);
   EXPECT_LE(relative_error(dx, dx_ref), tolerance) << "dx";
   EXPECT_LE(relative_error(dw, dw_ref), tolerance) << "dweight";
   EXPECT_LE(relative_error(db, db_ref), tolerance) << "dbias";
@@ -173,6 +214,15 @@ void expect_kernels_match_reference(const Inputs& in, int64_t groups, double tol
                                            : torch::MemoryFormat::ChannelsLast;
   EXPECT_TRUE(y.is_contiguous(layout)) << "y's layout";
   EXPECT_TRUE(dx.is_contiguous(layout)) << "dx's layout";
+}
+
+// The CUDA path's value, statistics and gradients against the reference on the same inputs,
+// with the SiLU and without (an attention block's GroupNorm).
+void expect_kernels_match_reference(const Inputs& in, int64_t groups, double tolerance) {
+  for (const NormActivation activation : {NormActivation::silu, NormActivation::none}) {
+    SCOPED_TRACE(activation == NormActivation::silu ? "with SiLU" : "GroupNorm alone");
+    expect_kernels_match_reference(in, groups, activation, tolerance);
+  }
 }
 
 struct KernelCase {

@@ -11,6 +11,11 @@
 // autocast anyway); backward keeps only the input and two floats per group, and recomputes the
 // normalised value. Three CUDA launches each way (src/models/group_norm_silu.cu); off the GPU
 // the same formulas run as torch operations, the reference the GPU test compares to.
+//
+// The same node without the SiLU serves the GroupNorm of each attention block
+// (Transformer2DModel's `norm`), whose output goes to a projection: ATen's CUDA group_norm
+// makes its input NCHW, so under channels_last it would transpose there, and under autocast it
+// writes fp32 where the projection casts back to fp16.
 
 #include <torch/torch.h>
 
@@ -23,6 +28,9 @@ namespace sdtrain::models {
 // x, weight and bias.
 torch::Tensor fused_group_norm_silu(const torch::Tensor& x, const torch::Tensor& weight,
                                     const torch::Tensor& bias, int64_t groups, double eps);
+// group_norm(x, groups, weight, bias, eps) as the same node, without the SiLU.
+torch::Tensor fused_group_norm(const torch::Tensor& x, const torch::Tensor& weight,
+                               const torch::Tensor& bias, int64_t groups, double eps);
 
 // A GroupNorm module (same options, same parameters `weight` and `bias`, so weight keys are
 // unchanged) whose forward is silu(group_norm(x)): through fused_group_norm_silu when `fused`
@@ -36,8 +44,23 @@ class GroupNormSiLUImpl : public torch::nn::GroupNormImpl {
 };
 TORCH_MODULE(GroupNormSiLU);
 
-// Sets `fused` on every GroupNormSiLU in `module` (recursively); returns how many there are.
+// A GroupNorm module whose forward runs fused_group_norm when `fused` is set (same options and
+// parameter names), torch's group_norm else.
+class FusedGroupNormImpl : public torch::nn::GroupNormImpl {
+ public:
+  using torch::nn::GroupNormImpl::GroupNormImpl;
+  torch::Tensor forward(const torch::Tensor& x);
+
+  bool fused = false;
+};
+TORCH_MODULE(FusedGroupNorm);
+
+// Sets `fused` on every GroupNormSiLU and FusedGroupNorm in `module` (recursively); returns how
+// many there are.
 int64_t set_fused_group_norm_silu(torch::nn::Module& module, bool fused);
+
+// What the node applies after the normalisation.
+enum class NormActivation { none, silu };
 
 namespace detail {
 
@@ -47,20 +70,20 @@ namespace detail {
 // CUDA tensors of float32, float16 or bfloat16 in a build with CUDA, and the reference else.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward(
     const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, int64_t groups,
-    double eps);
+    double eps, NormActivation activation);
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_backward(
     const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight,
     const torch::Tensor& bias, const torch::Tensor& mean, const torch::Tensor& rstd, int64_t groups,
-    bool affine_grads);
+    NormActivation activation, bool affine_grads);
 
 // The reference: the same formulas as torch operations, on any device.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_forward_reference(
     const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, int64_t groups,
-    double eps);
+    double eps, NormActivation activation);
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_norm_silu_backward_reference(
     const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight,
     const torch::Tensor& bias, const torch::Tensor& mean, const torch::Tensor& rstd, int64_t groups,
-    bool affine_grads);
+    NormActivation activation, bool affine_grads);
 
 }  // namespace detail
 }  // namespace sdtrain::models

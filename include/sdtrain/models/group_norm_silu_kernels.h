@@ -30,6 +30,9 @@ struct GroupNormShape {
   int64_t multiprocessors = 0;
   // NHWC storage (torch's channels_last), as convolutions in channels-last produce it.
   bool channels_last = false;
+  // SiLU after the normalisation; false: the GroupNorm alone (an attention block's, whose
+  // output goes to a projection), y = z and dz = dy in the formulas.
+  bool silu = true;
 };
 
 // Floats of workspace the forward pass needs (each group's partial moments).

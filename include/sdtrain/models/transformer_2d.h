@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include "sdtrain/models/attention.h"
+#include "sdtrain/models/group_norm_silu.h"
 
 namespace sdtrain::models {
 
@@ -35,7 +36,7 @@ class Transformer2DModelImpl : public torch::nn::Module {
   bool gradient_checkpointing = false;
 
   Transformer2DModelOptions options;
-  torch::nn::GroupNorm norm{nullptr};
+  FusedGroupNorm norm{nullptr};  // fused with compute.fused_group_norm_silu
   // Exactly one of each pair exists, registered as "proj_in" / "proj_out" (the key is the same
   // in both checkpoints; only the weight shape differs: [C, C] or [C, C, 1, 1]).
   LoRALinear proj_in_linear{nullptr};
