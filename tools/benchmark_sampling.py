@@ -49,14 +49,14 @@ def median_after_first(seconds):
     return statistics.median(kept) if kept else None
 
 
-def sdtrain_generate(args):
-    log = Path(args.out) / "sdtrain-generate.log"
+def sdtrain_generate(args, flags=(), name="generate"):
+    log = Path(args.out) / f"sdtrain-{name}.log"
     code = run([args.sdtrain, "generate", "--model", args.model, "--prompt", PROMPT,
                 "--num-images", str(args.batches * args.batch_size),
                 "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                 "--width", str(args.resolution), "--height", str(args.resolution),
                 "--dtype", args.dtype, "--device", args.device,
-                "--out", str(Path(args.out) / "sdtrain-generate")], log)
+                "--out", str(Path(args.out) / f"sdtrain-{name}")] + list(flags), log)
     text = log.read_text()
     batches = [float(s) for s in re.findall(r"sampled images \S+ of \d+ \(\d+ steps\) in ([0-9.]+) s",
                                              text)]
@@ -155,6 +155,16 @@ def cell(result, key):
     return f"{value:.3g}"
 
 
+# The rows: generate as the trainer's defaults run it; generate with the two compute options
+# (docs/performance.md) that are off until measured, against the same diffusers run; class
+# images.
+FUSED_CL = "generate, fused + channels-last"
+
+
+def row_steps(args):
+    return (("generate", args.steps), (FUSED_CL, args.steps), ("class images", args.class_steps))
+
+
 def table(results, args):
     lines = [BEGIN, "", f"- **Machine:** {machine()}",
              f"- **Date:** {datetime.date.today().isoformat()}",
@@ -167,7 +177,7 @@ def table(results, args):
              "PNG writes included. Load: reading the model and moving it to the device.", "",
              "| row | steps | sdtrain images/s | diffusers images/s | sdtrain ÷ diffusers "
              "| sdtrain load s | diffusers load s |", "|---|---|---|---|---|---|---|"]
-    for name, steps in (("generate", args.steps), ("class images", args.class_steps)):
+    for name, steps in row_steps(args):
         ours, theirs = results[name]
         ratio = "—"
         if ours.get("images_per_second") and theirs.get("images_per_second"):
@@ -200,7 +210,10 @@ def main():
     if not (Path(args.model) / "model_index.json").exists():
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_full_size_model.py"), args.model],
                        check=True)
-    results = {"generate": (sdtrain_generate(args), diffusers_side(args, "generate")),
+    theirs_generate = diffusers_side(args, "generate")
+    results = {"generate": (sdtrain_generate(args), theirs_generate),
+               FUSED_CL: (sdtrain_generate(args, ["--fused-group-norm-silu", "--channels-last"],
+                                           "generate-fused-cl"), theirs_generate),
                "class images": (sdtrain_class_images(args), diffusers_side(args, "class-images"))}
     for name, (ours, theirs) in results.items():
         print(name, json.dumps(ours), json.dumps(theirs), flush=True)

@@ -137,6 +137,12 @@ void add_generate_options(CLI::App& command, GenerateArguments& args) {
   command.add_option("--variant", args.variant, "Weight file variant, e.g. fp16");
   command.add_option("-o,--out", args.out, "Output folder")->capture_default_str();
   command.add_flag("--grid", args.grid, "Also write all images as one grid image");
+  command.add_flag("--fused-group-norm-silu", args.fused_group_norm_silu,
+                   "Run the UNet's and VAE's GroupNorms (+ SiLU) as one node each, with CUDA "
+                   "kernels (compute.fused_group_norm_silu, docs/performance.md)");
+  command.add_flag("--channels-last", args.channels_last,
+                   "Store the UNet's and VAE's convolution weights channels-last (NHWC), as "
+                   "compute.channels_last (docs/performance.md)");
   command.add_option(
       "--lora", args.loras,
       "LoRA adapter file[:scale] (diffusers or kohya layout); repeatable, several are folded "
@@ -228,8 +234,10 @@ int run_generate(const GenerateArguments& args) {
   if (args.jobs.empty()) prepare_output(args.out);
 
   const auto started = std::chrono::steady_clock::now();
-  auto sd =
-      pipeline::StableDiffusionPipeline::from_folder(args.model, {device, dtype, args.variant, args.single_file});
+  pipeline::PipelineSettings settings{device, dtype, args.variant, args.single_file};
+  settings.fused_group_norm_silu = args.fused_group_norm_silu;
+  settings.channels_last = args.channels_last;
+  auto sd = pipeline::StableDiffusionPipeline::from_folder(args.model, settings);
   log::info(log::str("loaded the base model ", args.model, " from disk in ",
                      format_seconds(std::chrono::steady_clock::now() - started)));
   if (!args.jobs.empty()) return run_generation_jobs(args, sd);

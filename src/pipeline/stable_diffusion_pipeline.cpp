@@ -10,6 +10,8 @@
 
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/models/base_model.h"
+#include "sdtrain/models/group_norm_silu.h"
+#include "sdtrain/models/state_dict.h"
 #include "sdtrain/schedulers/sampler.h"
 #include "sdtrain/util/error.h"
 
@@ -111,6 +113,11 @@ StableDiffusionPipeline StableDiffusionPipeline::from_folder(const io::ModelFold
   auto text_encoder = models::load_text_encoder(folder, load, settings.variant);
   auto unet = models::load_unet(folder, load, settings.variant);
   auto vae = models::load_vae(folder, load, settings.variant);
+  for (torch::nn::Module* module :
+       std::initializer_list<torch::nn::Module*>{unet.get(), vae.get()}) {
+    models::set_fused_group_norm_silu(*module, settings.fused_group_norm_silu);
+    if (settings.channels_last) models::to_channels_last(*module);
+  }
   return StableDiffusionPipeline(std::move(tokenizer), std::move(text_encoder), std::move(unet), std::move(vae),
                                  std::move(scheduler_config), settings);
 }

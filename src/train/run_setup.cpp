@@ -59,6 +59,8 @@ void generate_class_images(const TrainingPlan& plan, const io::ModelFolder& base
   settings.dtype = pipeline::resolve_dtype(config.class_images.prior_generation_precision, device);
   settings.variant = config.variant;
   settings.single_file = config.single_file;
+  settings.fused_group_norm_silu = config.compute.fused_group_norm_silu;
+  settings.channels_last = config.compute.channels_last;
   log::info(log::str("prior preservation: generating ", plan.class_images_to_generate,
                      " class images of \"", config.class_images.class_prompt, "\" in ",
                      config.class_images.class_data_dir));

@@ -38,6 +38,9 @@ struct GenerateArguments {
   bool grid = false;
   std::vector<std::string> loras;  // "FILE[:SCALE]", either LoRA layout (docs/lora.md)
   std::string jobs;                // JOBS.jsonl: many requests on one loaded base
+  // The trainer's compute settings of the same names (docs/performance.md).
+  bool fused_group_norm_silu = false;
+  bool channels_last = false;
 };
 
 // Registers the subcommand's options on `command`.

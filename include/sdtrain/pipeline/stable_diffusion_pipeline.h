@@ -71,6 +71,11 @@ struct PipelineSettings {
   c10::ScalarType dtype = torch::kFloat32;
   std::string variant;  // weight file variant, e.g. "fp16"
   models::SingleFileOptions single_file;  // for a single-file model (docs/single_file.md)
+  // The training config's compute.fused_group_norm_silu and compute.channels_last, for the
+  // UNet and VAE of a pipeline from_folder loads (docs/performance.md): class images sample
+  // as the run trains, and `generate` takes them as flags.
+  bool fused_group_norm_silu = false;
+  bool channels_last = false;
 };
 
 // "auto" (fp16 on CUDA, fp32 on the CPU), fp32, fp16 or bf16; ConfigError for others and for
