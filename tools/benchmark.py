@@ -82,6 +82,13 @@ ROWS = {
                  ["optimizer=adamw8bit", "cache_latents=true", "gradient_checkpointing=false",
                   "train_batch_size=32", "with_prior_preservation=false",
                   "fused_backward_pass=false"], None),
+    "batch-32-cl": ("row `batch-32` with fused_group_norm_silu and channels_last: at this size "
+                    "the convolutions and normalisations are the step, so the transposes the "
+                    "two remove weigh most here",
+                    ["optimizer=adamw8bit", "cache_latents=true", "gradient_checkpointing=false",
+                     "train_batch_size=32", "with_prior_preservation=false",
+                     "fused_backward_pass=false", "fused_group_norm_silu=true",
+                     "channels_last=true"], None),
     "ddp-1": ("row `today` under torchrun, one process: the data-parallel path's overhead "
               "(NCCL, bucketed all-reduce, no CUDA graph; issue 17, target <= 3% over "
               "`today-eager`)",
