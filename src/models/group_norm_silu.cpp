@@ -178,26 +178,21 @@ torch::Tensor fused_group_norm(const torch::Tensor& x, const torch::Tensor& weig
   return GroupNormSiLUFunction::apply(x, weight, bias, groups, eps, /*silu=*/false);
 }
 
-torch::Tensor GroupNormSiLUImpl::forward(const torch::Tensor& x) {
-  // The fused node has an affine transform; a GroupNorm without one runs torch's operations.
-  if (fused && options.affine()) return fused_group_norm_silu(x, weight, bias, options.num_groups(), options.eps());
-  return torch::silu(torch::nn::GroupNormImpl::forward(x));
-}
-
 torch::Tensor FusedGroupNormImpl::forward(const torch::Tensor& x) {
-  if (fused && options.affine())
-    return fused_group_norm(x, weight, bias, options.num_groups(), options.eps());
-  return torch::nn::GroupNormImpl::forward(x);
+  const bool silu = activation() == NormActivation::silu;
+  // The fused node has an affine transform; a GroupNorm without one runs torch's operations.
+  if (fused && options.affine()) {
+    return GroupNormSiLUFunction::apply(x, weight, bias, options.num_groups(), options.eps(), silu);
+  }
+  const torch::Tensor y = torch::nn::GroupNormImpl::forward(x);
+  return silu ? torch::silu(y) : y;
 }
 
 int64_t set_fused_group_norm_silu(torch::nn::Module& module, bool fused) {
   int64_t count = 0;
   for (const auto& child : module.modules(/*include_self=*/true)) {
-    if (auto norm = std::dynamic_pointer_cast<GroupNormSiLUImpl>(child)) {
+    if (auto norm = std::dynamic_pointer_cast<FusedGroupNormImpl>(child)) {
       norm->fused = fused;
-      ++count;
-    } else if (auto plain = std::dynamic_pointer_cast<FusedGroupNormImpl>(child)) {
-      plain->fused = fused;
       ++count;
     }
   }

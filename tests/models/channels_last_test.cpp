@@ -28,9 +28,7 @@ const std::filesystem::path& demo_model() {
   return path;
 }
 
-bool is_channels_last(const torch::Tensor& t) {
-  return !t.is_contiguous() && t.is_contiguous(torch::MemoryFormat::ChannelsLast);
-}
+using models::is_channels_last;
 
 double relative_error(const torch::Tensor& a, const torch::Tensor& b) {
   return ((a - b).abs().max() / (1 + b.abs().max())).item<double>();

@@ -7,13 +7,13 @@
 // convolutions/attention with another thread count, which the UNet/VAE parity tests bound at
 // ~1e-7 relative per forward. The measured maximum is printed by each test (docs/sampling.md).
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include <ATen/CPUGeneratorImpl.h>
-
 #include "pipeline_support.h"
 #include "sdtrain/io/safetensors.h"
+#include "sdtrain/models/state_dict.h"
 #include "sdtrain/util/json.h"
 
 using namespace sdtrain;
@@ -86,7 +86,7 @@ TEST(Pipeline, FusedAndChannelsLastSettingsGiveDiffusersImages) {
   settings.channels_last = true;
   auto sd = StableDiffusionPipeline::from_folder(sdtrain::testing::demo_model(), settings);
   const torch::Tensor weight = sd.unet()->conv_in->weight;
-  EXPECT_TRUE(!weight.is_contiguous() && weight.is_contiguous(torch::MemoryFormat::ChannelsLast));
+  EXPECT_TRUE(models::is_channels_last(weight));
   const torch::Tensor actual = sd.generate_float(options_of(cases().at("pndm_negative")));
   const double d = max_abs(actual, reference("pndm_negative"));
   std::cout << "[ measured ] fused + channels-last: max |ours - diffusers| = " << d << "\n";

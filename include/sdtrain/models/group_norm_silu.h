@@ -32,35 +32,33 @@ torch::Tensor fused_group_norm_silu(const torch::Tensor& x, const torch::Tensor&
 torch::Tensor fused_group_norm(const torch::Tensor& x, const torch::Tensor& weight,
                                const torch::Tensor& bias, int64_t groups, double eps);
 
+// What the node applies after the normalisation.
+enum class NormActivation { none, silu };
+
 // A GroupNorm module (same options, same parameters `weight` and `bias`, so weight keys are
-// unchanged) whose forward is silu(group_norm(x)): through fused_group_norm_silu when `fused`
-// is set, else as torch's two operations.
-class GroupNormSiLUImpl : public torch::nn::GroupNormImpl {
- public:
-  using torch::nn::GroupNormImpl::GroupNormImpl;
-  torch::Tensor forward(const torch::Tensor& x);
-
-  bool fused = false;
-};
-TORCH_MODULE(GroupNormSiLU);
-
-// A GroupNorm module whose forward runs fused_group_norm when `fused` is set (same options and
-// parameter names), torch's group_norm else.
+// unchanged) whose forward is group_norm(x), then its activation(): as the fused node when
+// `fused` is set, else as torch's operations.
 class FusedGroupNormImpl : public torch::nn::GroupNormImpl {
  public:
   using torch::nn::GroupNormImpl::GroupNormImpl;
   torch::Tensor forward(const torch::Tensor& x);
+  virtual NormActivation activation() const { return NormActivation::none; }
 
   bool fused = false;
 };
 TORCH_MODULE(FusedGroupNorm);
 
-// Sets `fused` on every GroupNormSiLU and FusedGroupNorm in `module` (recursively); returns how
+// The same module with SiLU after the normalisation: silu(group_norm(x)).
+class GroupNormSiLUImpl : public FusedGroupNormImpl {
+ public:
+  using FusedGroupNormImpl::FusedGroupNormImpl;
+  NormActivation activation() const override { return NormActivation::silu; }
+};
+TORCH_MODULE(GroupNormSiLU);
+
+// Sets `fused` on every FusedGroupNorm and GroupNormSiLU in `module` (recursively); returns how
 // many there are.
 int64_t set_fused_group_norm_silu(torch::nn::Module& module, bool fused);
-
-// What the node applies after the normalisation.
-enum class NormActivation { none, silu };
 
 namespace detail {
 
