@@ -91,7 +91,7 @@ torch::Tensor DiagonalGaussianDistribution::sample(std::optional<at::Generator> 
   } else {
     noise = torch::randn(mean.sizes(), mean.options());
   }
-  return mean + std * noise;
+  return sample_from(noise);
 }
 
 torch::Tensor DiagonalGaussianDistribution::kl() const {

@@ -124,7 +124,7 @@ StableDiffusionPipeline StableDiffusionPipeline::from_folder(const io::ModelFold
 
 int64_t StableDiffusionPipeline::default_width() const {
   // diffusers: unet.config.sample_size * vae_scale_factor (2^(VAE levels - 1)).
-  const int64_t scale = int64_t{1} << (vae_->config().block_out_channels.size() - 1);
+  const int64_t scale = vae_->config().downsampling_factor();
   return unet_->config().sample_size.value_or(64) * scale;
 }
 
@@ -183,7 +183,7 @@ torch::Tensor StableDiffusionPipeline::generate_batch(const GenerationOptions& o
   // One list element per image draws [1, ...] slices, a single generator the whole batch.
   const std::vector<at::Generator>& noise = generators;
   const int64_t channels = unet_->config().in_channels;
-  const int64_t factor = int64_t{1} << (vae_->config().block_out_channels.size() - 1);
+  const int64_t factor = vae_->config().downsampling_factor();
   torch::Tensor latents = schedulers::randn_tensor({count, channels, height / factor, width / factor}, noise,
                                                    settings_.dtype, settings_.device);
   latents = latents * sampler->init_noise_sigma();

@@ -73,35 +73,47 @@ torch::Tensor LossInputSampler::sample_cached(const std::vector<int64_t>& indice
   return mean + torch::cat(stds) * noise;
 }
 
-torch::Tensor LossInputSampler::latents_for(const std::vector<int64_t>& indices) {
-  torch::NoGradGuard no_grad;
-  torch::Tensor latents;
+void LossInputSampler::draw_x0(const std::vector<int64_t>& indices, LossInputs& inputs) {
+  const double scaling_factor = vae_->config().scaling_factor;
   if (options_.cache_latents) {
-    latents = sample_cached(indices);
-  } else {
-    const torch::Tensor pixels = data_.batch(indices, generator_);
-    latents = vae_->encode(pixels.to(options_.device, options_.vae_dtype)).sample(generator_);
+    torch::NoGradGuard no_grad;
+    inputs.latents = sample_cached(indices) * scaling_factor;
+    return;
   }
-  return latents * vae_->config().scaling_factor;
+  const torch::Device device = options_.device;
+  // Cast on the host (the same rounding as on the device) and copied without waiting.
+  torch::Tensor pixels = data_.batch(indices, generator_).to(options_.vae_dtype);
+  if (device.is_cuda()) pixels = pixels.pin_memory();
+  inputs.pixels = to_device(pixels, device);
+  // The posterior's draw in its moments' shape and dtype, as DiagonalGaussianDistribution's
+  // sample(generator) draws it, so the numbers are those of encode(pixels).sample(generator).
+  const int64_t f = vae_->config().downsampling_factor();
+  const std::vector<int64_t> shape = {pixels.size(0), vae_->config().latent_channels,
+                                      pixels.size(2) / f, pixels.size(3) / f};
+  inputs.posterior_noise = to_device(
+      at::randn(shape, generator_, staging(torch::TensorOptions(options_.vae_dtype), device)),
+      device);
 }
 
 LossInputs LossInputSampler::draw(const std::vector<int64_t>& indices) {
   // With cache_latents the crops and flips were drawn once, when the latents were cached.
-  const torch::Tensor latents = latents_for(indices);
+  LossInputs inputs;
+  draw_x0(indices, inputs);
   const torch::Device device = options_.device;
-  const auto host = staging(latents.options(), device);
-  torch::Tensor noise = to_device(at::randn(latents.sizes(), generator_, host), device);
+  const torch::Tensor& like = inputs.latents.defined() ? inputs.latents : inputs.posterior_noise;
+  // The noise in the latents' dtype: the VAE's (the encode's result, or the cached posterior).
+  const auto host = staging(like.options(), device);
+  inputs.noise = to_device(at::randn(like.sizes(), generator_, host), device);
   if (options_.offset_noise) {
     // diffusers' offset noise: 0.1 × N(0,1) per sample and channel.
-    const torch::Tensor offset =
-        at::randn({latents.size(0), latents.size(1), 1, 1}, generator_, host);
-    noise = noise + 0.1 * to_device(offset, device);
+    const torch::Tensor offset = at::randn({like.size(0), like.size(1), 1, 1}, generator_, host);
+    inputs.noise = inputs.noise + 0.1 * to_device(offset, device);
   }
-  const torch::Tensor timesteps = to_device(
-      at::randint(0, options_.num_train_timesteps, {latents.size(0)}, generator_,
-                  staging(torch::TensorOptions().dtype(torch::kLong), device)),
-      device);
-  return {latents, noise, timesteps};
+  inputs.timesteps =
+      to_device(at::randint(0, options_.num_train_timesteps, {like.size(0)}, generator_,
+                            staging(torch::TensorOptions().dtype(torch::kLong), device)),
+                device);
+  return inputs;
 }
 
 PromptConditioning::PromptConditioning(models::CLIPTextModel text_encoder,
@@ -142,11 +154,20 @@ DiffusionLoss::Options DiffusionLoss::options_for(const TrainConfig& config, Pre
 
 DiffusionLoss::DiffusionLoss(const schedulers::NoiseSchedule& schedule,
                              models::UNet2DConditionModel unet, PromptConditioning prompts,
-                             Options options)
+                             Options options, models::AutoencoderKL vae)
     : schedule_(schedule.on(options.device)),
       unet_(std::move(unet)),
       prompts_(std::move(prompts)),
-      options_(options) {}
+      options_(options),
+      vae_(std::move(vae)) {}
+
+torch::Tensor DiffusionLoss::x0(const LossInputs& inputs) {
+  if (!inputs.pixels.defined()) return inputs.latents;
+  TORCH_CHECK(!vae_.is_empty(), "DiffusionLoss: inputs given as pixels, but no VAE to encode them");
+  torch::NoGradGuard no_grad;  // the VAE is frozen
+  return vae_->encode(inputs.pixels).sample_from(inputs.posterior_noise) *
+         vae_->config().scaling_factor;
+}
 
 torch::Tensor DiffusionLoss::instance_loss(const torch::Tensor& prediction,
                                            const torch::Tensor& target,
@@ -163,11 +184,11 @@ torch::Tensor DiffusionLoss::instance_loss(const torch::Tensor& prediction,
   return (per_sample * weights.to(per_sample.device())).mean();
 }
 
-torch::Tensor DiffusionLoss::operator()(const LossInputs& inputs) {
-  const torch::Tensor noisy = schedule_.add_noise(inputs.latents, inputs.noise, inputs.timesteps);
-  const torch::Tensor target =
-      schedule_.training_target(inputs.latents, inputs.noise, inputs.timesteps);
-  const int64_t batch = inputs.latents.size(0);
+LossOutput DiffusionLoss::operator()(const LossInputs& inputs) {
+  const torch::Tensor latents = x0(inputs);
+  const torch::Tensor noisy = schedule_.add_noise(latents, inputs.noise, inputs.timesteps);
+  const torch::Tensor target = schedule_.training_target(latents, inputs.noise, inputs.timesteps);
+  const int64_t batch = latents.size(0);
   torch::Tensor prediction;
   {
     AutocastGuard autocast(options_.device.type(), options_.precision,
@@ -179,14 +200,22 @@ torch::Tensor DiffusionLoss::operator()(const LossInputs& inputs) {
   prediction = prediction.to(torch::kFloat);
   const torch::Tensor target32 = target.to(torch::kFloat);
   if (!options_.prior_preservation) {
-    return instance_loss(prediction, target32, inputs.timesteps);
+    return {instance_loss(prediction, target32, inputs.timesteps), latents};
   }
   const auto predictions = prediction.chunk(2, 0);
   const auto targets = target32.chunk(2, 0);
   const torch::Tensor prior_loss = torch::mse_loss(predictions[1], targets[1]);
   const torch::Tensor loss =
       instance_loss(predictions[0], targets[0], inputs.timesteps.chunk(2, 0)[0]);
-  return loss + options_.prior_loss_weight * prior_loss;
+  return {loss + options_.prior_loss_weight * prior_loss, latents};
+}
+
+LossInputs LossInputs::map(const std::function<torch::Tensor(const torch::Tensor&)>& f) const {
+  LossInputs mapped;
+  for (auto field : kFields) {
+    if ((this->*field).defined()) mapped.*field = f(this->*field);
+  }
+  return mapped;
 }
 
 }  // namespace sdtrain::train

@@ -14,13 +14,12 @@
 
 namespace sdtrain::train {
 
-torch::Tensor EagerPass::run(const LossInputs& inputs,
-                             const std::function<void()>& before_backward) {
-  const torch::Tensor loss = loss_(inputs);
+LossOutput EagerPass::run(const LossInputs& inputs, const std::function<void()>& before_backward) {
+  const LossOutput output = loss_(inputs);
   before_backward();
   // accelerate divides the loss by the accumulation steps before backward.
-  scaler_.scale(loss / static_cast<double>(accumulation_steps_)).backward();
-  return loss.detach();
+  scaler_.scale(output.loss / static_cast<double>(accumulation_steps_)).backward();
+  return {output.loss.detach(), output.latents};
 }
 
 std::optional<std::string> cuda_graph_obstacle(bool cuda_device, bool data_parallel,
@@ -51,8 +50,8 @@ struct CapturedPass::Graph {
   // The graph's memory pool, named here so that a failed capture can give it back.
   at::cuda::MempoolId_t pool = at::cuda::graph_pool_handle();
 #endif
-  LossInputs inputs;   // the static buffers the graph reads
-  torch::Tensor loss;  // the loss the graph writes
+  LossInputs inputs;  // the static buffers the graph reads
+  LossOutput output;  // the loss and latents the graph writes
 };
 
 // Capture needs gradient accumulation 1 (cuda_graph_obstacle): the passes divide by nothing.
@@ -65,19 +64,24 @@ CapturedPass::~CapturedPass() = default;
 namespace {
 
 bool same_layout(const torch::Tensor& a, const torch::Tensor& b) {
+  if (!a.defined() || !b.defined()) return a.defined() == b.defined();
   return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.device() == b.device();
 }
 
 bool same_layout(const LossInputs& a, const LossInputs& b) {
-  return same_layout(a.latents, b.latents) && same_layout(a.noise, b.noise) &&
-         same_layout(a.timesteps, b.timesteps);
+  for (auto field : LossInputs::kFields) {
+    if (!same_layout(a.*field, b.*field)) return false;
+  }
+  return true;
 }
 
 // Other inputs of the same layout, drawn from no generator: the warm-up and the capture run on
 // these, so that the check of the first replay (on the real inputs) shows the graph reads its
 // input buffers.
 LossInputs halved(const LossInputs& inputs) {
-  return {inputs.latents * 0.5, inputs.noise * 0.5, inputs.timesteps.flip({0})};
+  return inputs.map([](const torch::Tensor& tensor) {
+    return tensor.is_floating_point() ? tensor * 0.5 : tensor.flip({0});  // the timesteps flip
+  });
 }
 
 #if SDTRAIN_WITH_CUDA
@@ -114,26 +118,26 @@ void end_capture(at::cuda::CUDAGraph& graph, c10::DeviceIndex device, at::cuda::
 #endif
 
 void copy_into(LossInputs& buffers, const LossInputs& inputs) {
-  buffers.latents.copy_(inputs.latents, /*non_blocking=*/true);
-  buffers.noise.copy_(inputs.noise, /*non_blocking=*/true);
-  buffers.timesteps.copy_(inputs.timesteps, /*non_blocking=*/true);
+  for (auto field : LossInputs::kFields) {
+    if ((inputs.*field).defined()) (buffers.*field).copy_(inputs.*field, /*non_blocking=*/true);
+  }
 }
 
 }  // namespace
 
-torch::Tensor CapturedPass::run(const LossInputs& inputs,
-                                const std::function<void()>& before_backward) {
+LossOutput CapturedPass::run(const LossInputs& inputs,
+                             const std::function<void()>& before_backward) {
   if (!graph_) {
     // A graph is captured for one shape: a resumed run may start on an epoch's short last
     // batch, and every full batch after it would then run eagerly.
-    if (inputs.latents.size(0) < full_rows_ || !capture(inputs)) {
+    if (inputs.rows() < full_rows_ || !capture(inputs)) {
       update_.optimizer().zero_grad(/*set_to_none=*/true);
       return eager_.run(inputs, before_backward);
     }
     if (!update_.updates_in_backward()) {
       // The check replayed the graph on `inputs`: the first pass is done.
       before_backward();
-      return graph_->loss;
+      return graph_->output;
     }
     return replay(inputs, before_backward);  // the check's replay was dry
   }
@@ -148,8 +152,8 @@ torch::Tensor CapturedPass::run(const LossInputs& inputs,
   return replay(inputs, before_backward);
 }
 
-torch::Tensor CapturedPass::replay(const LossInputs& inputs,
-                                   const std::function<void()>& before_backward) {
+LossOutput CapturedPass::replay(const LossInputs& inputs,
+                                const std::function<void()>& before_backward) {
   const bool steps_inside = update_.updates_in_backward();
   if (steps_inside) {
     // The replay steps the weights: the step before is settled first (an overflow takes its
@@ -162,7 +166,7 @@ torch::Tensor CapturedPass::replay(const LossInputs& inputs,
   graph_->graph.replay();
 #endif
   if (!steps_inside) before_backward();
-  return graph_->loss;
+  return graph_->output;
 }
 
 bool CapturedPass::capture(const LossInputs& inputs) {
@@ -170,9 +174,9 @@ bool CapturedPass::capture(const LossInputs& inputs) {
   (void)inputs;
   throw CaptureFailed("this build of sdtrain has no CUDA support");
 #else
-  if (!inputs.latents.is_cuda()) throw CaptureFailed("the inputs are not on a GPU");
+  if (!inputs.noise.is_cuda()) throw CaptureFailed("the inputs are not on a GPU");
   // The current device may be another: `device: "cuda:1"` sets none (only data parallel does).
-  const c10::DeviceIndex device = inputs.latents.device().index();
+  const c10::DeviceIndex device = inputs.noise.device().index();
   try {
     const LossInputs warm = halved(inputs);
     torch::cuda::synchronize(device);
@@ -199,14 +203,14 @@ bool CapturedPass::capture(const LossInputs& inputs) {
     update_.optimizer().zero_grad(/*set_to_none=*/true);
     c10::cuda::CUDACachingAllocator::emptyCache();
     graph_ = std::make_unique<Graph>();
-    graph_->inputs = {warm.latents.clone(), warm.noise.clone(), warm.timesteps.clone()};
+    graph_->inputs = warm.map([](const torch::Tensor& tensor) { return tensor.clone(); });
     const bool steps_inside = update_.updates_in_backward();
     if (steps_inside) update_.optimizer().begin_graph_capture();
     {
       c10::cuda::CUDAStreamGuard on_side(side);
       graph_->graph.capture_begin(graph_->pool);
       try {
-        graph_->loss = eager(graph_->inputs);
+        graph_->output = eager(graph_->inputs);
       } catch (...) {
         try {
           end_capture(graph_->graph, device, graph_->pool);
@@ -253,7 +257,7 @@ void CapturedPass::run_warm_up(const LossInputs& warm, const LossInputs& inputs,
       update_.clear_pass_figures();
     }
     update_.optimizer().zero_grad(/*set_to_none=*/true);
-    reference.loss = eager(inputs).item<double>();
+    reference.loss = eager(inputs).loss.item<double>();
     reference.gradients = update_.gradient_fingerprint().cpu();
     update_.clear_pass_figures();
   } catch (...) {
@@ -281,7 +285,7 @@ void CapturedPass::check_first_replay(const LossInputs& inputs, const Reference&
   const bool steps_inside = update_.updates_in_backward();
   if (steps_inside) update_.optimizer().prepare_replay(/*dry=*/true);
   graph_->graph.replay();
-  const double replayed_loss = graph_->loss.item<double>();
+  const double replayed_loss = graph_->output.loss.item<double>();
   const torch::Tensor got = update_.gradient_fingerprint().cpu();
   if (steps_inside) update_.clear_pass_figures();
   const torch::Tensor& expected = reference.gradients;

@@ -257,14 +257,14 @@ void RunOutputs::dump_trained_start(const fs::path& dump_dir, const TrainedSet& 
 }
 
 void RunOutputs::dump_micro_batch(const fs::path& dump_dir, int64_t micro_index,
-                                  const LossInputs& inputs, const torch::Tensor& loss, bool sync) {
+                                  const LossInputs& inputs, const LossOutput& output, bool sync) {
   if (dump_dir.empty()) return;
   fs::create_directories(dump_dir);
   auto host = [](const torch::Tensor& t) { return t.detach().to(torch::kCPU).contiguous(); };
-  io::NamedTensors tensors = {{"latents", host(inputs.latents.to(torch::kFloat))},
+  io::NamedTensors tensors = {{"latents", host(output.latents.to(torch::kFloat))},
                               {"noise", host(inputs.noise.to(torch::kFloat))},
                               {"timesteps", host(inputs.timesteps)},
-                              {"loss", host(loss.to(torch::kFloat)).reshape({1})},
+                              {"loss", host(output.loss.to(torch::kFloat)).reshape({1})},
                               {"sync", torch::tensor({sync ? 1 : 0}, torch::kLong)}};
   std::ostringstream name;
   name << "micro-" << std::setw(5) << std::setfill('0') << micro_index << ".safetensors";

@@ -98,13 +98,12 @@ class BatchShard {
       : rank_(rank), world_(world_size), halves_(prior_preservation) {}
   LossInputs take(const LossInputs& all) const {
     if (world_ == 1) return all;
-    const int64_t half = halves_ ? all.latents.size(0) / 2 : all.latents.size(0);
+    const int64_t half = halves_ ? all.rows() / 2 : all.rows();
     const int64_t rows = half / world_;
-    auto mine = [&](const torch::Tensor& tensor) {
+    return all.map([&](const torch::Tensor& tensor) {
       const torch::Tensor first = tensor.narrow(0, rank_ * rows, rows);
       return halves_ ? torch::cat({first, tensor.narrow(0, half + rank_ * rows, rows)}) : first;
-    };
-    return {mine(all.latents), mine(all.noise), mine(all.timesteps)};
+    });
   }
 
  private:
@@ -166,7 +165,7 @@ class TrainingRun {
   void resume();
   void train_loop();
   void micro_batch(const std::vector<int64_t>& indices, bool ends_step);
-  torch::Tensor run_pass(const LossInputs& inputs, bool ends_step);
+  LossOutput run_pass(const LossInputs& inputs, bool ends_step);
   void use_eager_pass();
   void step();
   void settle_step();
@@ -272,7 +271,9 @@ void TrainingRun::set_up_loss() {
   DiffusionLoss::Options options = DiffusionLoss::options_for(config_, precision_, device_);
   // A cast cache would hold tensors of the graph's memory pool (micro_batch_pass.h).
   if (plan_.cuda_graphs) options.cache_weight_casts = false;
-  loss_.emplace(models_->schedule, models_->unet, std::move(prompts), options);
+  // Without cache_latents the loss encodes each micro-batch's pixels (diffusion_loss.h).
+  loss_.emplace(models_->schedule, models_->unet, std::move(prompts), options,
+                config_.data.cache_latents ? models::AutoencoderKL(nullptr) : models_->vae);
 }
 
 void TrainingRun::set_up_update() {
@@ -399,12 +400,12 @@ void TrainingRun::micro_batch(const std::vector<int64_t>& indices, bool ends_ste
   // Every process draws the global batch's noise and timesteps and keeps its rows, so N
   // processes train on what one process with the global batch would.
   const LossInputs inputs = shard_->take(sampler_->draw(indices));
-  const torch::Tensor loss = run_pass(inputs, ends_step);
-  window_.add(loss);
-  outputs_.dump_micro_batch(options_.dump_dir, micro_index_++, inputs, loss, ends_step);
+  const LossOutput output = run_pass(inputs, ends_step);
+  window_.add(output.loss);
+  outputs_.dump_micro_batch(options_.dump_dir, micro_index_++, inputs, output, ends_step);
 }
 
-torch::Tensor TrainingRun::run_pass(const LossInputs& inputs, bool ends_step) {
+LossOutput TrainingRun::run_pass(const LossInputs& inputs, bool ends_step) {
   // Once the forward pass is queued, the device has work while the host reads the last step.
   const auto before_backward = [&] {
     settle_step();

@@ -32,6 +32,9 @@ struct AutoencoderKLConfig {
   bool use_post_quant_conv = true;
   bool mid_block_add_attention = true;
 
+  // f: the latents are H/f × W/f for images of H × W (one halving per level but the last).
+  int64_t downsampling_factor() const { return int64_t{1} << (block_out_channels.size() - 1); }
+
   // Parses and validates (ModelError naming the key and value for anything not reproduced:
   // other block types or activations, latents_mean/std, ...).
   static AutoencoderKLConfig from_json(const nlohmann::json& json, const std::string& source = "vae/config.json");

@@ -66,6 +66,8 @@ class DiagonalGaussianDistribution {
   // torch.Generator().manual_seed(s) gives diffusers' numbers), then moved to the moments'
   // device; on that device with its default generator otherwise.
   torch::Tensor sample(std::optional<at::Generator> generator = std::nullopt) const;
+  // mean + std * eps, for eps ~ N(0, 1) drawn beforehand in the moments' shape and dtype.
+  torch::Tensor sample_from(const torch::Tensor& eps) const { return mean + std * eps; }
   torch::Tensor mode() const { return mean; }
   // KL divergence to N(0, 1), summed over [1, 2, 3] (diffusers' kl()).
   torch::Tensor kl() const;

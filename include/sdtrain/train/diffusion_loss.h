@@ -2,12 +2,14 @@
 // The loss of one micro-batch, in two halves (docs/architecture.md):
 //   LossInputSampler, on the host: draws the micro-batch's random inputs from the run's one
 //     CPU generator, in the order docs/training.md documents, and puts them on the device;
-//   DiffusionLoss, on the device: train_dreambooth.py's loss of those inputs (noise-prediction
-//     or v-prediction MSE, prior preservation, min-SNR weighting). It never waits for the host,
-//     so it is the piece a CUDA graph can capture.
+//   DiffusionLoss, on the device: train_dreambooth.py's loss of those inputs (the VAE encode
+//     without cache_latents, noise-prediction or v-prediction MSE, prior preservation, min-SNR
+//     weighting). It never waits for the host, so it is the piece a CUDA graph can capture.
 
 #include <torch/torch.h>
 
+#include <array>
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -24,9 +26,31 @@ namespace sdtrain::train {
 // A micro-batch's random inputs, on the training device. With prior preservation the batch
 // holds the instance samples first, then their class samples (diffusers' collate_fn).
 struct LossInputs {
-  torch::Tensor latents;    // x0: VAE latents times the VAE's scaling factor, [B, 4, h, w]
-  torch::Tensor noise;      // same shape; offset noise already added when enabled
+  // x0: VAE latents times the VAE's scaling factor, [B, 4, h, w]. With cache_latents only:
+  // otherwise the loss encodes `pixels` on the device (below) and this stays undefined.
+  torch::Tensor latents;
+  torch::Tensor noise;      // [B, 4, h, w]; offset noise already added when enabled
   torch::Tensor timesteps;  // int64 [B]
+  // Without cache_latents: the images, [B, 3, H, W] in [-1, 1] in the VAE's dtype, and the
+  // posterior's N(0, 1) draw, [B, 4, h, w] in the same dtype. Encoding them is part of the
+  // loss, so that a CUDA graph captures the VAE with the pass (micro_batch_pass.h).
+  torch::Tensor pixels;
+  torch::Tensor posterior_noise;
+
+  int64_t rows() const { return noise.size(0); }
+  // Every field, for what treats them alike: copies into a graph's buffers, a process's rows.
+  static constexpr std::array<torch::Tensor LossInputs::*, 5> kFields = {
+      &LossInputs::latents, &LossInputs::noise, &LossInputs::timesteps, &LossInputs::pixels,
+      &LossInputs::posterior_noise};
+  // f applied to every defined field; an undefined one stays undefined.
+  LossInputs map(const std::function<torch::Tensor(const torch::Tensor&)>& f) const;
+};
+
+// What a pass of the loss gives: the loss, and the x0 latents it used (the encoded ones when
+// the inputs gave pixels), which --dump-dir writes for the reference replay.
+struct LossOutput {
+  torch::Tensor loss;  // float32 scalar on the device
+  torch::Tensor latents;
 };
 
 class LossInputSampler {
@@ -49,12 +73,14 @@ class LossInputSampler {
   // With cache_latents: encodes every photo and class image once (their crops and flips are
   // drawn now, in that order), so that draw() only samples the cached posteriors.
   void cache_latents();
-  // Draws, in this order: crops and flips (unless cached), the posterior sample, the noise,
-  // the offset noise (when enabled), the timesteps.
+  // Draws, in this order: crops and flips (unless cached), the posterior sample's N(0, 1), the
+  // noise, the offset noise (when enabled), the timesteps. Without cache_latents the VAE's
+  // work is left to the loss: the inputs carry the pixels and the posterior's draw.
   LossInputs draw(const std::vector<int64_t>& indices);
 
  private:
-  torch::Tensor latents_for(const std::vector<int64_t>& indices);
+  // Sets `latents` (cached) or `pixels` and `posterior_noise`.
+  void draw_x0(const std::vector<int64_t>& indices, LossInputs& inputs);
   torch::Tensor sample_cached(const std::vector<int64_t>& indices);
 
   struct CachedPosterior {
@@ -101,13 +127,18 @@ class DiffusionLoss {
   static Options options_for(const TrainConfig& config, Precision precision, torch::Device device);
 
   // `schedule` is copied onto the device, so indexing its tables needs no host round trip.
+  // `vae`: the frozen VAE that encodes inputs given as pixels (null with cache_latents).
   DiffusionLoss(const schedulers::NoiseSchedule& schedule, models::UNet2DConditionModel unet,
-                PromptConditioning prompts, Options options);
+                PromptConditioning prompts, Options options,
+                models::AutoencoderKL vae = models::AutoencoderKL(nullptr));
 
   // The scalar float32 loss of one micro-batch, on the device, with its autograd graph.
-  torch::Tensor operator()(const LossInputs& inputs);
+  LossOutput operator()(const LossInputs& inputs);
 
  private:
+  // The inputs' x0: their latents, or the encode of their pixels (train_dreambooth.py's
+  // vae.encode(pixel_values).latent_dist.sample() * scaling_factor, without gradients).
+  torch::Tensor x0(const LossInputs& inputs);
   torch::Tensor instance_loss(const torch::Tensor& prediction, const torch::Tensor& target,
                               const torch::Tensor& timesteps) const;
 
@@ -115,6 +146,7 @@ class DiffusionLoss {
   models::UNet2DConditionModel unet_;
   PromptConditioning prompts_;
   Options options_;
+  models::AutoencoderKL vae_;
 };
 
 }  // namespace sdtrain::train

@@ -4,12 +4,14 @@
 //
 // Replaying a graph launches the thousands of kernels of a forward and backward pass with one
 // call, so the GPU no longer waits for the host to launch them. The captured region is the loss
-// (include/sdtrain/train/diffusion_loss.h) and its backward pass, with gradient checkpointing
-// where enabled. After the backward pass, the update (unscale, clip, 8-bit AdamW: a handful of
-// launches) stays eager and reads the gradients the replay wrote. Under fused_backward_pass
-// the optimizer steps inside the backward pass, from a hook per parameter (update.h): the
-// capture holds those steps, and before each replay the optimizer writes their per-step
-// arguments (include/sdtrain/optim/captured_arguments.h), once the step before is settled.
+// (include/sdtrain/train/diffusion_loss.h: the VAE encode without cache_latents, the UNet) and
+// its backward pass, with gradient checkpointing where enabled. With the encode in the graph,
+// its transient memory is the pool's, reused by the pass as an eager step reuses it. After the
+// backward pass, the update (unscale, clip, 8-bit AdamW: a handful of launches) stays eager and
+// reads the gradients the replay wrote. Under fused_backward_pass the optimizer steps inside the
+// backward pass, from a hook per parameter (update.h): the capture holds those steps, and before
+// each replay the optimizer writes their per-step arguments
+// (include/sdtrain/optim/captured_arguments.h), once the step before is settled.
 //
 // What a graph needs, and how the trainer gives it:
 //   - static shapes: a micro-batch of another shape (an epoch's short last batch) runs eagerly;
@@ -39,18 +41,17 @@ class MicroBatchPass {
  public:
   virtual ~MicroBatchPass() = default;
   // Queues the loss of `inputs` and the backward pass of scale × loss / accumulation_steps.
-  // `before_backward` runs once the forward pass is queued. Returns the loss: float32, detached,
-  // on the device, valid until the next run.
-  virtual torch::Tensor run(const LossInputs& inputs,
-                            const std::function<void()>& before_backward) = 0;
+  // `before_backward` runs once the forward pass is queued. Returns the loss (float32,
+  // detached, on the device) and the latents it used, valid until the next run.
+  virtual LossOutput run(const LossInputs& inputs,
+                         const std::function<void()>& before_backward) = 0;
 };
 
 class EagerPass final : public MicroBatchPass {
  public:
   EagerPass(DiffusionLoss& loss, LossScaler& scaler, int64_t accumulation_steps)
       : loss_(loss), scaler_(scaler), accumulation_steps_(accumulation_steps) {}
-  torch::Tensor run(const LossInputs& inputs,
-                    const std::function<void()>& before_backward) override;
+  LossOutput run(const LossInputs& inputs, const std::function<void()>& before_backward) override;
 
  private:
   DiffusionLoss& loss_;
@@ -104,8 +105,7 @@ class CapturedPass final : public MicroBatchPass {
   // the rows of a full micro-batch (train_batch_size, twice that with prior preservation).
   CapturedPass(DiffusionLoss& loss, LossScaler& scaler, UpdatePolicy& update, int64_t full_rows);
   ~CapturedPass() override;
-  torch::Tensor run(const LossInputs& inputs,
-                    const std::function<void()>& before_backward) override;
+  LossOutput run(const LossInputs& inputs, const std::function<void()>& before_backward) override;
 
  private:
   struct Graph;
@@ -118,11 +118,11 @@ class CapturedPass final : public MicroBatchPass {
   bool capture(const LossInputs& inputs);
   // Copies the inputs in and replays; under fused_backward_pass the step before is settled
   // (before_backward) and the optimizer's arguments written first.
-  torch::Tensor replay(const LossInputs& inputs, const std::function<void()>& before_backward);
+  LossOutput replay(const LossInputs& inputs, const std::function<void()>& before_backward);
   void run_warm_up(const LossInputs& warm, const LossInputs& inputs, Reference& reference);
   // After a failed capture: no graph, no dry or capturing update, no gradients.
   void abandon_capture();
-  torch::Tensor eager(const LossInputs& inputs) {
+  LossOutput eager(const LossInputs& inputs) {
     return eager_.run(inputs, [] {});
   }
   void check_first_replay(const LossInputs& inputs, const Reference& reference);

@@ -77,7 +77,7 @@ class RunOutputs {
   // Tests only (TrainOptions::dump_dir): a micro-batch's inputs and loss, for replay with
   // diffusers by tools/dreambooth_reference.py.
   void dump_micro_batch(const std::filesystem::path& dump_dir, int64_t micro_index,
-                        const LossInputs& inputs, const torch::Tensor& loss, bool sync);
+                        const LossInputs& inputs, const LossOutput& output, bool sync);
   // Tests only: a LoRA run's adapters before the first step (adapters-start.safetensors).
   void dump_trained_start(const std::filesystem::path& dump_dir, const TrainedSet& trained);
 
