@@ -14,10 +14,76 @@ AdamW::AdamW(NamedParameters parameters, const OptimizerOptions& options)
         "needs \"optimizer\": \"adamw8bit\" (or keep weight_dtype \"fp32\")");
   }
   states_.reserve(parameters_.size());
+  bool fp32_on_one_gpu = true;
   for (const auto& [name, param] : parameters_) {
-    auto fp32 = torch::TensorOptions().dtype(torch::kFloat32).device(param.device());
-    states_.push_back({0, torch::zeros(param.sizes(), fp32), torch::zeros(param.sizes(), fp32)});
+    // The moments take the parameter's layout (a channels-last weight's too): the fused kernel
+    // walks each tensor's storage, and its moments must walk in step.
+    auto zeros = [&] {
+      return torch::zeros_like(param, torch::kFloat32, torch::MemoryFormat::Preserve);
+    };
+    states_.push_back({0, zeros(), zeros()});
+    fp32_on_one_gpu = fp32_on_one_gpu && param.is_cuda() &&
+                      param.scalar_type() == torch::kFloat32 &&
+                      param.device() == parameters_.front().second.device();
   }
+  fused_kernel_ = options.fused_kernel.value_or(fp32_on_one_gpu);
+  if (!fused_kernel_) return;
+  for (const auto& [name, param] : parameters_) {
+    if (param.scalar_type() != torch::kFloat32 ||
+        param.device() != parameters_.front().second.device())
+      throw ConfigError(
+          "optimizer \"adamw\": the fused kernel needs every parameter in float32 "
+          "on one device ('" +
+          name + "' is not)");
+  }
+}
+
+void AdamW::step() {
+  if (!fused_kernel_) return Optimizer::step();
+  fused_step(torch::Tensor());
+}
+
+std::vector<size_t> AdamW::step_unless(const torch::Tensor& skip) {
+  if (!fused_kernel_) return Optimizer::step_unless(skip);
+  return fused_step(skip);
+}
+
+std::vector<size_t> AdamW::fused_step(const torch::Tensor& skip) {
+  torch::NoGradGuard no_grad;
+  std::vector<size_t> stepped;
+  std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs;
+  for (size_t i = 0; i < parameters_.size(); ++i) {
+    const torch::Tensor& param = parameters_[i].second;
+    const torch::Tensor& grad = param.grad();
+    if (!grad.defined()) continue;  // as torch.optim: no gradient, no step
+    check_gradient(i, grad);
+    states_[i].step += 1;
+    stepped.push_back(i);
+    params.push_back(param);
+    grads.push_back(gradient_in_parameter_layout(grad, param));
+    exp_avgs.push_back(states_[i].exp_avg);
+    exp_avg_sqs.push_back(states_[i].exp_avg_sq);
+  }
+  if (stepped.empty()) return stepped;
+  // The kernel reads each parameter's count, already advanced, as a float32 on the device (as
+  // torch.optim.AdamW(fused=True) keeps it): written here into pinned memory and copied
+  // without waiting. The host counts stay the truth: checkpoints save them.
+  const torch::Device device = params.front().device();
+  torch::Tensor counts =
+      torch::empty({static_cast<int64_t>(stepped.size())},
+                   torch::TensorOptions(torch::kFloat32).pinned_memory(device.is_cuda()));
+  float* count = counts.data_ptr<float>();
+  for (size_t k = 0; k < stepped.size(); ++k)
+    count[k] = static_cast<float>(states_[stepped[k]].step);
+  const std::vector<torch::Tensor> steps = counts.to(device, /*non_blocking=*/true).unbind(0);
+  // The kernel skips on a flag of exactly 1; the loss scaler's may be a sum over groups.
+  std::optional<torch::Tensor> found_inf;
+  if (skip.defined()) found_inf = skip.ne(0).to(device, torch::kFloat32);
+  at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, steps,
+                    options_.lr, options_.beta1, options_.beta2, options_.weight_decay,
+                    options_.eps, /*amsgrad=*/false, /*maximize=*/false,
+                    /*grad_scale=*/std::nullopt, found_inf);
+  return stepped;
 }
 
 void AdamW::step_parameter(size_t index, const torch::Tensor& grad, const torch::Tensor& skip) {

@@ -119,15 +119,18 @@ class SyncDebugError {
 };
 #endif
 
-// adamw8bit on CUDA, fp16 loss scaling, clipping: the whole update, overflow included, without
-// one host synchronisation; settle then takes the overflowed step's counts back.
-TEST(SyncFreeUpdate, ApplyNeverSynchronisesOnCuda) {
+// adamw8bit's CUDA kernels, and adamw's fused kernel (float32 parameters on a GPU), with fp16
+// loss scaling and clipping: the whole update, overflow included, without one host
+// synchronisation; settle then takes the overflowed step's counts back.
+class SyncFreeUpdateOnCuda : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(SyncFreeUpdateOnCuda, ApplyNeverSynchronises) {
 #if !SDTRAIN_WITH_CUDA
   GTEST_SKIP() << "built without CUDA";
 #else
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
   const torch::Device cuda(torch::kCUDA);
-  ToyRun run("adamw8bit", false, /*loss_scaling=*/true, /*max_grad_norm=*/1.0, cuda);
+  ToyRun run(GetParam(), false, /*loss_scaling=*/true, /*max_grad_norm=*/1.0, cuda);
   run.step(0);  // first calls pick kernels, copy the quantization maps, create handles
   for (int64_t step = 1; step <= 2; ++step) {
     run.backward(step, step == 2 ? kInf : 1.0);
@@ -149,6 +152,9 @@ TEST(SyncFreeUpdate, ApplyNeverSynchronisesOnCuda) {
   }
 #endif
 }
+
+INSTANTIATE_TEST_SUITE_P(Optimizer, SyncFreeUpdateOnCuda, ::testing::Values("adamw8bit", "adamw"),
+                         [](const auto& info) { return info.param; });
 
 }  // namespace
 }  // namespace sdtrain::train

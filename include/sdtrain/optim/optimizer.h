@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -30,6 +31,10 @@ struct OptimizerOptions {
   // given seed gives the same bits on the CPU and on CUDA.
   bool stochastic_rounding = false;
   uint64_t rounding_seed = 0;
+  // adamw only: step all parameters with torch's multi-tensor fused AdamW kernel
+  // (_fused_adamw_), which reads the skip flag on the device. Unset: on when every parameter
+  // is float32 on a GPU (include/sdtrain/optim/adamw.h); tests set it to run it on the CPU.
+  std::optional<bool> fused_kernel;
 };
 
 // (name, tensor) pairs; names key the state in checkpoints and name tensors in error messages.
