@@ -14,7 +14,10 @@ AdamW::AdamW(NamedParameters parameters, const OptimizerOptions& options)
         "needs \"optimizer\": \"adamw8bit\" (or keep weight_dtype \"fp32\")");
   }
   states_.reserve(parameters_.size());
-  bool fp32_on_one_gpu = true;
+  // The fused kernel takes float32 tensors on one device; the first parameter that is not.
+  const torch::Tensor* first = parameters_.empty() ? nullptr : &parameters_.front().second;
+  const std::string* unfit = nullptr;
+  bool on_gpu = true;
   for (const auto& [name, param] : parameters_) {
     // The moments take the parameter's layout (a channels-last weight's too): the fused kernel
     // walks each tensor's storage, and its moments must walk in step.
@@ -22,20 +25,16 @@ AdamW::AdamW(NamedParameters parameters, const OptimizerOptions& options)
       return torch::zeros_like(param, torch::kFloat32, torch::MemoryFormat::Preserve);
     };
     states_.push_back({0, zeros(), zeros()});
-    fp32_on_one_gpu = fp32_on_one_gpu && param.is_cuda() &&
-                      param.scalar_type() == torch::kFloat32 &&
-                      param.device() == parameters_.front().second.device();
+    on_gpu = on_gpu && param.is_cuda();
+    if (!unfit && (param.scalar_type() != torch::kFloat32 || param.device() != first->device()))
+      unfit = &name;
   }
-  fused_kernel_ = options.fused_kernel.value_or(fp32_on_one_gpu);
-  if (!fused_kernel_) return;
-  for (const auto& [name, param] : parameters_) {
-    if (param.scalar_type() != torch::kFloat32 ||
-        param.device() != parameters_.front().second.device())
-      throw ConfigError(
-          "optimizer \"adamw\": the fused kernel needs every parameter in float32 "
-          "on one device ('" +
-          name + "' is not)");
-  }
+  fused_kernel_ = options.fused_kernel.value_or(on_gpu && !unfit);
+  if (fused_kernel_ && unfit)
+    throw ConfigError(
+        "optimizer \"adamw\": the fused kernel needs every parameter in float32 on "
+        "one device ('" +
+        *unfit + "' is not)");
 }
 
 void AdamW::step() {
