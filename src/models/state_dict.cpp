@@ -1,5 +1,6 @@
 #include "sdtrain/models/state_dict.h"
 
+#include <functional>
 #include <map>
 #include <sstream>
 
@@ -14,6 +15,36 @@ struct Source {
   std::size_t file = 0;  // index into the opened files
   std::string checkpoint_key;
 };
+
+// The module's parameters and buffers by key: the tensors themselves (set_data on one changes
+// the module's), where state_dict() gives detached aliases.
+std::map<std::string, torch::Tensor> targets_of(const torch::nn::Module& module) {
+  std::map<std::string, torch::Tensor> targets;
+  for (const auto& item : module.named_parameters(true)) targets.emplace(item.key(), item.value());
+  for (const auto& item : module.named_buffers(true)) targets.emplace(item.key(), item.value());
+  return targets;
+}
+
+// One copy per target, from the tensor `source_of` its key names. Module::to would also cast
+// integer buffers; only floating tensors take options.dtype.
+std::vector<TensorCopy> copies_of(
+    const std::map<std::string, torch::Tensor>& targets, const LoadOptions& options,
+    const std::function<torch::Tensor(const std::string&)>& source_of) {
+  // Each copy keeps its own handle on source_of: the copies may outlive this call's argument.
+  std::vector<TensorCopy> copies;
+  copies.reserve(targets.size());
+  for (const auto& [key, target] : targets) {
+    const auto dtype = target.is_floating_point() ? options.dtype : target.scalar_type();
+    copies.push_back({[source_of, key = key] { return source_of(key); }, target,
+                      torch::TensorOptions().device(options.device).dtype(dtype)});
+  }
+  return copies;
+}
+
+std::optional<Staging> staging_of(const LoadOptions& options) {
+  if (options.staged.value_or(staged_by_default(options.device))) return options.staging;
+  return std::nullopt;
+}
 
 }  // namespace
 
@@ -50,10 +81,7 @@ void load_state_dict(torch::nn::Module& module, const io::WeightFiles& weights,
     }
   }
 
-  std::map<std::string, torch::Tensor> targets;
-  for (const auto& item : module.named_parameters(true)) targets.emplace(item.key(), item.value());
-  for (const auto& item : module.named_buffers(true)) targets.emplace(item.key(), item.value());
-
+  const std::map<std::string, torch::Tensor> targets = targets_of(module);
   std::vector<std::string> missing;
   for (const auto& [key, target] : targets) {
     auto it = sources.find(key);
@@ -83,35 +111,28 @@ void load_state_dict(torch::nn::Module& module, const io::WeightFiles& weights,
                      "\n  (is config.json from the same model as the weights?)");
   }
 
-  // Module::to would also cast integer buffers; only floating tensors take options.dtype.
-  torch::NoGradGuard no_grad;
-  for (auto& [key, target] : targets) {
-    auto destination = target.is_floating_point() ? torch::TensorOptions().device(options.device).dtype(options.dtype)
-                                                  : torch::TensorOptions().device(options.device).dtype(target.scalar_type());
-    const Source& source = sources.at(key);
-    target.set_data(in_layout_of(
-        files[source.file].tensor(source.checkpoint_key).to(destination, /*non_blocking=*/false, /*copy=*/true),
-        target));
-  }
+  copy_into_targets(copies_of(targets, options,
+                              [&](const std::string& key) {
+                                const Source& source = sources.at(key);
+                                return files[source.file].tensor(source.checkpoint_key);
+                              }),
+                    staging_of(options));
 }
 
 void assign_state_dict(torch::nn::Module& module, const io::NamedTensors& tensors,
                        const LoadOptions& options) {
   std::map<std::string, torch::Tensor> given(tensors.begin(), tensors.end());
-  std::vector<std::pair<std::string, torch::Tensor>> targets = state_dict(module);
+  const std::map<std::string, torch::Tensor> targets = targets_of(module);
   if (given.size() != tensors.size() || given.size() != targets.size())
     throw std::logic_error("assign_state_dict: the tensors do not name the module's keys once each");
-  torch::NoGradGuard no_grad;
-  auto assign = [&](const std::string& key, torch::Tensor& target) {
-    auto it = given.find(key);
-    if (it == given.end()) throw std::logic_error("assign_state_dict: no tensor for " + key);
-    const auto dtype = target.is_floating_point() ? options.dtype : target.scalar_type();
-    target.set_data(in_layout_of(it->second.to(torch::TensorOptions().device(options.device).dtype(dtype),
-                                               /*non_blocking=*/false, /*copy=*/true),
-                                 target));
-  };
-  for (auto& item : module.named_parameters(true)) assign(item.key(), item.value());
-  for (auto& item : module.named_buffers(true)) assign(item.key(), item.value());
+  copy_into_targets(copies_of(targets, options,
+                              [&](const std::string& key) {
+                                auto it = given.find(key);
+                                if (it == given.end())
+                                  throw std::logic_error("assign_state_dict: no tensor for " + key);
+                                return it->second;
+                              }),
+                    staging_of(options));
 }
 
 int64_t to_channels_last(torch::nn::Module& module) {

@@ -12,6 +12,7 @@
 
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/io/safetensors.h"
+#include "sdtrain/models/staged_copy.h"
 
 namespace sdtrain::models {
 
@@ -20,16 +21,24 @@ namespace sdtrain::models {
 using KeyMapper = std::function<std::optional<std::string>(const std::string&)>;
 
 struct LoadOptions {
+  LoadOptions() = default;
+  LoadOptions(c10::ScalarType dtype, torch::Device device) : dtype(dtype), device(device) {}
+
   c10::ScalarType dtype = torch::kFloat;
   torch::Device device = torch::kCPU;
+  // Whether tensors reach the device through a staging ring (staged_copy.h); unset, as
+  // staged_by_default(device) says: on CUDA.
+  std::optional<bool> staged;
+  Staging staging;
 };
 
 // Strict load: every parameter and buffer of `module` must be in `weights` with its exact
 // shape and a floating dtype where the module is floating, and nothing else may be there.
 // All problems are collected first and reported in one ModelError listing the tensors (and
-// the file); nothing is modified unless the check passes. The module is moved to
-// options.device/dtype first and each tensor is copied straight from the memory-mapped file,
-// so the weights are never held twice in host memory. A tensor keeps its layout (a
+// the file); nothing is modified unless the check passes. Each tensor is copied straight from
+// the memory-mapped file to options.device/dtype (on CUDA through the staging ring, which
+// overlaps reading the file with the transfer: staged_copy.h), so the weights are never held
+// twice in host memory. A tensor keeps its layout (a
 // channels-last weight stays channels-last: to_channels_last).
 void load_state_dict(torch::nn::Module& module, const io::WeightFiles& weights,
                      const LoadOptions& options, const KeyMapper& map_key = {});
