@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run here, after scripts/build.sh: packs what one GPU session needs into .gl/ and .whl/
 # (git-ignored; the device tool carries them, `carry: [".gl", ".whl"]`, about 30 MiB):
-#   .gl/bin/        stripped sdtrain, test_train, test_optim, test_models and bench_group_norm_silu
-#                   (+ sdtrain_baseline when given)
+#   .gl/bin/        stripped sdtrain, test_train, test_optim, test_models, bench_group_norm_silu
+#                   and bench_model_load (+ sdtrain_baseline when given)
 #   .gl/libs.tar.xz the Debian shared libraries they link that the GPU machine lacks
 #   .whl/           the diffusers wheel (the GPU machine has torch and transformers only), and
 #                   diffusers' train_dreambooth.py / train_dreambooth_lora.py when DIFFUSERS_GIT
@@ -16,7 +16,7 @@ cd "$root"
 rm -rf .gl/bin .gl/lib && mkdir -p .gl/bin .gl/lib .whl
 strip -o .gl/bin/sdtrain "$SDTRAIN_BUILD/sdtrain"
 for t in test_train test_optim test_models; do strip -o ".gl/bin/$t" "$SDTRAIN_BUILD/tests/$t"; done
-strip -o .gl/bin/bench_group_norm_silu "$SDTRAIN_BUILD/bench/bench_group_norm_silu"
+for b in bench_group_norm_silu bench_model_load; do strip -o ".gl/bin/$b" "$SDTRAIN_BUILD/bench/$b"; done
 if (($#)); then strip -o .gl/bin/sdtrain_baseline "$1"; fi
 # The Debian libraries they link (from /lib or /usr/lib), except glibc and the GCC runtime,
 # which the machine has; torch, CUDA and NCCL come from its own Python environment.

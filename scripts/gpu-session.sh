@@ -20,7 +20,9 @@
 #      tools/benchmark.py, every row beside train_dreambooth.py when .whl/train_dreambooth.py was
 #      packed; the table in $OUT/bench/benchmark.md, ready for docs/benchmarks.md.
 #   7. sampling (issue 16): tools/benchmark_sampling.py, images/s of `sdtrain generate` and of
-#      class-image generation beside diffusers' StableDiffusionPipeline; $OUT/sampling/sampling.md.
+#      class-image generation beside diffusers' StableDiffusionPipeline; $OUT/sampling/sampling.md;
+#      then bench_model_load of the three components to the GPU in fp16, the direct copy against
+#      the staging ring, twice each ($OUT/model_load.jsonl).
 # Arguments pick sections: tests demo timing profile lora bench sampling (default: the first
 # four). See docs/gpu.md.
 set -uo pipefail
@@ -131,6 +133,12 @@ echo "== 7. sampling against diffusers' pipeline (tools/benchmark_sampling.py)"
 full_size_model || return
 timeout 240 python3 "$R/tools/benchmark_sampling.py" --sdtrain "$B/sdtrain" --model /tmp/sd21 \
   --out "$O/sampling" 2>&1 | tail -12
+# Loading: the direct per-tensor copy (off) against the staging ring (on), alternated, the page
+# cache warm from the runs above.
+for staged in off on off on; do
+  timeout 60 "$B/bench_model_load" --model /tmp/sd21 --device cuda --dtype float16 --load-only \
+    --staged $staged | tee -a "$O/model_load.jsonl"
+done
 }
 for section in "${@:-tests demo timing profile}"; do
   for s in $section; do "$s"; done
