@@ -146,6 +146,9 @@ MemoryEstimate estimate_memory(const TrainConfig& c, const std::vector<Component
     m.trained_weights += bytes * parameters;
     m.gradients += bytes * (fused ? largest_two(trained_tensors) : parameters);
     m.optimizer_state += optimizer_bytes(c, trained_tensors);
+    // EMA shadows what the UNet trains (its adapters in LoRA mode), in float32.
+    if (component.name == "unet" && c.ema.use_ema && !c.ema.offload_ema && gpu)
+      m.ema_shadow += 4 * parameters;
     // Without checkpointing autograd keeps the half copy of every trained weight a layer cast
     // for its forward until that layer's backward (bf16 weights under bf16 need none).
     const bool casts = half_autocast && !lora &&
@@ -182,6 +185,11 @@ void choose_settings_for_budget(TrainConfig& c, const std::vector<ComponentSize>
     std::function<bool(TrainConfig&)> apply;  // false: not applicable to this run
   };
   const std::vector<Step> steps = {
+      {"offload_ema on (the EMA weights leave the GPU)",
+       [](TrainConfig& t) {
+         if (!t.ema.use_ema || t.ema.offload_ema) return false;
+         return t.ema.offload_ema = true;
+       }},
       {"gradient_checkpointing on",
        [](TrainConfig& t) {
          if (t.compute.gradient_checkpointing) return false;

@@ -350,7 +350,7 @@ std::string format_plan(const TrainingPlan& plan) {
       << mib(plan.memory.gradients) << ", optimizer state " << mib(plan.memory.optimizer_state)
       << ", frozen weights " << mib(plan.memory.frozen_weights) << ", autocast copies "
       << mib(plan.memory.autocast_copies) << ", activations " << mib(plan.memory.activations)
-      << "\n";
+      << ", EMA weights " << mib(plan.memory.ema_shadow) << "\n";
   out << "  output:           " << c.outputs.output_dir << "\n";
   return out.str();
 }

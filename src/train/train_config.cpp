@@ -173,6 +173,11 @@ const std::vector<Field>& fields() {
         field("use_ema", &C::ema, &C::Ema::use_ema,
               "Keep an exponential moving average of the UNet weights."),
         field("ema_decay", &C::ema, &C::Ema::ema_decay, "EMA decay.", in_unit_interval()),
+        field("offload_ema", &C::ema, &C::Ema::offload_ema,
+              "With use_ema: keep the EMA weights in host memory (4 bytes per UNet parameter "
+              "off the GPU; copying the weights there waits for the GPU every step). false "
+              "keeps them on the training device, where the update is queued like the "
+              "optimizer's (diffusers' default)."),
         field("offset_noise", &C::loss, &C::Loss::offset_noise,
               "Add 0.1 x N(0,1) per sample and channel to the noise (diffusers' --offset_noise)."),
         optional_field("snr_gamma", &C::loss, &C::Loss::snr_gamma,

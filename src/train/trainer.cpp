@@ -299,8 +299,10 @@ void TrainingRun::set_up_update() {
   if (config_.ema.use_ema) {
     EMAOptions ema_options;
     ema_options.decay = config_.ema.ema_decay;
-    // The shadow weights stay on the CPU: 4 bytes per trained UNet parameter out of GPU memory.
-    ema_.emplace(trained_->component_parameters("unet"), ema_options, torch::kCPU);
+    // offload_ema (the default) keeps the shadow on the CPU: 4 bytes per trained UNet parameter
+    // out of GPU memory, at the price of a copy that waits for the GPU each step.
+    ema_.emplace(trained_->component_parameters("unet"), ema_options,
+                 config_.ema.offload_ema ? torch::Device(torch::kCPU) : device_);
   }
   std::unique_ptr<GradientReduction> reduction = std::make_unique<LocalGradients>();
   if (group_) {

@@ -14,6 +14,10 @@
 #include <iostream>
 #include <map>
 
+#if SDTRAIN_WITH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
 #include "sdtrain/io/safetensors.h"
 #include "sdtrain/util/error.h"
 #include "test_support.h"
@@ -225,4 +229,39 @@ TEST(EMA, LoadRejectsAMismatchedFileNamingTheTensor) {
   io::NamedTensors fewer(good.begin(), good.begin() + 2);
   expect_error(fewer, step, "2 tensors");
   EXPECT_EQ(ema.optimization_step(), 0);  // a failed load changes nothing
+}
+
+// offload_ema false: the shadow on the GPU steps to the bits of the CPU shadow (the same float32
+// operations, each rounded once either way), and its step reads nothing back to the host: under
+// CUDA's sync debug mode "error" a synchronisation would throw.
+TEST(EMAOnCuda, TheShadowOnTheGpuStepsAsOnTheCpuWithoutSynchronising) {
+#if !SDTRAIN_WITH_CUDA
+  GTEST_SKIP() << "built without CUDA";
+#else
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
+  torch::manual_seed(3);
+  Net net;
+  net.to(torch::kCUDA);
+  EMAModel on_cpu(net, warmup_options(), torch::kCPU);
+  EMAModel on_gpu(net, warmup_options(), torch::Device(torch::kCUDA));
+  for (int step = 0; step < kSteps; ++step) {
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& parameter : net.parameters()) parameter.add_(torch::randn_like(parameter));
+    }
+    on_cpu.step(net);
+    c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
+    try {
+      on_gpu.step(net);
+    } catch (...) {
+      c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+      throw;
+    }
+    c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+  }
+  for (const char* name : kNames) {
+    EXPECT_TRUE(shadow_of(on_gpu, name).is_cuda()) << name;
+    EXPECT_TRUE(torch::equal(shadow_of(on_gpu, name).cpu(), shadow_of(on_cpu, name))) << name;
+  }
+#endif
 }

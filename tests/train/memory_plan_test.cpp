@@ -167,6 +167,36 @@ TEST(MemoryBudget, ChoosesTheLeanestSettingsInOrderAndSaysWhy) {
       << message;
 }
 
+// The EMA weights count on the device only when they stay there, and for what the UNet trains.
+TEST(MemoryEstimate, CountsTheEmaWeightsWhereTheyStayOnTheDevice) {
+  const auto sizes = sd21_sizes();
+  const int64_t unet = sizes[0].parameters;
+  const TrainConfig base = config_with({"mixed_precision=fp16", "use_ema=true"});
+  EXPECT_TRUE(base.ema.offload_ema);
+  EXPECT_EQ(estimate_memory(base, sizes, true, false).ema_shadow, 0);
+  TrainConfig on_device = base;
+  on_device.ema.offload_ema = false;
+  const MemoryEstimate kept = estimate_memory(on_device, sizes, true, false);
+  EXPECT_EQ(kept.ema_shadow, 4 * unet);
+  EXPECT_EQ(kept.total() - estimate_memory(base, sizes, true, false).total(), 4 * unet);
+  EXPECT_EQ(estimate_memory(on_device, sizes, false, false).ema_shadow, 0);  // the CPU run
+  TrainConfig without = on_device;
+  without.ema.use_ema = false;
+  EXPECT_EQ(estimate_memory(without, sizes, true, false).ema_shadow, 0);
+}
+
+// Moving the EMA weights off the GPU changes no result, so the budget takes it first.
+TEST(MemoryBudget, OffloadsTheEmaWeightsFirst) {
+  TrainConfig config = config_with({"mixed_precision=fp16", "use_ema=true", "offload_ema=false"});
+  const int64_t as_given = estimate_memory(config, sd21_sizes(), true, false).total();
+  std::vector<std::string> notes;
+  choose_settings_for_budget(config, sd21_sizes(), as_given - 1, notes);
+  EXPECT_TRUE(config.ema.offload_ema);
+  EXPECT_FALSE(config.compute.gradient_checkpointing);  // offloading alone fit
+  ASSERT_FALSE(notes.empty());
+  EXPECT_NE(notes[0].find("offload_ema on"), std::string::npos) << notes[0];
+}
+
 TEST(MemoryBudget, ParsesNullAutoAndGiB) {
   EXPECT_EQ(config_with({}).compute.memory_budget.kind, MemoryBudget::Kind::none);
   EXPECT_EQ(config_with({"memory_budget=auto"}).compute.memory_budget.kind,

@@ -110,6 +110,9 @@ struct TrainConfig {
   struct Ema {
     bool use_ema = false;
     double ema_decay = 0.9999;
+    // The shadow in host memory (true) or on the training device (false, diffusers' default
+    // without --offload_ema): docs/performance.md, "What still synchronises".
+    bool offload_ema = true;
   } ema;
 
   struct Loss {
