@@ -19,7 +19,7 @@ class StagingRing {
       : device_(device), buffer_bytes_(staging.buffer_bytes) {
     if (staging.buffers < 1 || staging.buffer_bytes < 16)
       throw std::logic_error(
-          "copy_into_targets: a staging ring needs a buffer of at least 16 bytes");
+          "copy_into_targets: a staging ring needs a buffer or more, of 16 bytes or more");
     const bool pinned = device.is_cuda();
     if (pinned) stream_ = c10::impl::VirtualGuardImpl(device.type()).getStream(device);
     for (int i = 0; i < staging.buffers; ++i) {

@@ -4,8 +4,8 @@
 // then copies it while the host waits: reading the file (its page faults and the cast) and the
 // transfer take turns, and every tensor first touches new host memory. Staged, the host casts
 // each piece of a tensor into one of a few pinned buffers while the copy engine transfers the
-// piece before it, so reading overlaps the transfer (docs/performance.md, "Loading without
-// initialising"). The values are the same bits either way.
+// piece before it, so reading overlaps the transfer (docs/performance.md, "Reading overlaps the
+// transfer"). The values are the same bits either way.
 
 #include <torch/torch.h>
 

@@ -38,8 +38,8 @@ struct LoadOptions {
 // the file); nothing is modified unless the check passes. Each tensor is copied straight from
 // the memory-mapped file to options.device/dtype (on CUDA through the staging ring, which
 // overlaps reading the file with the transfer: staged_copy.h), so the weights are never held
-// twice in host memory. A tensor keeps its layout (a
-// channels-last weight stays channels-last: to_channels_last).
+// twice in host memory. A tensor keeps its layout (a channels-last weight stays
+// channels-last: to_channels_last).
 void load_state_dict(torch::nn::Module& module, const io::WeightFiles& weights,
                      const LoadOptions& options, const KeyMapper& map_key = {});
 

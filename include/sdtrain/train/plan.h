@@ -28,8 +28,8 @@ struct MemoryEstimate {
   int64_t frozen_weights = 0;
   int64_t autocast_copies = 0;  // half copies of fp32 weights saved for backward
   int64_t activations = 0;
-  int64_t ema_shadow =
-      0;  // use_ema without offload_ema: float32 copies of the UNet's trained weights
+  // use_ema without offload_ema: float32 copies of the UNet's trained weights
+  int64_t ema_shadow = 0;
   int64_t total() const {
     return trained_weights + gradients + optimizer_state + frozen_weights + autocast_copies +
            activations + ema_shadow;
