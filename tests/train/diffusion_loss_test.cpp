@@ -6,19 +6,17 @@
 //    side of torch.cuda.set_sync_debug_mode("error")): any operation that waits throws.
 //    That is what makes the loss capturable as a CUDA graph. Skipped, with the reason,
 //    without a GPU.
+#include "sdtrain/train/diffusion_loss.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#if SDTRAIN_WITH_CUDA
-#include <c10/cuda/CUDAFunctions.h>
-#endif
-
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/train/dataset.h"
-#include "sdtrain/train/diffusion_loss.h"
 #include "sdtrain/train/instance_data.h"
 #include "sdtrain/train/run_setup.h"
 #include "sdtrain/train/trained_set.h"
+#include "sync_debug.h"
 #include "train_support.h"
 
 namespace sdtrain::train {
@@ -121,19 +119,6 @@ TEST(LossInputSampler, CachedLatentsComeWithTheInputs) {
   EXPECT_TRUE(std::isfinite(output.loss.item<double>()));
 }
 
-#if SDTRAIN_WITH_CUDA
-// Sets the sync debug mode for its lifetime, and back to off after, even when the body throws.
-class SyncDebugMode {
- public:
-  explicit SyncDebugMode(c10::cuda::SyncDebugMode mode) {
-    c10::cuda::warning_state().set_sync_debug_mode(mode);
-  }
-  ~SyncDebugMode() {
-    c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
-  }
-};
-#endif
-
 class LossOnCuda : public ::testing::TestWithParam<bool> {};
 
 TEST_P(LossOnCuda, NeverSynchronisesWithTheHost) {
@@ -165,7 +150,7 @@ TEST_P(LossOnCuda, NeverSynchronisesWithTheHost) {
   torch::cuda::synchronize();
   torch::Tensor value;
   try {
-    SyncDebugMode error_on_sync(c10::cuda::SyncDebugMode::L_ERROR);
+    sdtrain::testing::SyncDebugError error_on_sync;
     // The draw too: its copies (images, posterior draw, noise, timesteps) leave pinned memory
     // without waiting for the GPU.
     const LossInputs inputs = sampler.draw({1});

@@ -14,12 +14,9 @@
 #include <iostream>
 #include <map>
 
-#if SDTRAIN_WITH_CUDA
-#include <c10/cuda/CUDAFunctions.h>
-#endif
-
 #include "sdtrain/io/safetensors.h"
 #include "sdtrain/util/error.h"
+#include "sync_debug.h"
 #include "test_support.h"
 
 using namespace sdtrain;
@@ -250,14 +247,8 @@ TEST(EMAOnCuda, TheShadowOnTheGpuStepsAsOnTheCpuWithoutSynchronising) {
       for (auto& parameter : net.parameters()) parameter.add_(torch::randn_like(parameter));
     }
     on_cpu.step(net);
-    c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
-    try {
-      on_gpu.step(net);
-    } catch (...) {
-      c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
-      throw;
-    }
-    c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+    const sdtrain::testing::SyncDebugError error_on_sync;
+    on_gpu.step(net);
   }
   for (const char* name : kNames) {
     EXPECT_TRUE(shadow_of(on_gpu, name).is_cuda()) << name;

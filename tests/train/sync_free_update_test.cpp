@@ -11,11 +11,8 @@
 
 #include <limits>
 
-#if SDTRAIN_WITH_CUDA
-#include <c10/cuda/CUDAFunctions.h>
-#endif
-
 #include "sdtrain/util/error.h"
+#include "sync_debug.h"
 #include "update_support.h"
 
 namespace sdtrain::train {
@@ -106,19 +103,6 @@ TEST(SyncFreeUpdate, EmaAveragesTheWeightsOfTheSettledStep) {
     EXPECT_TRUE(torch::allclose(run.ema->shadow()[i].second, expected[i], 0, 1e-7));
 }
 
-#if SDTRAIN_WITH_CUDA
-// Sets the sync debug mode for its lifetime, and back to off after, even when the body throws.
-class SyncDebugError {
- public:
-  SyncDebugError() {
-    c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
-  }
-  ~SyncDebugError() {
-    c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
-  }
-};
-#endif
-
 // adamw8bit's CUDA kernels, and adamw's fused kernel (float32 parameters on a GPU), with fp16
 // loss scaling and clipping: the whole update, overflow included, without one host
 // synchronisation; settle then takes the overflowed step's counts back.
@@ -137,7 +121,7 @@ TEST_P(SyncFreeUpdateOnCuda, ApplyNeverSynchronises) {
     torch::cuda::synchronize();
     const auto before = run.weights();
     try {
-      SyncDebugError error_on_sync;
+      sdtrain::testing::SyncDebugError error_on_sync;
       run.update->apply(step);
       // The detector is live: reading a value back is a synchronisation.
       EXPECT_THROW((void)run.scaler.scale_value(), c10::Error);
