@@ -16,7 +16,7 @@ namespace {
 class StagingRing {
  public:
   StagingRing(const Staging& staging, const torch::Device& device)
-      : device_(device), buffer_bytes_(staging.buffer_bytes) {
+      : buffer_bytes_(staging.buffer_bytes) {
     if (staging.buffers < 1 || staging.buffer_bytes < 16)
       throw std::logic_error(
           "copy_into_targets: a staging ring needs a buffer or more, of 16 bytes or more");
@@ -45,11 +45,10 @@ class StagingRing {
 
   // Waits for every queued copy, so the targets are complete when copy_into_targets returns.
   void finish() const {
-    if (stream_) c10::impl::VirtualGuardImpl(device_.type()).synchronizeStream(*stream_);
+    if (stream_) c10::impl::VirtualGuardImpl(stream_->device_type()).synchronizeStream(*stream_);
   }
 
  private:
-  torch::Device device_;
   int64_t buffer_bytes_;
   std::vector<torch::Tensor> buffers_;
   std::vector<c10::Event> transferred_;
