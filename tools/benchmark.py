@@ -17,7 +17,8 @@ What it runs (docs/memory.md explains the settings; docs/benchmarks.md holds the
   * for the rows that have one, the same run through train_dreambooth.py, timed by
     tools/time_training_script.py.
 Timing: median seconds between optimizer steps after the first 10 (warm-up, cuDNN autotuning),
-from logs/metrics.jsonl; memory: the peak allocated by the caching allocator during training.
+from logs/metrics.jsonl; memory: the peaks allocated and reserved by the caching allocator
+during training (a CUDA graph's pool is reserved, not allocated, between replays).
 Throughput: samples/s, the speed-up over diffusers, the model FLOPs per step counted by
 tools/flop_count.py and their share of the GPU's dense fp16 peak; start-up: the load time and
 the time to the first step, from the trainer's log.
@@ -174,11 +175,13 @@ def sdtrain_settings(args, model, photos, output, overrides):
     return [a for s in settings for a in ("--set", s)]
 
 
-def median_and_peak(metrics):
+def median_and_peaks(metrics):
+    """Median s/step after the first 10, and the run's peak allocated and reserved bytes."""
     records = [json.loads(line) for line in open(metrics)]
     seconds = [r["seconds"] for r in records[10:]]
     return (statistics.median(seconds) if seconds else None,
-            max(r.get("peak_memory_bytes", 0) for r in records))
+            max(r.get("peak_memory_bytes", 0) for r in records),
+            max(r.get("peak_reserved_bytes", 0) for r in records))
 
 
 def run_sdtrain(args, name, overrides, model, photos):
@@ -194,10 +197,10 @@ def run_sdtrain(args, name, overrides, model, photos):
     metrics = output / "logs" / "metrics.jsonl"
     if code != 0 or not metrics.exists():
         return {"rc": code, "estimate": estimate}
-    seconds, peak = median_and_peak(metrics)
+    seconds, peak, reserved = median_and_peaks(metrics)
     load, first_step = startup_seconds(log.read_text())
-    return {"rc": code, "seconds": seconds, "peak": peak, "estimate": estimate, "load": load,
-            "first_step": first_step}
+    return {"rc": code, "seconds": seconds, "peak": peak, "reserved": reserved,
+            "estimate": estimate, "load": load, "first_step": first_step}
 
 
 def run_diffusers(args, name, extra, model, photos):
@@ -299,17 +302,22 @@ def table(results, args):
              "checkpointing not counted); utilisation is that over the GPU's dense fp16 peak. "
              "Load: the trainer's `models loaded in` line; first step: its `first step … after "
              "the run started` line (class images, loading, latent caching). † against row "
-             "`today`'s diffusers run (the same job).", "",
-             "| row | settings | sdtrain s/step | sdtrain peak GiB | estimate GiB | estimate error "
+             "`today`'s diffusers run (the same job).",
+             "- **Memory:** peak is allocated (diffusers: `torch.cuda.max_memory_allocated`); "
+             "reserved is what the caching allocator held from the driver, which counts a CUDA "
+             "graph's pool between replays: captured and eager rows compare by it.", "",
+             "| row | settings | sdtrain s/step | sdtrain peak GiB | sdtrain reserved GiB "
+             "| estimate GiB | estimate error "
              "| diffusers s/step | diffusers peak GiB | samples/s | vs diffusers | TFLOP/step "
              "| utilisation | load s | first step s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, (ours, theirs) in results.items():
         error = "—"
         if ours.get("peak") and ours.get("estimate"):
             error = f"{100.0 * (ours['estimate'] - ours['peak']) / ours['peak']:+.1f} %"
         cells = throughput_cells(name, ours, theirs, args, results.get("today", (None, None))[1])
         lines.append(f"| {name} | {ROWS[name][0]} | {cell_seconds(ours)} | {cell_gib(ours, 'peak')} "
+                     f"| {cell_gib(ours, 'reserved')} "
                      f"| {cell_gib(ours, 'estimate')} | {error} | {cell_seconds(theirs)} "
                      f"| {cell_gib(theirs, 'peak')} | {' | '.join(cells)} "
                      f"| {cell_number(ours, 'load')} | {cell_number(ours, 'first_step')} |")

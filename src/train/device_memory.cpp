@@ -22,6 +22,13 @@ int64_t peak_device_memory_bytes(const torch::Device& device) {
       .peak;
 }
 
+int64_t peak_reserved_device_memory_bytes(const torch::Device& device) {
+  if (!device.is_cuda()) return 0;
+  return c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index())
+      .reserved_bytes[kAggregate]
+      .peak;
+}
+
 int64_t current_device_memory_bytes(const torch::Device& device) {
   if (!device.is_cuda()) return 0;
   return c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index())
@@ -45,6 +52,7 @@ int64_t free_device_memory_bytes(const torch::Device& device) {
 #else
 int64_t free_device_memory_bytes(const torch::Device&) { return 0; }
 int64_t peak_device_memory_bytes(const torch::Device&) { return 0; }
+int64_t peak_reserved_device_memory_bytes(const torch::Device&) { return 0; }
 int64_t current_device_memory_bytes(const torch::Device&) { return 0; }
 void reset_peak_device_memory(const torch::Device&) {}
 #endif

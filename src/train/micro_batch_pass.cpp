@@ -180,6 +180,7 @@ bool CapturedPass::capture(const LossInputs& inputs) {
   try {
     const LossInputs warm = halved(inputs);
     torch::cuda::synchronize(device);
+    c10::cuda::CUDACachingAllocator::emptyCache();  // why: micro_batch_pass.h
     c10::cuda::CUDAStream side =
         c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device);
     Reference reference;
@@ -233,11 +234,17 @@ bool CapturedPass::capture(const LossInputs& inputs) {
     abandon_capture();
     throw CaptureFailed(error.what());
   }
-  log::info(update_.updates_in_backward()
-                ? "cuda_graphs: the forward and backward pass is captured, with the optimizer's "
-                  "steps in it; a dry replay matched the eager pass"
-                : "cuda_graphs: the forward and backward pass is captured; a replay matched the "
-                  "eager pass");
+  if (captures_++ > 0) {
+    log::info(
+        "cuda_graphs: the pass is captured again (its graph was released); a replay "
+        "matched the eager pass");
+  } else {
+    log::info(update_.updates_in_backward()
+                  ? "cuda_graphs: the forward and backward pass is captured, with the optimizer's "
+                    "steps in it; a dry replay matched the eager pass"
+                  : "cuda_graphs: the forward and backward pass is captured; a replay matched the "
+                    "eager pass");
+  }
   return true;
 #endif
 }
@@ -265,6 +272,10 @@ void CapturedPass::run_warm_up(const LossInputs& warm, const LossInputs& inputs,
     throw;
   }
   update_.set_dry(false);
+}
+
+void CapturedPass::release() {
+  if (graph_) abandon_capture();
 }
 
 void CapturedPass::abandon_capture() {

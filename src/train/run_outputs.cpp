@@ -86,6 +86,7 @@ void RunOutputs::write_metrics(const StepRecord& record) {
   line["skipped"] = record.update.skipped;
   line["seconds"] = record.seconds;
   line["peak_memory_bytes"] = record.peak_memory;
+  line["peak_reserved_bytes"] = record.peak_reserved;
   const std::string text = line.dump() + "\n";
   if (kill_point_due("metrics-line")) {
     metrics_ << text.substr(0, text.size() / 2) << std::flush;
@@ -140,11 +141,15 @@ std::string RunOutputs::last_checkpoint_hint() const {
   return " The last good checkpoint is " + last.string() + ".";
 }
 
+bool RunOutputs::validates_at(int64_t step) const {
+  const int64_t every = config_.outputs.validation_steps;
+  return main_ && !config_.outputs.validation_prompts.empty() && every > 0 && step % every == 0;
+}
+
 void RunOutputs::sample_validation_images(int64_t step, TrainingModels& models,
                                           const TrainedSet& trained, EMAModel* ema,
                                           Precision precision) {
-  if (!main_ || config_.outputs.validation_prompts.empty() || config_.outputs.validation_steps <= 0)
-    return;
+  if (!validates_at(step)) return;
   const io::NamedTensors averaged = trained.component_parameters("unet");
   if (ema) {
     ema->store(averaged);

@@ -438,6 +438,7 @@ void TrainingRun::step() {
   record.step = state_.global_step;
   record.seconds = std::chrono::duration<double>(Clock::now() - step_started_).count();
   record.peak_memory = peak_device_memory_bytes(device_);
+  record.peak_reserved = peak_reserved_device_memory_bytes(device_);
   step_started_ = Clock::now();
   unsettled_ = record;
   cursor_->close_finished_epoch();
@@ -446,8 +447,10 @@ void TrainingRun::step() {
       step < plan_.total_steps) {
     save_checkpoint();
   }
-  if (config_.outputs.validation_steps > 0 && step % config_.outputs.validation_steps == 0) {
+  if (outputs_.validates_at(step)) {
     settle_step();  // EMA's average includes this step
+    // A captured pass's pool and gradients would stay reserved beside the sampling's memory.
+    pass_->release();
     move_cached_frozen_models(*models_, config_, device_, /*to_host=*/false);
     outputs_.sample_validation_images(step, *models_, *trained_, ema(), precision_);
     move_cached_frozen_models(*models_, config_, device_, /*to_host=*/true);

@@ -8,11 +8,13 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <utility>
 
 #include "sdtrain/io/safetensors.h"
 #include "sdtrain/train/plan.h"
@@ -43,6 +45,24 @@ std::map<int64_t, double> losses_by_step(const fs::path& output_dir) {
 
 bool logs_capture(const std::string& output) {
   return output.find("cuda_graphs: the forward and backward pass is captured") != std::string::npos;
+}
+
+size_t occurrences(const std::string& text, const std::string& what) {
+  size_t count = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++count;
+  return count;
+}
+
+// The largest peak_memory_bytes and peak_reserved_bytes of a run's metrics.
+std::pair<int64_t, int64_t> peak_memory(const fs::path& output_dir) {
+  std::pair<int64_t, int64_t> peaks{0, 0};
+  std::ifstream metrics(output_dir / "logs" / "metrics.jsonl");
+  for (std::string line; std::getline(metrics, line);) {
+    const auto record = nlohmann::json::parse(line);
+    peaks.first = std::max(peaks.first, record.at("peak_memory_bytes").get<int64_t>());
+    peaks.second = std::max(peaks.second, record.at("peak_reserved_bytes").get<int64_t>());
+  }
+  return peaks;
 }
 
 }  // namespace
@@ -178,8 +198,10 @@ TEST(CudaGraphs, TheExactModeGivesTheEagerLossesOnTheGpu) {
 // With graphs on (true: a failed capture would stop the run), a run killed at step 5 resumes
 // from checkpoint-4, captures anew in the new process and gives the uninterrupted run's losses
 // for steps 5..8 (1e-2 relative: the reason above); validation at step 4 samples between
-// replays and training goes on; SIGTERM stops a captured run at a step boundary with exit 143
-// and a checkpoint, from which a run resumes and captures again.
+// replays, having released the graph, which step 5 captures again (validation at step 8, the
+// last, releases it for good); SIGTERM stops a captured run at a step boundary with exit 143
+// and a checkpoint, from which a run resumes and captures again. metrics.jsonl carries the
+// peak reserved memory, never below the peak allocated.
 TEST(CudaGraphs, ResumeSigtermValidationAndCheckpointsWorkWithGraphsOn) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
   using namespace sdtrain::testing;
@@ -195,7 +217,12 @@ TEST(CudaGraphs, ResumeSigtermValidationAndCheckpointsWorkWithGraphsOn) {
   const auto whole = run_sdtrain("--config " + write_config(dir / "whole", settings).string());
   ASSERT_EQ(whole.code, 0) << whole.output;
   EXPECT_TRUE(logs_capture(whole.output)) << whole.output;
+  EXPECT_EQ(occurrences(whole.output, "cuda_graphs: the pass is captured again"), 1u)
+      << whole.output;
   EXPECT_TRUE(fs::exists(dir / "whole" / "out" / "samples" / "step-4.png"));
+  const auto [allocated, reserved] = peak_memory(dir / "whole" / "out");
+  EXPECT_GT(allocated, 0);
+  EXPECT_GE(reserved, allocated);
   const auto uninterrupted = losses_by_step(dir / "whole" / "out");
   ASSERT_EQ(uninterrupted.size(), 8u);
 

@@ -45,6 +45,12 @@ class MicroBatchPass {
   // detached, on the device) and the latents it used, valid until the next run.
   virtual LossOutput run(const LossInputs& inputs,
                          const std::function<void()>& before_backward) = 0;
+  // Gives back the device memory the pass holds between runs that an eager pass would not
+  // (call it between settled steps): a captured pass drops its graph, the graph's memory pool
+  // and the gradients the graph writes, and captures anew at its next full micro-batch. The
+  // trainer calls it before validation, whose sampling would otherwise allocate beside the
+  // pool where an eager run reuses the pass's freed blocks.
+  virtual void release() {}
 };
 
 class EagerPass final : public MicroBatchPass {
@@ -99,6 +105,9 @@ class CaptureFailed : public std::runtime_error {
 // overflows (fp16 at the scaler's first scale; CaptureFailed after 3 such). CaptureFailed names
 // what failed; the trainer then runs eagerly (cuda_graphs "auto") or stops (true). Later runs
 // copy the inputs in and replay. CUDA builds only; elsewhere the first run throws CaptureFailed.
+// The warm-up allocates on a side stream, which cannot reuse the blocks the default stream has
+// cached (class images, latent caching, validation): those go back to the driver first, so that
+// the capture reserves no more than an eager pass.
 class CapturedPass final : public MicroBatchPass {
  public:
   // `update`'s optimizer holds the trained tensors, whose gradients the pass writes. full_rows:
@@ -106,6 +115,7 @@ class CapturedPass final : public MicroBatchPass {
   CapturedPass(DiffusionLoss& loss, LossScaler& scaler, UpdatePolicy& update, int64_t full_rows);
   ~CapturedPass() override;
   LossOutput run(const LossInputs& inputs, const std::function<void()>& before_backward) override;
+  void release() override;
 
  private:
   struct Graph;
@@ -120,7 +130,8 @@ class CapturedPass final : public MicroBatchPass {
   // (before_backward) and the optimizer's arguments written first.
   LossOutput replay(const LossInputs& inputs, const std::function<void()>& before_backward);
   void run_warm_up(const LossInputs& warm, const LossInputs& inputs, Reference& reference);
-  // After a failed capture: no graph, no dry or capturing update, no gradients.
+  // After a failed capture, or to release the graph: no graph, no dry or capturing update, no
+  // gradients, the pool given back.
   void abandon_capture();
   LossOutput eager(const LossInputs& inputs) {
     return eager_.run(inputs, [] {});
@@ -131,6 +142,7 @@ class CapturedPass final : public MicroBatchPass {
   UpdatePolicy& update_;
   std::unique_ptr<Graph> graph_;
   bool told_of_other_shapes_ = false;
+  int64_t captures_ = 0;  // graphs captured so far (release() drops one; the next run recaptures)
   int64_t full_rows_;
   static constexpr int kMostOverflowedReferences = 3;
   int overflowed_references_ = 0;

@@ -33,7 +33,8 @@ struct StepRecord {
   double loss = 0;
   UpdateResult update;
   double seconds = 0;
-  int64_t peak_memory = 0;
+  int64_t peak_memory = 0;    // allocated, since the run started (device_memory.h)
+  int64_t peak_reserved = 0;  // reserved, since the run started
 };
 
 // What a checkpoint holds besides the trainer state.
@@ -64,6 +65,9 @@ class RunOutputs {
   // " The last good checkpoint is …/checkpoint-N." or "" before the first.
   std::string last_checkpoint_hint() const;
 
+  // Whether this process samples validation images after `step` (validation_steps, prompts
+  // given, the main process).
+  bool validates_at(int64_t step) const;
   // samples/step-N.png: diffusers' validation (DPM-Solver++ 2M, 25 steps, guidance 7.5, the
   // run's seed) with the training modules, the EMA weights swapped in with use_ema.
   void sample_validation_images(int64_t step, TrainingModels& models, const TrainedSet& trained,
