@@ -22,6 +22,9 @@ during training (a CUDA graph's pool is reserved, not allocated, between replays
 Throughput: samples/s, the speed-up over diffusers, the model FLOPs per step counted by
 tools/flop_count.py and their share of the GPU's dense fp16 peak; start-up: the load time and
 the time to the first step, from the trainer's log.
+Goals: below the table, each measurable goal of issues 15 and 16 (speed-up, batch-32 samples/s,
+captured against eager reserved memory, the memory ceilings, the estimate's error) checked
+against the rows that ran.
 The table goes to OUT/benchmark.md and, with --write, between the benchmark markers of that file.
 """
 import argparse
@@ -321,7 +324,66 @@ def table(results, args):
                      f"| {cell_gib(ours, 'estimate')} | {error} | {cell_seconds(theirs)} "
                      f"| {cell_gib(theirs, 'peak')} | {' | '.join(cells)} "
                      f"| {cell_number(ours, 'load')} | {cell_number(ours, 'first_step')} |")
-    return "\n".join(lines + ["", END])
+    return "\n".join(lines + [""] + goal_lines(results) + ["", END])
+
+
+def ratio_check(what, value, required, target, unit="×", higher_is_better=True):
+    """One line of the goals: the measured value against what is required and what is aimed at."""
+    if value is None:
+        return f"- {what}: not measured (a row missing or failed)"
+    met = value >= required if higher_is_better else value <= required
+    reached = value >= target if higher_is_better else value <= target
+    sign = "≥" if higher_is_better else "≤"
+    verdict = "target reached" if reached else ("required met" if met else "NOT MET")
+    return (f"- {what}: {value:.2f}{unit} (required {sign} {required}{unit}, target {sign} "
+            f"{target}{unit}): {verdict}")
+
+
+def goal_lines(results):
+    """The issues' measurable goals, each checked against this run's rows (issue 15: memory,
+    issue 16: speed and the captured step's memory). A goal whose rows did not run says so."""
+    def row(name, side=0, key="seconds"):
+        pair = results.get(name)
+        value = None if pair is None or pair[side] is None else pair[side].get(key)
+        return value
+
+    def speedup(name):
+        ours, theirs = row(name), row("today", side=1)
+        return theirs / ours if ours and theirs else None
+
+    def samples(name):
+        seconds = row(name)
+        return samples_per_step(ROWS[name][1]) / seconds if seconds else None
+
+    def gib(name, key="peak"):
+        value = row(name, key=key)
+        return value / GIB if value else None
+
+    def no_higher(captured, eager):
+        a, b = row(captured, key="reserved"), row(eager, key="reserved")
+        if not a or not b:
+            return f"- issue 16: `{captured}` reserved ≤ `{eager}` reserved: not measured"
+        return (f"- issue 16: `{captured}` reserved ≤ `{eager}` reserved (captured holds no "
+                f"more): {a / GIB:.2f} vs {b / GIB:.2f} GiB: {'met' if a <= b else 'NOT MET'}")
+
+    throughput = [v for v in (samples("batch-32"), samples("batch-32-cl")) if v]
+    errors = [abs(r[0]["estimate"] - r[0]["peak"]) / r[0]["peak"] * 100
+              for r in results.values() if r[0].get("peak") and r[0].get("estimate")]
+    return ["**Goals** (checked by the program against the rows above):", "",
+            ratio_check("issue 16: `today` against diffusers' steps/s", speedup("today"), 4, 5),
+            ratio_check("issue 16: samples/s at batch 32 (best of `batch-32`, `batch-32-cl`)",
+                        max(throughput) if throughput else None, 80, 100, unit=""),
+            no_higher("today", "today-eager"),
+            no_higher("exact", "exact-eager"),
+            ratio_check("issue 15: `exact` peak GiB", gib("exact"), 6, 6, unit=" GiB",
+                        higher_is_better=False),
+            ratio_check("issue 15: `lean` peak GiB", gib("lean"), 4, 4, unit=" GiB",
+                        higher_is_better=False),
+            ratio_check("issue 15: `text-encoder` peak GiB", gib("text-encoder"), 8, 8,
+                        unit=" GiB", higher_is_better=False),
+            ratio_check("issue 15: the largest estimate error over the rows",
+                        max(errors) if errors else None, 10, 10, unit=" %",
+                        higher_is_better=False)]
 
 
 def write_into(path, text, begin=BEGIN, end=END,
