@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the scripts: where the Python environment, LibTorch and the build live.
 #   SDTRAIN_VENV   Python environment with the pinned torch wheel and reference tools
 #   Torch_DIR      use another LibTorch (its share/cmake/Torch folder) instead of the wheel's
