@@ -205,10 +205,11 @@ int run(int argc, char** argv) {
     log::error(e.what());
     return static_cast<int>(e.code());
   } catch (const c10::OutOfMemoryError& e) {
-    log::error(std::string("out of GPU memory: ") + e.what_without_backtrace() +
-               "\n  lower train_batch_size or resolution, or set gradient_checkpointing: true, "
-               "optimizer: \"adamw8bit\", mixed_precision: \"fp16\" (generate: lower --batch-size or the "
-               "image size, or use --dtype fp16)");
+    log::error(
+        std::string("out of GPU memory: ") + e.what_without_backtrace() +
+        "\n  lower train_batch_size or resolution, or set gradient_checkpointing: true, "
+        "optimizer: \"adamw8bit\", mixed_precision: \"fp16\" (generate: lower --batch-size or the "
+        "image size, set --decode-batch-size 1, or use --dtype fp16)");
     return static_cast<int>(ExitCode::out_of_memory);
   } catch (const std::bad_alloc&) {
     log::error(std::string("out of memory: an allocation failed") + kHostMemoryFix);

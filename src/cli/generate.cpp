@@ -35,6 +35,8 @@ void check_arguments(const GenerateArguments& args) {
     throw ConfigError("--steps must be at least 1, got " + std::to_string(args.steps));
   if (args.num_images < 1) throw ConfigError("--num-images must be at least 1");
   if (args.batch_size < 1) throw ConfigError("--batch-size must be at least 1");
+  if (args.decode_batch_size < 0)
+    throw ConfigError("--decode-batch-size must be 0 (the whole batch) or more");
   if (!std::isfinite(args.guidance_scale) || args.guidance_scale < 0) {
     throw ConfigError("--guidance-scale must be a finite number, 0 or more (7.5 is usual)");
   }
@@ -125,6 +127,10 @@ void add_generate_options(CLI::App& command, GenerateArguments& args) {
   command.add_option("--batch-size", args.batch_size, "Images per UNet batch")
       ->capture_default_str();
   command
+      .add_option("--decode-batch-size", args.decode_batch_size,
+                  "Images per VAE decode, 0 for the whole batch (1 holds the least memory)")
+      ->capture_default_str();
+  command
       .add_option("--width", args.width, "Image width, a multiple of 8 (default: the model's size)")
       ->check(CLI::PositiveNumber);
   command
@@ -168,6 +174,7 @@ pipeline::GenerationOptions generation_options(const GenerateArguments& args,
   options.height = args.height > 0 ? args.height : sd.default_height();
   options.num_images = args.num_images;
   options.batch_size = args.batch_size;
+  options.decode_batch_size = args.decode_batch_size;
   options.progress = report_progress;
   return options;
 }

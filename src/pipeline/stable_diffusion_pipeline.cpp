@@ -44,6 +44,8 @@ void check_options(const GenerationOptions& options, int64_t width, int64_t heig
   if (options.prompts.empty()) throw ConfigError("generation needs a prompt");
   if (options.num_images < 1) throw ConfigError("the number of images must be at least 1");
   if (options.batch_size < 1) throw ConfigError("the batch size must be at least 1");
+  if (options.decode_batch_size < 0)
+    throw ConfigError("the decode batch size must be 0 (the whole batch) or more");
   if (options.prompts.size() != 1 && static_cast<int64_t>(options.prompts.size()) != options.num_images) {
     throw ConfigError("give one prompt, or one per image (" + std::to_string(options.num_images) + "), not " +
                       std::to_string(options.prompts.size()));
@@ -202,7 +204,7 @@ torch::Tensor StableDiffusionPipeline::generate_batch(const GenerationOptions& o
       options.progress({images_done, options.num_images, i + 1, sampler->num_steps(), count});
   }
 
-  torch::Tensor image = vae_->decode(latents / vae_->config().scaling_factor);  // [B, 3, H, W]
+  torch::Tensor image = decode(latents / vae_->config().scaling_factor, options.decode_batch_size);
   image = (image * 0.5 + 0.5).clamp(0, 1);
   // The copy to the host waits for the GPU: the time below is the batch's whole work.
   image = image.cpu().permute({0, 2, 3, 1}).to(torch::kFloat32).contiguous();  // [B, H, W, 3]
@@ -212,6 +214,13 @@ torch::Tensor StableDiffusionPipeline::generate_batch(const GenerationOptions& o
                       count, seconds.count()});
   }
   return image;
+}
+
+torch::Tensor StableDiffusionPipeline::decode(const torch::Tensor& latents, int64_t slice) {
+  if (slice == 0 || slice >= latents.size(0)) return vae_->decode(latents);  // [B, 3, H, W]
+  std::vector<torch::Tensor> images;
+  for (const torch::Tensor& part : latents.split(slice)) images.push_back(vae_->decode(part));
+  return torch::cat(images);
 }
 
 std::vector<io::Image> StableDiffusionPipeline::generate(const GenerationOptions& options) {

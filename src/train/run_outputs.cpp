@@ -167,6 +167,10 @@ void RunOutputs::sample_validation_images(int64_t step, TrainingModels& models,
   }
   options.num_images = static_cast<int64_t>(options.prompts.size());
   options.batch_size = config_.outputs.num_validation_images;
+  // Decoded one image at a time: at full resolution the VAE decode is the sampling's largest
+  // transient memory, and here it comes on top of the training state (docs/memory.md).
+  // diffusers' train_dreambooth.py calls its pipeline once per validation image.
+  options.decode_batch_size = 1;
   options.steps = 25;
   options.scheduler = "dpm++2m";
   options.seed = config_.seed;

@@ -101,7 +101,8 @@ TEST(Generate, BadArgumentsGiveTheDocumentedExitCodes) {
   EXPECT_EQ(r.code, 1) << r.output;
   EXPECT_EQ(generate("--prompt x").code, 1);  // --model is required
 
-  for (const std::string bad : {"--guidance-scale inf", "--guidance-scale nan", "--width 0", "--height 0"}) {
+  for (const std::string bad : {"--guidance-scale inf", "--guidance-scale nan", "--width 0",
+                                "--height 0", "--decode-batch-size -1"}) {
     r = generate("--prompt x --steps 2 --device cpu --model " + demo_model() + " " + bad + " --out " +
                  (dir / "f").string());
     EXPECT_EQ(r.code, 1) << bad << "\n" << r.output;

@@ -102,6 +102,18 @@ TEST(Pipeline, BatchAfterBatchFromOneGeneratorEqualsOneCall) {
   EXPECT_LE(max_abs(actual, reference("pndm_negative")), kTolerance);
 }
 
+// Validation decodes one image at a time (decode_batch_size 1) while its UNet steps keep the
+// batch: the images are still diffusers' within the parity tolerance (each image's decode reads
+// only its own latents; what may differ is the convolutions' reduction order at batch 1).
+TEST(Pipeline, DecodingOneImageAtATimeGivesTheBatchesImages) {
+  for (const char* name : {"pndm_negative", "ddim_per_image_generators"}) {
+    auto options = options_of(cases().at(name));
+    options.decode_batch_size = 1;
+    const torch::Tensor actual = sdtrain::testing::demo_pipeline().generate_float(options);
+    EXPECT_LE(max_abs(actual, reference(name)), kTolerance) << name;
+  }
+}
+
 TEST(Pipeline, ReportsEveryStepAndTimesEachBatchOnce) {
   // Three images in batches of two, three steps: the reports run 1, 2, 3 per batch, and only
   // each batch's last one (sent after its decode) carries its seconds, which
@@ -175,6 +187,9 @@ TEST(Pipeline, InvalidOptionsAreConfigErrors) {
   options.scheduler = "nope";
   EXPECT_THROW(pipeline.generate(options), ConfigError);
   options.scheduler = "";
+  options.decode_batch_size = -1;
+  EXPECT_THROW(pipeline.generate(options), ConfigError);
+  options.decode_batch_size = 0;
   options.prompts = {};
   EXPECT_THROW(pipeline.generate(options), ConfigError);
 }

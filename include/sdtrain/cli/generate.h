@@ -28,6 +28,7 @@ struct GenerateArguments {
   int64_t seed = 0;
   int64_t num_images = 1;
   int64_t batch_size = 1;
+  int64_t decode_batch_size = 0;  // 0: the whole batch
   int64_t width = 0;   // 0: the model's default
   int64_t height = 0;
   std::string dtype = "auto";

@@ -62,6 +62,10 @@ struct GenerationOptions {
   int64_t height = 0;  // multiples of 8
   int64_t num_images = 1;
   int64_t batch_size = 1;  // images per UNet batch (twice that with guidance)
+  // Images per VAE decode; 0: the whole batch (diffusers' default). At full resolution the
+  // decode's activations are the pipeline's largest transient memory, proportional to this
+  // (1: diffusers' enable_vae_slicing), while the UNet's steps keep the batch.
+  int64_t decode_batch_size = 0;
   std::function<void(const GenerationProgress&)> progress;
 };
 
@@ -121,6 +125,8 @@ class StableDiffusionPipeline {
  private:
   // [B, 77, D] text embeddings of `texts`.
   torch::Tensor encode(const std::vector<std::string>& texts);
+  // [B, 3, H, W] images of the scaled latents, `slice` images per VAE decode (0: all at once).
+  torch::Tensor decode(const torch::Tensor& latents, int64_t slice);
   // Images [first, first + count) of the request.
   torch::Tensor generate_batch(const GenerationOptions& options, int64_t first, int64_t count,
                                const std::vector<at::Generator>& generators, int64_t width, int64_t height,
