@@ -13,7 +13,7 @@ What it runs (docs/memory.md explains the settings; docs/benchmarks.md holds the
     as instance and class images;
   * every row at 512x512, batch 1 + prior preservation (the batch-32 row: 32 without), fp16
     autocast, through `sdtrain --dry-run` (the estimate) and then `sdtrain` (--steps optimizer
-    steps, no checkpoints, no validation);
+    steps, no checkpoints, no validation but in row lean-validation);
   * for the rows that have one, the same run through train_dreambooth.py, timed by
     tools/time_training_script.py.
 Timing: median seconds between optimizer steps after the first 10 (warm-up, cuDNN autotuning),
@@ -72,6 +72,13 @@ ROWS = {
     "lean": ("lean mode: + bf16 weights with stochastic rounding",
              ["optimizer=adamw8bit", "cache_latents=true", "fused_backward_pass=true",
               "max_grad_norm=0", "weight_dtype=bf16"], None),
+    "lean-validation": ("row `lean` with 4 validation images every 10 steps: whether validation "
+                        "(the frozen models back on the GPU, one image decoded at a time, the "
+                        "graph released) stays inside the lean ceiling",
+                        ["optimizer=adamw8bit", "cache_latents=true", "fused_backward_pass=true",
+                         "max_grad_norm=0", "weight_dtype=bf16",
+                         'validation_prompts=["a photo of sks robot"]', "validation_steps=10",
+                         "num_validation_images=4"], None),
     "text-encoder": ("exact mode with the text encoder trained",
                      ["optimizer=adamw8bit", "cache_latents=true", "fused_backward_pass=true",
                       "max_grad_norm=0", "train_text_encoder=true"],
@@ -379,6 +386,9 @@ def goal_lines(results):
                         higher_is_better=False),
             ratio_check("issue 15: `lean` peak GiB", gib("lean"), 4, 4, unit=" GiB",
                         higher_is_better=False),
+            ratio_check("issue 15: `lean-validation` reserved GiB (validation within the "
+                        "lean ceiling)", gib("lean-validation", key="reserved"), 4, 4,
+                        unit=" GiB", higher_is_better=False),
             ratio_check("issue 15: `text-encoder` peak GiB", gib("text-encoder"), 8, 8,
                         unit=" GiB", higher_is_better=False),
             ratio_check("issue 15: the largest estimate error over the rows",
