@@ -13,36 +13,36 @@ namespace {
 
 constexpr int kAggregate = 0;  // StatType::AGGREGATE: all pools
 
+// The index of a CUDA device; 0 for "cuda" without one.
+c10::DeviceIndex index_of(const torch::Device& device) {
+  return device.index() < 0 ? 0 : device.index();
+}
+
+c10::CachingDeviceAllocator::DeviceStats stats_of(const torch::Device& device) {
+  return c10::cuda::CUDACachingAllocator::getDeviceStats(index_of(device));
+}
+
 }  // namespace
 
 int64_t peak_device_memory_bytes(const torch::Device& device) {
-  if (!device.is_cuda()) return 0;
-  return c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index())
-      .allocated_bytes[kAggregate]
-      .peak;
+  return device.is_cuda() ? stats_of(device).allocated_bytes[kAggregate].peak : 0;
 }
 
 int64_t peak_reserved_device_memory_bytes(const torch::Device& device) {
-  if (!device.is_cuda()) return 0;
-  return c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index())
-      .reserved_bytes[kAggregate]
-      .peak;
+  return device.is_cuda() ? stats_of(device).reserved_bytes[kAggregate].peak : 0;
 }
 
 int64_t current_device_memory_bytes(const torch::Device& device) {
-  if (!device.is_cuda()) return 0;
-  return c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index())
-      .allocated_bytes[kAggregate]
-      .current;
+  return device.is_cuda() ? stats_of(device).allocated_bytes[kAggregate].current : 0;
 }
 
 void reset_peak_device_memory(const torch::Device& device) {
-  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index() < 0 ? 0 : device.index());
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(index_of(device));
 }
 
 int64_t free_device_memory_bytes(const torch::Device& device) {
   if (!device.is_cuda()) return 0;
-  const c10::cuda::CUDAGuard guard(device.index() < 0 ? 0 : device.index());
+  const c10::cuda::CUDAGuard guard(index_of(device));
   size_t free = 0;
   size_t total = 0;
   if (cudaMemGetInfo(&free, &total) != cudaSuccess) return 0;
