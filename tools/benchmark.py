@@ -62,6 +62,10 @@ ROWS = {
                  "transposes around cuDNN, gain (issue 16)",
                  ["optimizer=adamw8bit", "cache_latents=false", "fused_backward_pass=false",
                   "fused_group_norm_silu=true", "channels_last=true"], None),
+    "today-cudnn": ("row `today` with attention_backend cudnn: whether cuDNN's attention beats "
+                    "flash attention, torch's first choice (issue 16)",
+                    ["optimizer=adamw8bit", "cache_latents=false", "fused_backward_pass=false",
+                     "attention_backend=cudnn"], None),
     "exact": ("exact mode: + fused backward pass, cached latents (VAE and text encoder off the GPU)",
               ["optimizer=adamw8bit", "cache_latents=true", "fused_backward_pass=true",
                "max_grad_norm=0"], None),

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "generate_support.h"
+#include "sdtrain/models/attention_backend.h"
 #include "sdtrain/pipeline/stable_diffusion_pipeline.h"
 #include "sdtrain/schedulers/sampler.h"
 #include "sdtrain/util/error.h"
@@ -47,6 +48,26 @@ void check_arguments(const GenerateArguments& args) {
   if (args.scheduler != "default" && !args.scheduler.empty()) {
     schedulers::make_sampler(args.scheduler, schedulers::SchedulerConfig{});
   }
+}
+
+std::vector<std::string> attention_backend_choices() {
+  std::vector<std::string> names;
+  for (const auto& entry : models::attention_backend_names()) names.push_back(entry.first);
+  return names;
+}
+
+models::AttentionBackend attention_backend(const std::string& name) {
+  for (const auto& [spelled, backend] : models::attention_backend_names())
+    if (spelled == name) return backend;
+  throw ConfigError("--attention-backend " + name +
+                    ": choose one of auto, flash, efficient, "
+                    "cudnn, math");
+}
+
+// Which kernels ran the attention of what was generated (models/attention_backend.h).
+void log_attention_kernels() {
+  const std::string kernels = models::describe_attention_kernels();
+  if (!kernels.empty()) log::info(kernels);
 }
 
 }  // namespace
@@ -149,6 +170,12 @@ void add_generate_options(CLI::App& command, GenerateArguments& args) {
   command.add_flag("--channels-last", args.channels_last,
                    "Store the UNet's and VAE's convolution weights channels-last (NHWC), as "
                    "compute.channels_last (docs/performance.md)");
+  command
+      .add_option("--attention-backend", args.attention_backend,
+                  "The attention kernel tried first: auto, flash, efficient, cudnn or math, as "
+                  "compute.attention_backend (docs/performance.md)")
+      ->check(CLI::IsMember(attention_backend_choices()))
+      ->capture_default_str();
   command.add_option(
       "--lora", args.loras,
       "LoRA adapter file[:scale] (diffusers or kohya layout); repeatable, several are folded "
@@ -240,6 +267,7 @@ int run_generate(const GenerateArguments& args) {
   const c10::ScalarType dtype = pipeline::resolve_dtype(args.dtype, device);
   if (args.jobs.empty()) prepare_output(args.out);
 
+  const models::PreferredAttentionBackend preferred(attention_backend(args.attention_backend));
   const auto started = std::chrono::steady_clock::now();
   pipeline::PipelineSettings settings{device, dtype, args.variant, args.single_file};
   settings.fused_group_norm_silu = args.fused_group_norm_silu;
@@ -247,9 +275,14 @@ int run_generate(const GenerateArguments& args) {
   auto sd = pipeline::StableDiffusionPipeline::from_folder(args.model, settings);
   log::info(log::str("loaded the base model ", args.model, " from disk in ",
                      format_seconds(std::chrono::steady_clock::now() - started)));
-  if (!args.jobs.empty()) return run_generation_jobs(args, sd);
+  if (!args.jobs.empty()) {
+    const int code = run_generation_jobs(args, sd);
+    log_attention_kernels();
+    return code;
+  }
   apply_loras(sd, loras);
   generate_and_write(args, sd);
+  log_attention_kernels();
   return 0;
 }
 

@@ -1,18 +1,20 @@
 #include "sdtrain/models/attention_processor.h"
 
+#include "sdtrain/models/attention_backend.h"
+
 namespace sdtrain::models {
 
 torch::Tensor dot_product_attention(const torch::Tensor& q, const torch::Tensor& k,
                                     const torch::Tensor& v, bool upcast) {
   const bool reduced = q.scalar_type() == torch::kHalf || q.scalar_type() == torch::kBFloat16;
-  if (!(upcast && reduced)) return at::scaled_dot_product_attention(q, k, v);
+  if (!(upcast && reduced)) return attention_kernel(q, k, v);
   // fp32 scores and softmax: SD 2.1-768 overflows fp16 in QK^T without this (why
   // upcast_attention exists). SDPA on fp32 copies of q, k, v gives that without materialising
   // the [L, S] score matrix (memory-efficient kernels on CUDA); unlike diffusers' classic
   // path it also keeps probs @ V in fp32, which only removes a rounding step.
   // Autocast would cast the fp32 copies straight back to half: step below it for this call.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  return at::scaled_dot_product_attention(q.to(torch::kFloat), k.to(torch::kFloat), v.to(torch::kFloat))
+  return attention_kernel(q.to(torch::kFloat), k.to(torch::kFloat), v.to(torch::kFloat))
       .to(q.scalar_type());
 }
 

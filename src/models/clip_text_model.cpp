@@ -1,12 +1,12 @@
 #include "sdtrain/models/clip_text_model.h"
 
+#include <algorithm>
+
 #include "config_reader.h"
+#include "sdtrain/models/attention_backend.h"
 #include "sdtrain/models/base_model.h"
 #include "sdtrain/models/gradient_checkpointing.h"
 #include "sdtrain/models/uninitialised.h"
-
-#include <algorithm>
-
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/json.h"
 
@@ -99,9 +99,9 @@ torch::Tensor CLIPAttentionImpl::forward(const torch::Tensor& hidden_states) {
   // softmax(q k^T / sqrt(Dh) + causal) v. The default scale of SDPA is Dh^-0.5, the
   // reference's self.scale; the reference's eager path adds a dtype-min upper triangle, which
   // is_causal reproduces (exp underflows to exactly 0 either way).
-  auto attended = at::scaled_dot_product_attention(heads(q_proj(hidden_states)), heads(k_proj(hidden_states)),
-                                                   heads(v_proj(hidden_states)), /*attn_mask=*/std::nullopt,
-                                                   /*dropout_p=*/0.0, /*is_causal=*/true);  // [B, H, L, Dh]
+  auto attended =
+      attention_kernel(heads(q_proj(hidden_states)), heads(k_proj(hidden_states)),
+                       heads(v_proj(hidden_states)), /*is_causal=*/true);  // [B, H, L, Dh]
   return out_proj(attended.transpose(1, 2).reshape({batch, length, num_heads_ * head_dim_}));
 }
 

@@ -15,36 +15,21 @@ namespace sdtrain::train {
 namespace {
 
 const std::vector<std::string>& resumable_differences() {
-  static const std::vector<std::string> keys = {"epochs",
-                                                "max_steps",
-                                                "checkpointing_steps",
-                                                "checkpoints_total_limit",
-                                                "resume_from_checkpoint",
-                                                "resume_reset_epoch",
-                                                "validation_prompts",
-                                                "validation_steps",
-                                                "num_validation_images",
-                                                "save_dtype",
-                                                "save_format",
-                                                "lora_formats",
-                                                "output_dir",
-                                                "device",
-                                                "sample_batch_size",
-                                                "num_class_images",
-                                                "prior_generation_precision",
-                                                "prior_generation_scheduler",
-                                                "prior_generation_steps",
-                                                "prior_generation_guidance_scale",
-                                                // How memory is saved, not what is computed: the
-                                                // optimizer state is the same either way, and the
-                                                // settings a budget chose are compared themselves.
-                                                "fused_backward_pass",
-                                                "memory_budget",
-                                                // The same kernels, launched from a graph.
-                                                "cuda_graphs",
-                                                // The same function from other kernels: only
-                                                // the rounding differs.
-                                                "fused_group_norm_silu"};
+  static const std::vector<std::string> keys = {
+      "epochs", "max_steps", "checkpointing_steps", "checkpoints_total_limit",
+      "resume_from_checkpoint", "resume_reset_epoch", "validation_prompts", "validation_steps",
+      "num_validation_images", "save_dtype", "save_format", "lora_formats", "output_dir", "device",
+      "sample_batch_size", "num_class_images", "prior_generation_precision",
+      "prior_generation_scheduler", "prior_generation_steps", "prior_generation_guidance_scale",
+      // How memory is saved, not what is computed: the
+      // optimizer state is the same either way, and the
+      // settings a budget chose are compared themselves.
+      "fused_backward_pass", "memory_budget",
+      // The same kernels, launched from a graph.
+      "cuda_graphs",
+      // The same function from other kernels: only
+      // the rounding differs.
+      "fused_group_norm_silu", "attention_backend"};
   return keys;
 }
 

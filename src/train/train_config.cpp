@@ -157,6 +157,14 @@ const std::vector<Field>& fields() {
               "fused_group_norm_silu, whose kernels keep NHWC (torch's CUDA GroupNorm makes its "
               "input NCHW). Off by default until a GPU has measured it. Must stay the same on "
               "resume: the optimizer's states follow each weight's storage order."),
+        enum_field("attention_backend", &C::compute, &C::Compute::attention_backend,
+                   "The attention kernel tried first: auto (torch's order: flash, efficient, "
+                   "math, cudnn on CUDA; flash, then math on the CPU), flash, efficient "
+                   "(memory-efficient), cudnn or math. Attention the chosen kernel cannot run "
+                   "(flash: heads wider than 256, such as the VAE's, or a GPU before sm80) falls "
+                   "back to torch's order; the log names the kernel each kind of attention ran "
+                   "on after the first step (docs/performance.md).",
+                   models::attention_backend_names()),
         enum_field("weight_dtype", &C::compute, &C::Compute::weight_dtype,
                    "Storage of the trained weights: fp32, or bf16 (lean mode: half the memory, "
                    "updated by adamw8bit with stochastic rounding; docs/memory.md).",

@@ -1,13 +1,14 @@
 #include "sdtrain/train/trainer.h"
 
 #include <chrono>
+#include <cmath>
 #include <csignal>
 #include <cstdlib>
-#include <cmath>
 #include <iomanip>
 #include <sstream>
 
 #include "sdtrain/io/safetensors.h"
+#include "sdtrain/models/attention_backend.h"
 #include "sdtrain/models/base_model.h"
 #include "sdtrain/optim/optimizer.h"
 #include "sdtrain/train/checkpoint.h"
@@ -15,8 +16,8 @@
 #include "sdtrain/train/device_readback.h"
 #include "sdtrain/train/diffusion_loss.h"
 #include "sdtrain/train/distributed.h"
-#include "sdtrain/train/gradient_buckets.h"
 #include "sdtrain/train/ema.h"
+#include "sdtrain/train/gradient_buckets.h"
 #include "sdtrain/train/interrupt.h"
 #include "sdtrain/train/lr_schedule.h"
 #include "sdtrain/train/micro_batch_pass.h"
@@ -149,12 +150,15 @@ class TrainingRun {
         options_(options),
         device_(plan.device),
         precision_(config_.compute.mixed_precision),
+        attention_(config_.compute.attention_backend),
         folder_(options.base ? *options.base
                              : models::open_base_model(config_.pretrained_model_name_or_path,
                                                        config_.single_file)),
         generator_(at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(config_.seed))),
         outputs_(plan, folder_, options.overwrite, plan.parallel.is_main()),
-        profiler_(StepProfiler::from_environment(device_)) {}
+        profiler_(StepProfiler::from_environment(device_)) {
+    models::forget_attention_kernels();  // the log reports this run's
+  }
 
   TrainSummary run();
 
@@ -184,6 +188,7 @@ class TrainingRun {
   TrainOptions options_;
   torch::Device device_;
   Precision precision_;
+  models::PreferredAttentionBackend attention_;  // class images, training and validation
   io::ModelFolder folder_;
   at::Generator generator_;  // every random draw of the run, in docs/training.md's order
   RunOutputs outputs_;
@@ -435,6 +440,8 @@ void TrainingRun::step() {
   state_.global_step += 1;
   kill_point("step");
   ++steps_this_run_;
+  // Every kind of attention has run once by now (docs/performance.md, "Attention kernels").
+  if (steps_this_run_ == 1) outputs_.note(models::describe_attention_kernels());
   record.step = state_.global_step;
   record.seconds = std::chrono::duration<double>(Clock::now() - step_started_).count();
   record.peak_memory = peak_device_memory_bytes(device_);

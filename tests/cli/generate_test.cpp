@@ -72,6 +72,35 @@ TEST(Generate, PngPixelsEqualDiffusersRoundedOutput) {
   }
 }
 
+// --attention-backend (compute.attention_backend, models/attention_backend.h): the log names
+// the kernel that ran each kind of attention, the UNet's, the VAE's and the text encoder's
+// (causal); with math the CPU's flash kernel runs none of them. The images of math and of
+// torch's choice (flash on the CPU) agree as in Generate.PngPixelsEqualDiffusersRoundedOutput:
+// fp32 rounding may move a value across a rounding boundary, one level at most.
+TEST(Generate, AttentionBackendReachesEveryAttentionAndIsReported) {
+  const auto dir = sdtrain::testing::scratch_dir();
+  std::vector<sdtrain::io::Image> images;
+  for (const std::string backend : {"math", "auto"}) {
+    const auto r = generate("--model " + demo_model() +
+                            " --prompt 'a robot' --steps 3 --width 32"
+                            " --height 32 --seed 4 --device cpu --attention-backend " +
+                            backend + " --out " + (dir / backend).string());
+    ASSERT_EQ(r.code, 0) << r.output;
+    const size_t at = r.output.find("attention kernels: ");
+    ASSERT_NE(at, std::string::npos) << r.output;
+    const std::string line = r.output.substr(at, r.output.find('\n', at) - at);
+    const std::string ran = backend == "math" ? "math for" : "flash for";
+    const std::string not_ran = backend == "math" ? "flash" : "math";
+    EXPECT_NE(line.find(ran), std::string::npos) << line;
+    EXPECT_NE(line.find("causal"), std::string::npos) << line;
+    EXPECT_EQ(line.find(not_ran), std::string::npos) << line;
+    images.push_back(sdtrain::io::read_image(dir / backend / "s4-0000.png"));
+  }
+  ASSERT_EQ(images[0].rgb.size(), images[1].rgb.size());
+  for (size_t i = 0; i < images[0].rgb.size(); ++i)
+    ASSERT_LE(std::abs(int(images[0].rgb[i]) - int(images[1].rgb[i])), 1) << "byte " << i;
+}
+
 TEST(Generate, BadArgumentsGiveTheDocumentedExitCodes) {
   const auto dir = sdtrain::testing::scratch_dir();
   const std::string base = "--prompt x --steps 2 --width 32 --height 32 --device cpu ";
@@ -101,8 +130,9 @@ TEST(Generate, BadArgumentsGiveTheDocumentedExitCodes) {
   EXPECT_EQ(r.code, 1) << r.output;
   EXPECT_EQ(generate("--prompt x").code, 1);  // --model is required
 
-  for (const std::string bad : {"--guidance-scale inf", "--guidance-scale nan", "--width 0",
-                                "--height 0", "--decode-batch-size -1"}) {
+  for (const std::string bad :
+       {"--guidance-scale inf", "--guidance-scale nan", "--width 0", "--height 0",
+        "--decode-batch-size -1", "--attention-backend xformers"}) {
     r = generate("--prompt x --steps 2 --device cpu --model " + demo_model() + " " + bad + " --out " +
                  (dir / "f").string());
     EXPECT_EQ(r.code, 1) << bad << "\n" << r.output;

@@ -42,6 +42,7 @@ struct GenerateArguments {
   // The trainer's compute settings of the same names (docs/performance.md).
   bool fused_group_norm_silu = false;
   bool channels_last = false;
+  std::string attention_backend = "auto";  // compute.attention_backend
 };
 
 // Registers the subcommand's options on `command`.

@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "sdtrain/models/attention_backend_choice.h"
 #include "sdtrain/models/single_file_config.h"
 #include "sdtrain/train/precision.h"
 
@@ -105,6 +106,8 @@ struct TrainConfig {
     // The UNet's convolution weights, and so its activations, stored channels-last (NHWC)
     // (models/state_dict.h, docs/performance.md).
     bool channels_last = false;
+    // The attention kernel SDPA tries first (models/attention_backend.h).
+    models::AttentionBackend attention_backend = models::AttentionBackend::automatic;
   } compute;
 
   struct Ema {
