@@ -1,5 +1,6 @@
 #include "sdtrain/train/run_outputs.h"
 
+#include <chrono>
 #include <iomanip>
 #include <sstream>
 
@@ -17,6 +18,7 @@
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/kill_point.h"
 #include "sdtrain/util/log.h"
+#include "sdtrain/util/progress.h"
 
 namespace fs = std::filesystem;
 
@@ -25,6 +27,13 @@ namespace sdtrain::train {
 namespace {
 
 constexpr const char* kConfigFile = "train_config.json";
+
+// "1.23 s": the time since `started`, for the log lines of what runs between steps.
+std::string seconds_since(std::chrono::steady_clock::time_point started) {
+  return format_number(
+             std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(), 3) +
+         " s";
+}
 
 c10::ScalarType save_dtype(const TrainConfig& config) {
   return config.outputs.save_dtype == Precision::fp16 ? torch::kHalf : torch::kFloat;
@@ -117,6 +126,7 @@ void RunOutputs::save_checkpoint(const TrainerState& state, const CheckpointCont
     last_checkpoint_step_ = state.global_step;
     return;
   }
+  const auto started = std::chrono::steady_clock::now();
   const fs::path path = write_checkpoint_folder(output_dir_, state, [&](const fs::path& dir) {
     contents.trained.save(dir, base_);
     if (contents.ema) {
@@ -132,7 +142,7 @@ void RunOutputs::save_checkpoint(const TrainerState& state, const CheckpointCont
   last_checkpoint_step_ = state.global_step;
   if (config_.outputs.checkpoints_total_limit)
     prune_checkpoints(output_dir_, *config_.outputs.checkpoints_total_limit);
-  note("saved " + path.string());
+  note("saved " + path.string() + " in " + seconds_since(started));
 }
 
 std::string RunOutputs::last_checkpoint_hint() const {
@@ -150,6 +160,7 @@ void RunOutputs::sample_validation_images(int64_t step, TrainingModels& models,
                                           const TrainedSet& trained, EMAModel* ema,
                                           Precision precision) {
   if (!validates_at(step)) return;
+  const auto started = std::chrono::steady_clock::now();
   const io::NamedTensors averaged = trained.component_parameters("unet");
   if (ema) {
     ema->store(averaged);
@@ -188,7 +199,7 @@ void RunOutputs::sample_validation_images(int64_t step, TrainingModels& models,
                  {"step", std::to_string(step)},
                  {"sampler", "dpm++2m, 25 steps, guidance 7.5"},
                  {"seed", std::to_string(config_.seed)}});
-  note("validation images: " + path.string());
+  note("validation images: " + path.string() + " in " + seconds_since(started));
 }
 
 void RunOutputs::export_model(const TrainedSet& trained, TrainingModels& models,

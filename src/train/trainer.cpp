@@ -446,7 +446,6 @@ void TrainingRun::step() {
   record.seconds = std::chrono::duration<double>(Clock::now() - step_started_).count();
   record.peak_memory = peak_device_memory_bytes(device_);
   record.peak_reserved = peak_reserved_device_memory_bytes(device_);
-  step_started_ = Clock::now();
   unsettled_ = record;
   cursor_->close_finished_epoch();
   const int64_t step = state_.global_step;
@@ -462,6 +461,9 @@ void TrainingRun::step() {
     outputs_.sample_validation_images(step, *models_, *trained_, ema(), precision_);
     move_cached_frozen_models(*models_, config_, device_, /*to_host=*/true);
   }
+  // The next step's time starts here: a checkpoint or validation is not part of it (their
+  // log lines give their own time).
+  step_started_ = Clock::now();
   check_interrupt();
   profiler_.at_step_boundary(state_.global_step);
 }

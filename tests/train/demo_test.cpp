@@ -7,6 +7,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <regex>
 
 #include "sdtrain/io/safetensors.h"
 #include "test_support.h"
@@ -76,6 +77,11 @@ TEST(Demo, TrainsLoadsInDiffusersAndGeneratesItsImages) {
   EXPECT_EQ(checkpoint_unet["parameters"].get<int64_t>(), 2164452);
   EXPECT_TRUE(fs::exists(out / "samples" / "step-20.png"));
   EXPECT_TRUE(fs::exists(out / "samples" / "step-40.png"));
+  // Their log lines give their time, which the metrics' step seconds leave out.
+  EXPECT_TRUE(std::regex_search(log, std::regex("saved \\S*checkpoint-20 in [0-9.e-]+ s"))) << log;
+  EXPECT_TRUE(
+      std::regex_search(log, std::regex("validation images: \\S*step-20.png in [0-9.e-]+ s")))
+      << log;
 
   // The loss falls: the last ten steps' mean is below the first ten's (a random UNet starts
   // far from the noise it must predict).
