@@ -54,7 +54,7 @@ for v in sdtrain sdtrain.again "${binaries[@]:1}"; do
     --set device=cuda --set mixed_precision=fp16 --set train_text_encoder=true --set snr_gamma=5 \
     --set offset_noise=true --set max_steps=60 --set checkpointing_steps=30 --set validation_steps=30 \
     > "$O/demo-$v.log" 2>&1
-  echo "$v rc $?"; (cd /tmp/demo-$v && sha256sum unet/*.safetensors text_encoder/*.safetensors checkpoint-30/optimizer.safetensors)
+  echo "$v rc $?"; grep -m1 "attention kernels" "$O/demo-$v.log"; (cd /tmp/demo-$v && sha256sum unet/*.safetensors text_encoder/*.safetensors checkpoint-30/optimizer.safetensors)
 done
 }
 full_size_model() {

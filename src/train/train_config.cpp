@@ -160,7 +160,9 @@ const std::vector<Field>& fields() {
         enum_field("attention_backend", &C::compute, &C::Compute::attention_backend,
                    "The attention kernel tried first: auto (torch's order: flash, efficient, "
                    "math, cudnn on CUDA; flash, then math on the CPU), flash, efficient "
-                   "(memory-efficient), cudnn or math. Attention the chosen kernel cannot run "
+                   "(memory-efficient), cudnn or math (unfused, for comparison: it holds each "
+                   "attention's score matrix, which the memory plan does not count). Attention "
+                   "the chosen kernel cannot run "
                    "(flash: heads wider than 256, such as the VAE's, or a GPU before sm80) falls "
                    "back to torch's order; the log names the kernel each kind of attention ran "
                    "on after the first step (docs/performance.md).",
