@@ -125,7 +125,7 @@ local script=(); [ -f "$R/.whl/train_dreambooth.py" ] && script=(--diffusers-scr
 # BENCH_ROWS: the rows (tools/benchmark.py); every row with diffusers beside does not fit the
 # 420 s. Each row's figures are printed as it ends, so a time-out keeps the rows before it.
 timeout 420 python3 "$R/tools/benchmark.py" --sdtrain "$B/sdtrain" --model /tmp/sd21 \
-  --rows "${BENCH_ROWS:-today,today-eager,today-fused,today-cl,today-cudnn,batch-32,batch-32-cl,exact,exact-eager,lean,lean-validation}" \
+  --rows "${BENCH_ROWS:-today,today-eager,today-fused,today-cl,batch-32,batch-32-cl,exact,exact-eager,lean,lean-validation,today-cudnn}" \
   --out "$O/bench" "${script[@]}" 2>&1 | tail -15
 }
 sampling() {

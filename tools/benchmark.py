@@ -24,7 +24,7 @@ tools/flop_count.py and their share of the GPU's dense fp16 peak; start-up: the 
 the time to the first step, from the trainer's log.
 Goals: below the table, each measurable goal of issues 15 and 16 (speed-up, batch-32 samples/s,
 captured against eager reserved memory, the memory ceilings, the estimate's error) checked
-against the rows that ran.
+against the rows that ran. Under them, the attention kernels each row's log names.
 The table goes to OUT/benchmark.md and, with --write, between the benchmark markers of that file.
 """
 import argparse
@@ -212,9 +212,12 @@ def run_sdtrain(args, name, overrides, model, photos):
     if code != 0 or not metrics.exists():
         return {"rc": code, "estimate": estimate}
     seconds, peak, reserved = median_and_peaks(metrics)
-    load, first_step = startup_seconds(log.read_text())
+    text = log.read_text()
+    load, first_step = startup_seconds(text)
+    kernels = re.search(r"attention kernels: (.*)", text)
     return {"rc": code, "seconds": seconds, "peak": peak, "reserved": reserved,
-            "estimate": estimate, "load": load, "first_step": first_step}
+            "estimate": estimate, "load": load, "first_step": first_step,
+            "attention": kernels.group(1).strip() if kernels else None}
 
 
 def run_diffusers(args, name, extra, model, photos):
@@ -335,7 +338,20 @@ def table(results, args):
                      f"| {cell_gib(ours, 'estimate')} | {error} | {cell_seconds(theirs)} "
                      f"| {cell_gib(theirs, 'peak')} | {' | '.join(cells)} "
                      f"| {cell_number(ours, 'load')} | {cell_number(ours, 'first_step')} |")
-    return "\n".join(lines + [""] + goal_lines(results) + ["", END])
+    return "\n".join(lines + [""] + goal_lines(results) + [""] + attention_lines(results)
+                     + ["", END])
+
+
+def attention_lines(results):
+    """The attention kernels each row's log names (models/attention_backend.h), rows with the
+    same kernels on one line."""
+    rows_by_kernels = {}
+    for name, (ours, _) in results.items():
+        if ours.get("attention"):
+            rows_by_kernels.setdefault(ours["attention"], []).append(f"`{name}`")
+    lines = ["Attention kernels (the trainer's log after the first step):"]
+    lines += [f"- {', '.join(rows)}: {kernels}" for kernels, rows in rows_by_kernels.items()]
+    return lines if rows_by_kernels else []
 
 
 def ratio_check(what, value, required, target, unit="×", higher_is_better=True):
