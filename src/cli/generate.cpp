@@ -60,8 +60,7 @@ models::AttentionBackend attention_backend(const std::string& name) {
   for (const auto& [spelled, backend] : models::attention_backend_names())
     if (spelled == name) return backend;
   throw ConfigError("--attention-backend " + name +
-                    ": choose one of auto, flash, efficient, "
-                    "cudnn, math");
+                    ": choose auto, flash, efficient, cudnn or math");
 }
 
 // Which kernels ran the attention of what was generated (models/attention_backend.h).

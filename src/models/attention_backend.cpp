@@ -4,13 +4,15 @@
 #include <ATen/SDPBackend.h>
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 
 namespace sdtrain::models {
 namespace {
 
-// The preference in force, for the record of each call (PreferredAttentionBackend sets it).
-AttentionBackend current_preference = AttentionBackend::automatic;
+// The preference in force, for the record of each call (PreferredAttentionBackend sets it;
+// the calls may come from another thread than the one that set it).
+std::atomic<AttentionBackend> current_preference{AttentionBackend::automatic};
 
 struct KernelRecord {
   std::mutex mutex;
@@ -80,7 +82,7 @@ void note_kernel(const torch::Tensor& q, const torch::Tensor& k, const torch::Te
   use.causal = is_causal;
   use.with_gradients = torch::GradMode::is_enabled() &&
                        (q.requires_grad() || k.requires_grad() || v.requires_grad());
-  use.preferred = current_preference;
+  use.preferred = current_preference.load();
   KernelRecord& record = kernel_record();
   std::lock_guard<std::mutex> lock(record.mutex);
   const auto known = [&](const AttentionKernelUse& seen) { return same_kind(seen, use); };
@@ -125,11 +127,11 @@ std::string attention_backend_name(AttentionBackend backend) {
 
 PreferredAttentionBackend::PreferredAttentionBackend(AttentionBackend backend)
     : saved_flash_(at::globalContext().userEnabledFlashSDP()),
-      saved_preference_(current_preference) {
+      saved_preference_(current_preference.load()) {
   at::Context& context = at::globalContext();
   for (const at::SDPBackend saved : context.sDPPriorityOrder())
     saved_order_.push_back(static_cast<int64_t>(saved));
-  current_preference = backend;
+  current_preference.store(backend);
   if (backend == AttentionBackend::automatic) return;
   // The chosen kernel first, the others after it in the order they had.
   const auto first = static_cast<int64_t>(torch_backend(backend));
@@ -145,7 +147,7 @@ PreferredAttentionBackend::~PreferredAttentionBackend() {
   at::Context& context = at::globalContext();
   context.setSDPPriorityOrder(saved_order_);
   context.setSDPUseFlash(saved_flash_);
-  current_preference = saved_preference_;
+  current_preference.store(saved_preference_);
 }
 
 torch::Tensor attention_kernel(const torch::Tensor& q, const torch::Tensor& k,
