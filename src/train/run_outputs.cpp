@@ -28,13 +28,6 @@ namespace {
 
 constexpr const char* kConfigFile = "train_config.json";
 
-// "1.23 s": the time since `started`, for the log lines of what runs between steps.
-std::string seconds_since(std::chrono::steady_clock::time_point started) {
-  return format_number(
-             std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(), 3) +
-         " s";
-}
-
 c10::ScalarType save_dtype(const TrainConfig& config) {
   return config.outputs.save_dtype == Precision::fp16 ? torch::kHalf : torch::kFloat;
 }
@@ -142,7 +135,7 @@ void RunOutputs::save_checkpoint(const TrainerState& state, const CheckpointCont
   last_checkpoint_step_ = state.global_step;
   if (config_.outputs.checkpoints_total_limit)
     prune_checkpoints(output_dir_, *config_.outputs.checkpoints_total_limit);
-  note("saved " + path.string() + " in " + seconds_since(started));
+  note("saved " + path.string() + " in " + format_number(seconds_since(started), 3) + " s");
 }
 
 std::string RunOutputs::last_checkpoint_hint() const {
@@ -199,7 +192,8 @@ void RunOutputs::sample_validation_images(int64_t step, TrainingModels& models,
                  {"step", std::to_string(step)},
                  {"sampler", "dpm++2m, 25 steps, guidance 7.5"},
                  {"seed", std::to_string(config_.seed)}});
-  note("validation images: " + path.string() + " in " + seconds_since(started));
+  note("validation images: " + path.string() + " in " + format_number(seconds_since(started), 3) +
+       " s");
 }
 
 void RunOutputs::export_model(const TrainedSet& trained, TrainingModels& models,

@@ -136,12 +136,7 @@ TrainingModels load_training_models(const io::ModelFolder& base, const TrainConf
                         frozen};
   if (device.is_cuda()) torch::cuda::synchronize(device.index() < 0 ? 0 : device.index());
   // tools/benchmark.py reads this line (the load time it reports).
-  log::info(log::str("models loaded in ",
-                     format_number(std::chrono::duration<double>(
-                                       std::chrono::steady_clock::now() - loading)
-                                       .count(),
-                                   3),
-                     " s"));
+  log::info(log::str("models loaded in ", format_number(seconds_since(loading), 3), " s"));
   if (lora) attach_training_adapters(models, config);
   if (config.compute.gradient_checkpointing) {
     models.unet->set_gradient_checkpointing(true);

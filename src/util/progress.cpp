@@ -15,11 +15,11 @@ namespace {
 
 constexpr int kBarWidth = 24;
 
+}  // namespace
+
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
-
-}  // namespace
 
 std::string format_number(double value, int precision) {
   std::ostringstream out;

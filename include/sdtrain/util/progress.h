@@ -46,6 +46,8 @@ class Progress {
   std::chrono::steady_clock::time_point last_plain_;
 };
 
+// Seconds from `start` until now.
+double seconds_since(std::chrono::steady_clock::time_point start);
 // "1h02m", "3m05s", "12s".
 std::string format_duration(double seconds);
 // `value` with `precision` significant digits, as std::ostream prints it ("0.1234", "2e-06").
