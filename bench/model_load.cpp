@@ -9,10 +9,13 @@
 //
 //   bench_model_load --model DIR [--device cpu|cuda:0] [--dtype float32|float16|bfloat16]
 //       [--components unet,vae,text_encoder] [--staged auto|on|off] [--load-only]
+//       [--whole one-after-another|at-once]
 //
 // --staged off is the direct per-tensor copy every load made before the ring; auto is what
 // sdtrain does (staged on CUDA). --load-only skips the two builds (the initialised one takes
-// seconds for the UNet).
+// seconds for the UNet). --whole times the three components as one load instead, one line:
+// one after another (as every load ran before models/load_components.h) or at once (as
+// sdtrain loads them now).
 //
 // Each timing is taken once, in a fresh process state per component (the page cache is warm
 // after the first read: run it twice and keep the second line for a warm-cache figure).
@@ -31,6 +34,7 @@
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/models/autoencoder_kl.h"
 #include "sdtrain/models/clip_text_model.h"
+#include "sdtrain/models/load_components.h"
 #include "sdtrain/models/state_dict.h"
 #include "sdtrain/models/unet_2d_condition.h"
 #include "sdtrain/models/uninitialised.h"
@@ -76,11 +80,35 @@ nlohmann::json time_component(const std::string& name, const std::function<Modul
   return report;
 }
 
+// The three components loaded as `whole` says: "at-once" (models::load_components) or
+// "one-after-another".
+nlohmann::json time_whole(const io::ModelFolder& folder, const models::LoadOptions& options,
+                          const std::string& whole) {
+  nlohmann::json report = {{"component", "text_encoder+unet+vae"}, {"whole", whole}};
+  int64_t parameters = 0;
+  report["load_s"] = seconds_of([&] {
+    models::LoadedComponents loaded;
+    if (whole == "at-once") {
+      loaded = models::load_components(folder, {options, options, options, ""});
+    } else {
+      loaded.text_encoder = models::load_text_encoder(folder, options);
+      loaded.unet = models::load_unet(folder, options);
+      loaded.vae = models::load_vae(folder, options);
+    }
+    synchronize(options.device);
+    parameters = models::parameter_count(*loaded.text_encoder) +
+                 models::parameter_count(*loaded.unet) + models::parameter_count(*loaded.vae);
+  });
+  report["parameters"] = parameters;
+  return report;
+}
+
 int run(int argc, char** argv) {
   CLI::App app{"Times loading each model component, with and without the random initialisation"};
   std::string model_dir, device_name = "cpu", dtype_name = "float32", staged = "auto";
   std::vector<std::string> components = {"unet", "vae", "text_encoder"};
   bool load_only = false;
+  std::string whole;
   app.add_option("--model", model_dir, "diffusers model folder (with model_index.json)")
       ->required();
   app.add_option("--device", device_name, "cpu, cuda, cuda:N");
@@ -89,14 +117,19 @@ int run(int argc, char** argv) {
   app.add_option("--staged", staged, "copy through the staging ring: auto (on CUDA), on, off")
       ->check(CLI::IsMember({"auto", "on", "off"}));
   app.add_flag("--load-only", load_only, "time the load alone, not the two builds");
+  app.add_option("--whole", whole, "time the three components as one load instead")
+      ->check(CLI::IsMember({"one-after-another", "at-once"}));
   CLI11_PARSE(app, argc, argv);
 
   const io::ModelFolder folder(model_dir);
   models::LoadOptions options{parse_dtype(dtype_name), torch::Device(device_name)};
   if (staged != "auto") options.staged = staged == "on";
+  if (!whole.empty()) components = {"whole"};
   for (const auto& name : components) {
     nlohmann::json report;
-    if (name == "unet") {
+    if (name == "whole") {
+      report = time_whole(folder, options, whole);
+    } else if (name == "unet") {
       const auto config = models::UNet2DConditionConfig::from_json(folder.config("unet"));
       report = time_component<models::UNet2DConditionModel>(
           name, [&] { return models::UNet2DConditionModel(config); },

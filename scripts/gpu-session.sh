@@ -22,7 +22,8 @@
 #   7. sampling (issue 16): tools/benchmark_sampling.py, images/s of `sdtrain generate` and of
 #      class-image generation beside diffusers' StableDiffusionPipeline; $OUT/sampling/sampling.md;
 #      then bench_model_load of the three components to the GPU in fp16, the direct copy against
-#      the staging ring, twice each ($OUT/model_load.jsonl).
+#      the staging ring, then one after another against at once, twice each
+#      ($OUT/model_load.jsonl).
 # Arguments pick sections: tests demo timing profile lora bench sampling (default: the first
 # four). See docs/gpu.md.
 set -uo pipefail
@@ -138,6 +139,11 @@ timeout 240 python3 "$R/tools/benchmark_sampling.py" --sdtrain "$B/sdtrain" --mo
 for staged in off on off on; do
   timeout 60 "$B/bench_model_load" --model /tmp/sd21 --device cuda --dtype float16 --load-only \
     --staged $staged | tee -a "$O/model_load.jsonl"
+done
+# The three components one after another against at once (models/load_components.h), staged.
+for whole in one-after-another at-once one-after-another at-once; do
+  timeout 60 "$B/bench_model_load" --model /tmp/sd21 --device cuda --dtype float16 \
+    --whole $whole | tee -a "$O/model_load.jsonl"
 done
 }
 for section in "${@:-tests demo timing profile}"; do

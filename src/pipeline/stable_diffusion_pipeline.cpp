@@ -11,6 +11,7 @@
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/models/base_model.h"
 #include "sdtrain/models/group_norm_silu.h"
+#include "sdtrain/models/load_components.h"
 #include "sdtrain/models/state_dict.h"
 #include "sdtrain/schedulers/sampler.h"
 #include "sdtrain/util/error.h"
@@ -112,15 +113,15 @@ StableDiffusionPipeline StableDiffusionPipeline::from_folder(const io::ModelFold
   const models::LoadOptions load{settings.dtype, settings.device};
   auto scheduler_config = schedulers::SchedulerConfig::from_file(folder.config_path("scheduler"));
   auto tokenizer = text::CLIPTokenizer::from_folder(folder.require("tokenizer").dir);
-  auto text_encoder = models::load_text_encoder(folder, load, settings.variant);
-  auto unet = models::load_unet(folder, load, settings.variant);
-  auto vae = models::load_vae(folder, load, settings.variant);
+  models::LoadedComponents loaded =
+      models::load_components(folder, {load, load, load, settings.variant});
   for (torch::nn::Module* module :
-       std::initializer_list<torch::nn::Module*>{unet.get(), vae.get()}) {
+       std::initializer_list<torch::nn::Module*>{loaded.unet.get(), loaded.vae.get()}) {
     models::set_fused_group_norm_silu(*module, settings.fused_group_norm_silu);
     if (settings.channels_last) models::to_channels_last(*module);
   }
-  return StableDiffusionPipeline(std::move(tokenizer), std::move(text_encoder), std::move(unet), std::move(vae),
+  return StableDiffusionPipeline(std::move(tokenizer), std::move(loaded.text_encoder),
+                                 std::move(loaded.unet), std::move(loaded.vae),
                                  std::move(scheduler_config), settings);
 }
 

@@ -3,6 +3,7 @@
 #include <chrono>
 
 #include "sdtrain/models/group_norm_silu.h"
+#include "sdtrain/models/load_components.h"
 #include "sdtrain/models/lora_adapters.h"
 #include "sdtrain/models/state_dict.h"
 #include "sdtrain/pipeline/class_images.h"
@@ -127,13 +128,15 @@ TrainingModels load_training_models(const io::ModelFolder& base, const TrainConf
       config.compute.weight_dtype == Precision::bf16 ? torch::kBFloat16 : torch::kFloat;
   const c10::ScalarType text_dtype = config.train_text_encoder && !lora ? trained : frozen;
   const c10::ScalarType unet_dtype = lora ? frozen : trained;
-  TrainingModels models{text::CLIPTokenizer::from_folder(base.require("tokenizer").dir),
-                        models::load_text_encoder(base, {text_dtype, device}, variant),
-                        models::load_vae(base, {frozen, device}, variant),
-                        models::load_unet(base, {unet_dtype, device}, variant),
-                        schedulers::NoiseSchedule(schedulers::SchedulerConfig::from_json(
-                            base.config("scheduler"), base.config_path("scheduler").string())),
-                        frozen};
+  // The small parts first, so that a fault in them is reported before the weights load.
+  auto tokenizer = text::CLIPTokenizer::from_folder(base.require("tokenizer").dir);
+  schedulers::NoiseSchedule schedule(schedulers::SchedulerConfig::from_json(
+      base.config("scheduler"), base.config_path("scheduler").string()));
+  models::LoadedComponents loaded = models::load_components(
+      base, {{text_dtype, device}, {unet_dtype, device}, {frozen, device}, variant});
+  TrainingModels models{std::move(tokenizer),  std::move(loaded.text_encoder),
+                        std::move(loaded.vae), std::move(loaded.unet),
+                        std::move(schedule),   frozen};
   if (device.is_cuda()) torch::cuda::synchronize(device.index() < 0 ? 0 : device.index());
   // tools/benchmark.py reads this line (the load time it reports).
   log::info(log::str("models loaded in ", format_number(seconds_since(loading), 3), " s"));
