@@ -1,6 +1,7 @@
 #include "sdtrain/train/diffusion_loss.h"
 
 #include "sdtrain/util/log.h"
+#include "sdtrain/util/progress.h"
 
 namespace sdtrain::train {
 
@@ -40,6 +41,7 @@ LossInputSampler::LossInputSampler(const DreamBoothDataset& data, models::Autoen
 void LossInputSampler::cache_latents() {
   if (!options_.cache_latents) return;
   torch::NoGradGuard no_grad;
+  const auto started = std::chrono::steady_clock::now();
   auto encode = [&](const torch::Tensor& resized, std::vector<CachedPosterior>& cache) {
     const torch::Tensor pixels = augment(resized, data_.options(), generator_).unsqueeze(0);
     auto posterior = vae_->encode(pixels.to(options_.device, options_.vae_dtype));
@@ -51,8 +53,12 @@ void LossInputSampler::cache_latents() {
   for (int64_t i = 0; i < data_.num_class_images(); ++i) {
     encode(data_.resized_class(i), cached_class_);
   }
+  // Once per run, before the first step: the wait makes the time the encodes' own, a part of
+  // the time to the first step (docs/benchmarks.md).
+  if (options_.device.is_cuda())
+    torch::cuda::synchronize(options_.device.index() < 0 ? 0 : options_.device.index());
   log::info(log::str("cache_latents: encoded ", cached_instance_.size() + cached_class_.size(),
-                     " images once"));
+                     " images once in ", format_number(seconds_since(started), 3), " s"));
 }
 
 torch::Tensor LossInputSampler::sample_cached(const std::vector<int64_t>& indices) {

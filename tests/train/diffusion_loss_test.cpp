@@ -11,6 +11,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <regex>
+
 #include "sdtrain/io/model_folder.h"
 #include "sdtrain/train/dataset.h"
 #include "sdtrain/train/instance_data.h"
@@ -108,7 +110,13 @@ TEST(LossInputSampler, CachedLatentsComeWithTheInputs) {
   TrainConfig config = demo_config();
   config.data.cache_latents = true;
   CpuSampler demo(config, 3);
+  ::testing::internal::CaptureStderr();
   demo.sampler.cache_latents();
+  // The log line gives the encodes' time, a part of the time to the first step.
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_TRUE(std::regex_search(
+      log, std::regex("cache_latents: encoded [0-9]+ images once in [0-9.e-]+ s")))
+      << log;
   const LossInputs drawn = demo.sampler.draw({1, 0});
   ASSERT_TRUE(drawn.latents.defined());
   EXPECT_FALSE(drawn.pixels.defined());
