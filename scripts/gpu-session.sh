@@ -31,6 +31,7 @@ R="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; O="${OUT:-/tmp/gpu-session
 exec > >(tee "$O/session.log") 2>&1
 date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 mkdir -p "$R/.gl/x" && tar xJf "$R/.gl/libs.tar.xz" -C "$R/.gl/x"
+[ -f "$R/.gl/bin.tar.xz" ] && tar xJf "$R/.gl/bin.tar.xz" -C "$R/.gl"
 SP=$(python3 -c 'import torch,os;print(os.path.dirname(os.path.dirname(torch.__file__)))')
 LP="$R/.gl/x/lib:$SP/torch/lib"; for d in "$SP"/nvidia/*/lib; do LP="$LP:$d"; done
 export LD_LIBRARY_PATH="$LP"
