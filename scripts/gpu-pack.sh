@@ -38,6 +38,8 @@ if [[ -n "${DIFFUSERS_GIT:-}" ]]; then
     git --git-dir="$DIFFUSERS_GIT" show "HEAD:examples/dreambooth/$script" > ".whl/$script"
   done
 fi
+# The commit the binaries were built from, for the benchmarks' tables (no .git travels).
+echo "$(git rev-parse --short HEAD)$([[ -n "$(git status --porcelain)" ]] && echo -dirty)" > .gl/commit
 du -sh .gl/bin.tar.xz .gl/libs.tar.xz .whl
 # The device tool refuses a call whose working tree (tracked and untracked-not-ignored files,
 # plus the carried paths) passes 64 MiB: say so here, before any device time is spent.
