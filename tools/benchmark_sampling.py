@@ -178,6 +178,8 @@ def table(results, args):
              "| row | steps | sdtrain images/s | diffusers images/s | sdtrain ÷ diffusers "
              "| sdtrain load s | diffusers load s |", "|---|---|---|---|---|---|---|"]
     for name, steps in row_steps(args):
+        if name not in results:  # not run yet
+            continue
         ours, theirs = results[name]
         ratio = "—"
         if ours.get("images_per_second") and theirs.get("images_per_second"):
@@ -211,15 +213,19 @@ def main():
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_full_size_model.py"), args.model],
                        check=True)
     theirs_generate = diffusers_side(args, "generate")
-    results = {"generate": (sdtrain_generate(args), theirs_generate),
-               FUSED_CL: (sdtrain_generate(args, ["--fused-group-norm-silu", "--channels-last"],
-                                           "generate-fused-cl"), theirs_generate),
-               "class images": (sdtrain_class_images(args), diffusers_side(args, "class-images"))}
-    for name, (ours, theirs) in results.items():
-        print(name, json.dumps(ours), json.dumps(theirs), flush=True)
-    text = table(results, args)
-    (Path(args.out) / "sampling.md").write_text(text + "\n")
-    (Path(args.out) / "sampling.json").write_text(json.dumps(results, indent=2) + "\n")
+    rows = [("generate", lambda: (sdtrain_generate(args), theirs_generate)),
+            (FUSED_CL, lambda: (sdtrain_generate(args, ["--fused-group-norm-silu", "--channels-last"],
+                                                 "generate-fused-cl"), theirs_generate)),
+            ("class images", lambda: (sdtrain_class_images(args),
+                                      diffusers_side(args, "class-images")))]
+    results = {}
+    for name, measure in rows:
+        results[name] = measure()
+        print(name, json.dumps(results[name][0]), json.dumps(results[name][1]), flush=True)
+        # After every row, so that a time-out keeps the table of the rows that ran.
+        text = table(results, args)
+        (Path(args.out) / "sampling.md").write_text(text + "\n")
+        (Path(args.out) / "sampling.json").write_text(json.dumps(results, indent=2) + "\n")
     if args.write:
         sys.path.insert(0, str(ROOT / "tools"))
         from benchmark import write_into
