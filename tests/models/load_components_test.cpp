@@ -4,6 +4,7 @@
 
 #include "sdtrain/models/load_components.h"
 
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -127,4 +128,37 @@ TEST(LoadComponents, TheErrorNamesTheFirstBrokenComponentInAFixedOrder) {
   }
   const fs::path vae = model_with_broken(dir, {"vae"});
   EXPECT_NE(load_error(vae).find("/vae/diffusion_pytorch_model"), std::string::npos);
+}
+
+TEST(LoadComponentsOnCuda, EachThreadStagesItsComponentToTheGpuAndIsDoneOnReturn) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
+  // Three staging rings at once, their copies on the device's one stream: each component must
+  // still get the host cast's bits, and nothing may be queued when the call returns.
+  const io::ModelFolder folder(demo_model());
+  const torch::Device cuda(torch::kCUDA);
+  const models::LoadOptions text{torch::kFloat, cuda};
+  const models::LoadOptions half{torch::kHalf, cuda};
+  const models::LoadedComponents loaded = models::load_components(folder, {text, half, half, ""});
+  const c10::impl::VirtualGuardImpl guard(c10::DeviceType::CUDA);
+  EXPECT_TRUE(guard.queryStream(guard.getStream(cuda)))
+      << "load_components returned with copies still queued";
+  const auto on_host = [&](const torch::nn::Module& module) {
+    auto tensors = models::state_dict(module);
+    for (auto& [key, tensor] : tensors) tensor = tensor.cpu();
+    return tensors;
+  };
+  const models::LoadOptions text_host{torch::kFloat, torch::kCPU};
+  const models::LoadOptions half_host{torch::kHalf, torch::kCPU};
+  const auto expect_host_bits = [&](const torch::nn::Module& on_gpu, const torch::nn::Module& alone,
+                                    const std::string& name) {
+    const auto got = on_host(on_gpu);
+    const auto expected = models::state_dict(alone);
+    ASSERT_EQ(got.size(), expected.size()) << name;
+    for (std::size_t i = 0; i < got.size(); ++i)
+      EXPECT_TRUE(torch::equal(got[i].second, expected[i].second)) << name << " " << got[i].first;
+  };
+  expect_host_bits(*loaded.text_encoder, *models::load_text_encoder(folder, text_host),
+                   "text_encoder");
+  expect_host_bits(*loaded.unet, *models::load_unet(folder, half_host), "unet");
+  expect_host_bits(*loaded.vae, *models::load_vae(folder, half_host), "vae");
 }
