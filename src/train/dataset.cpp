@@ -28,10 +28,10 @@ uint64_t mix(uint64_t x) {
 }
 
 // Resized images of `paths`, with one message per unreadable file and one warning per image
-// that has to grow.
+// that has to grow, logged too when `log_warnings`.
 std::vector<torch::Tensor> load_resized(const std::vector<fs::path>& paths, int64_t resolution,
                                         std::vector<std::string>& failures,
-                                        std::vector<std::string>& warnings) {
+                                        std::vector<std::string>& warnings, bool log_warnings) {
   std::vector<torch::Tensor> images;
   for (const auto& path : paths) {
     io::Image image;
@@ -45,7 +45,7 @@ std::vector<torch::Tensor> load_resized(const std::vector<fs::path>& paths, int6
       warnings.push_back(path.filename().string() + " is " + std::to_string(image.width) + "x" +
                          std::to_string(image.height) + ", smaller than resolution " +
                          std::to_string(resolution) + "; it is upscaled");
-      log::warn(warnings.back());
+      if (log_warnings) log::warn(warnings.back());
     }
     images.push_back(resize_shorter_side(image_to_tensor(image), resolution));
   }
@@ -141,8 +141,10 @@ DreamBoothDataset::DreamBoothDataset(const std::vector<fs::path>& instance_image
     : options_(options) {
   if (instance_images.empty()) throw InputDataError("no instance images to train on");
   std::vector<std::string> failures;
-  instance_ = load_resized(instance_images, options_.resolution, failures, warnings_);
-  class_ = load_resized(class_images, options_.resolution, failures, warnings_);
+  // The run's plan has already warned about small instance photos, before anything loaded
+  // (plan.cpp); class images are first read here.
+  instance_ = load_resized(instance_images, options_.resolution, failures, warnings_, false);
+  class_ = load_resized(class_images, options_.resolution, failures, warnings_, true);
   if (!failures.empty()) {
     std::string message = std::to_string(failures.size()) + " of " +
                           std::to_string(instance_images.size() + class_images.size()) +

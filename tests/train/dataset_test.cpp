@@ -336,16 +336,22 @@ TEST(DreamBoothDataset, GeneratorStateReproducesTheAugmentation) {
 
 TEST(DreamBoothDataset, WarnsOnceForImagesSmallerThanTheResolution) {
   // robot1.jpg and robot2.png have a shorter side of 88 pixels, robot0/robot3 of 96.
-  DreamBoothDataset dataset(demo_photos(), {}, {90, true, false});
-  ASSERT_EQ(dataset.warnings().size(), 2u);
+  ::testing::internal::CaptureStderr();
+  DreamBoothDataset dataset(demo_photos(), demo_photos(), {90, true, false});
+  // The run's plan logged the instance photos' warnings already: only the class images' are
+  // logged here, while warnings() keeps all four.
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(std::count(log.begin(), log.end(), '\n'), 2) << log;
+  ASSERT_EQ(dataset.warnings().size(), 4u);
   EXPECT_NE(dataset.warnings()[0].find("robot1.jpg is 112x88, smaller than resolution 90"),
             std::string::npos)
       << dataset.warnings()[0];
   EXPECT_NE(dataset.warnings()[1].find("robot2.png"), std::string::npos) << dataset.warnings()[1];
   auto generator = make_generator(0);
-  EXPECT_EQ(dataset.batch({0, 1, 2, 3}, generator).sizes(), (std::vector<int64_t>{4, 3, 90, 90}));
+  // Instance rows then class rows (prior preservation's batch).
+  EXPECT_EQ(dataset.batch({0, 1, 2, 3}, generator).sizes(), (std::vector<int64_t>{8, 3, 90, 90}));
   dataset.batch({1, 2}, generator);
-  EXPECT_EQ(dataset.warnings().size(), 2u);  // loading warned; using the images does not
+  EXPECT_EQ(dataset.warnings().size(), 4u);  // loading warned; using the images does not
 }
 
 TEST(DreamBoothDataset, UnreadableImagesAreAllNamedInOneError) {
