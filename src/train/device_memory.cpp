@@ -49,7 +49,12 @@ int64_t free_device_memory_bytes(const torch::Device& device) {
   return static_cast<int64_t>(free);
 }
 
+void synchronize_device(const torch::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize(index_of(device));
+}
+
 #else
+void synchronize_device(const torch::Device&) {}
 int64_t free_device_memory_bytes(const torch::Device&) { return 0; }
 int64_t peak_device_memory_bytes(const torch::Device&) { return 0; }
 int64_t peak_reserved_device_memory_bytes(const torch::Device&) { return 0; }

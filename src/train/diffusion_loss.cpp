@@ -1,5 +1,6 @@
 #include "sdtrain/train/diffusion_loss.h"
 
+#include "sdtrain/train/device_memory.h"
 #include "sdtrain/util/log.h"
 #include "sdtrain/util/progress.h"
 
@@ -55,8 +56,7 @@ void LossInputSampler::cache_latents() {
   }
   // Once per run, before the first step: the wait makes the time the encodes' own, a part of
   // the time to the first step (docs/benchmarks.md).
-  if (options_.device.is_cuda())
-    torch::cuda::synchronize(options_.device.index() < 0 ? 0 : options_.device.index());
+  synchronize_device(options_.device);
   log::info(log::str("cache_latents: encoded ", cached_instance_.size() + cached_class_.size(),
                      " images once in ", format_number(seconds_since(started), 3), " s"));
 }

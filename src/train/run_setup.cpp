@@ -8,6 +8,7 @@
 #include "sdtrain/models/state_dict.h"
 #include "sdtrain/pipeline/class_images.h"
 #include "sdtrain/pipeline/stable_diffusion_pipeline.h"
+#include "sdtrain/train/device_memory.h"
 #include "sdtrain/train/interrupt.h"
 #include "sdtrain/util/error.h"
 #include "sdtrain/util/log.h"
@@ -137,7 +138,7 @@ TrainingModels load_training_models(const io::ModelFolder& base, const TrainConf
   TrainingModels models{std::move(tokenizer),  std::move(loaded.text_encoder),
                         std::move(loaded.vae), std::move(loaded.unet),
                         std::move(schedule),   frozen};
-  if (device.is_cuda()) torch::cuda::synchronize(device.index() < 0 ? 0 : device.index());
+  synchronize_device(device);
   // tools/benchmark.py reads this line (the load time it reports).
   log::info(log::str("models loaded in ", format_number(seconds_since(loading), 3), " s"));
   if (lora) attach_training_adapters(models, config);

@@ -1,5 +1,6 @@
 #pragma once
-// GPU memory figures for progress lines, metrics and benchmarks (0 on the CPU).
+// GPU memory figures for progress lines, metrics and benchmarks (0 on the CPU), and the wait
+// that makes a start-up phase's logged time its own.
 
 #include <torch/torch.h>
 
@@ -15,5 +16,8 @@ int64_t current_device_memory_bytes(const torch::Device& device);
 void reset_peak_device_memory(const torch::Device& device);
 // Free bytes on the GPU as the driver reports them (memory_budget "auto"); 0 on the CPU.
 int64_t free_device_memory_bytes(const torch::Device& device);
+// Waits until the work queued on `device` is done; nothing to wait for on the CPU. For timed
+// phases outside the training step (the load, latent caching), never inside it.
+void synchronize_device(const torch::Device& device);
 
 }  // namespace sdtrain::train
